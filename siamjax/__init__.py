@@ -1,0 +1,47 @@
+"""siamjax: Siamese networks and metric learning as pure JAX functions.
+
+Modules (one concept each):
+
+* :mod:`siamjax.distances`: distances and similarity maps between embeddings.
+* :mod:`siamjax.losses`: contrastive, pair BCE, triplet and in-batch mining losses.
+* :mod:`siamjax.encoders`: Flax encoders (Koch 2015 convnet, MLP, SmallCNN, TextCNN).
+* :mod:`siamjax.models`: Siamese networks built from an encoder and a pair head.
+"""
+
+from siamjax import distances, encoders, losses, models
+from siamjax.distances import (
+    cosine_distance,
+    cosine_similarity,
+    euclidean,
+    exp_similarity,
+    inverse_distance_similarity,
+    l1,
+    pairwise_distances,
+    squared_euclidean,
+)
+from siamjax.encoders import MLP, Koch, SmallCNN, TextCNN
+from siamjax.losses import (
+    all_pairs_contrastive_loss,
+    batch_all_triplet_loss,
+    batch_hard_triplet_loss,
+    contrastive_loss,
+    ntxent_loss,
+    pair_bce_loss,
+    semi_hard_triplet_loss,
+    triplet_margin_loss,
+    valid_anchors,
+)
+from siamjax.models import SiameseNet, koch_siamese
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "distances", "encoders", "losses", "models",
+    "l1", "euclidean", "squared_euclidean", "cosine_similarity", "cosine_distance",
+    "inverse_distance_similarity", "exp_similarity", "pairwise_distances",
+    "contrastive_loss", "pair_bce_loss", "triplet_margin_loss", "batch_all_triplet_loss",
+    "batch_hard_triplet_loss", "semi_hard_triplet_loss", "all_pairs_contrastive_loss",
+    "ntxent_loss", "valid_anchors",
+    "Koch", "MLP", "SmallCNN", "TextCNN",
+    "SiameseNet", "koch_siamese",
+]

@@ -1,0 +1,239 @@
+"""Distances and similarities between embeddings.
+
+Every function takes two arrays of embeddings ``a, b`` of shape ``[..., D]`` and returns
+one value per embedding pair, of shape ``[...]``. Leading axes broadcast, so
+``euclidean(x[:, None], y[None])`` is a ``[N, M]`` distance matrix (but prefer
+:func:`pairwise_distances`, which never builds the ``[N, M, D]`` difference tensor).
+
+All distances have finite gradients everywhere, including at ``a == b`` where the
+Euclidean norm is not differentiable: there the gradient is the zero subgradient.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from siamjax import _checks
+
+DistanceName = Literal["euclidean", "squared_euclidean", "cosine"]
+
+__all__ = [
+    "l1",
+    "euclidean",
+    "squared_euclidean",
+    "cosine_similarity",
+    "cosine_distance",
+    "inverse_distance_similarity",
+    "exp_similarity",
+    "pairwise_distances",
+    "safe_sqrt",
+]
+
+
+def _pair(a, b) -> tuple[jax.Array, jax.Array]:
+  a = _checks.floating("a", a)
+  b = _checks.floating("b", b)
+  _checks.min_rank("a", a, 1, "[..., D] embeddings")
+  _checks.min_rank("b", b, 1, "[..., D] embeddings")
+  if a.shape[-1] != b.shape[-1]:
+    raise ValueError(
+        f"a and b must have the same embedding size D (last axis), got {a.shape} and {b.shape}")
+  try:
+    jnp.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+  except ValueError:
+    raise ValueError(f"a and b have leading shapes that do not broadcast: {a.shape} and {b.shape}")
+  return a, b
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(x)`` for ``x >= 0`` with a finite (zero) gradient at ``x == 0``.
+
+  Uses the "double where" so that neither the value nor the gradient sees ``1/sqrt(0)``.
+
+  >>> import jax
+  >>> float(jax.grad(safe_sqrt)(0.0))
+  0.0
+  """
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+
+
+def l1(a: jax.Array, b: jax.Array) -> jax.Array:
+  """L1 (Manhattan) distance ``sum_j |a_j - b_j|``.
+
+  Args:
+    a: ``[..., D]`` floating embeddings.
+    b: ``[..., D]`` floating embeddings, broadcastable with ``a``.
+
+  Returns:
+    ``[...]`` distances, in ``a``'s dtype.
+
+  References:
+    The component-wise ``|h1 - h2|`` of the Koch et al. (2015) head is this distance
+    before its learned weighting.
+
+  >>> import jax.numpy as jnp
+  >>> float(l1(jnp.array([0.0, 1.0]), jnp.array([2.0, -1.0])))
+  4.0
+  """
+  a, b = _pair(a, b)
+  return jnp.sum(jnp.abs(a - b), axis=-1)
+
+
+def squared_euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Squared Euclidean distance ``sum_j (a_j - b_j)^2``.
+
+  Args:
+    a: ``[..., D]`` floating embeddings.
+    b: ``[..., D]`` floating embeddings, broadcastable with ``a``.
+
+  Returns:
+    ``[...]`` squared distances.
+
+  >>> import jax.numpy as jnp
+  >>> float(squared_euclidean(jnp.array([0.0, 0.0]), jnp.array([3.0, 4.0])))
+  25.0
+  """
+  a, b = _pair(a, b)
+  return jnp.sum(jnp.square(a - b), axis=-1)
+
+
+def euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Euclidean distance ``||a - b||_2`` with a finite gradient at ``a == b``.
+
+  Args:
+    a: ``[..., D]`` floating embeddings.
+    b: ``[..., D]`` floating embeddings, broadcastable with ``a``.
+
+  Returns:
+    ``[...]`` distances. The gradient at ``a == b`` is zero (a subgradient), not NaN.
+
+  References:
+    Hadsell, Chopra & LeCun, "Dimensionality Reduction by Learning an Invariant
+    Mapping", CVPR 2006 (the distance of the contrastive loss).
+
+  >>> import jax, jax.numpy as jnp
+  >>> float(euclidean(jnp.array([0.0, 0.0]), jnp.array([3.0, 4.0])))
+  5.0
+  >>> jax.grad(lambda x: euclidean(x, x))(jnp.ones(2)).tolist()
+  [0.0, 0.0]
+  """
+  return safe_sqrt(squared_euclidean(a, b))
+
+
+def cosine_similarity(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.Array:
+  """Cosine similarity ``<a, b> / (||a|| ||b||)`` in ``[-1, 1]``.
+
+  Norms below ``eps`` are clamped to ``eps``, so a zero vector has similarity 0 with
+  everything and finite gradients.
+
+  Args:
+    a: ``[..., D]`` floating embeddings.
+    b: ``[..., D]`` floating embeddings, broadcastable with ``a``.
+    eps: smallest norm used in the denominator.
+
+  Returns:
+    ``[...]`` similarities.
+
+  >>> import jax.numpy as jnp
+  >>> float(cosine_similarity(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))  # doctest: +NUMBER
+  0.7071
+  """
+  a, b = _pair(a, b)
+  norm_a = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(a), axis=-1)), eps)
+  norm_b = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(b), axis=-1)), eps)
+  return jnp.sum(a * b, axis=-1) / (norm_a * norm_b)
+
+
+def cosine_distance(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.Array:
+  """``1 - cosine_similarity(a, b)``, in ``[0, 2]``.
+
+  >>> import jax.numpy as jnp
+  >>> float(cosine_distance(jnp.array([1.0, 0.0]), jnp.array([-1.0, 0.0])))
+  2.0
+  """
+  return 1.0 - cosine_similarity(a, b, eps=eps)
+
+
+def inverse_distance_similarity(d: jax.Array) -> jax.Array:
+  """Maps a distance ``d >= 0`` to a similarity ``1 / (1 + d)`` in ``(0, 1]``.
+
+  Args:
+    d: distances of any shape.
+
+  Returns:
+    similarities of the same shape.
+
+  >>> import jax.numpy as jnp
+  >>> inverse_distance_similarity(jnp.array([0.0, 1.0, 3.0])).tolist()
+  [1.0, 0.5, 0.25]
+  """
+  d = _checks.floating("d", d)
+  return 1.0 / (1.0 + d)
+
+
+def exp_similarity(d: jax.Array) -> jax.Array:
+  """Maps a distance ``d >= 0`` to a similarity ``exp(-d)`` in ``(0, 1]``.
+
+  Args:
+    d: distances of any shape.
+
+  Returns:
+    similarities of the same shape.
+
+  >>> import jax.numpy as jnp
+  >>> exp_similarity(jnp.array([0.0])).tolist()
+  [1.0]
+  """
+  d = _checks.floating("d", d)
+  return jnp.exp(-d)
+
+
+def pairwise_distances(
+    x: jax.Array,
+    y: jax.Array,
+    *,
+    distance: DistanceName = "euclidean",
+    precision=jax.lax.Precision.HIGHEST,
+) -> jax.Array:
+  """All distances between the rows of ``x`` and ``y`` through one matrix product.
+
+  Computes ``||x_i||^2 + ||y_j||^2 - 2 <x_i, y_j>`` (clamped at 0) so memory is
+  ``O(N M)``, never the ``O(N M D)`` of broadcasting ``x[:, None] - y[None]``.
+
+  Args:
+    x: ``[N, D]`` floating embeddings.
+    y: ``[M, D]`` floating embeddings.
+    distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"`` (``1 - cos``).
+    precision: matmul precision. ``HIGHEST`` by default so that GPU/TPU TF32 or bf16
+      passes do not perturb losses; lower it for speed if you accept that.
+
+  Returns:
+    ``[N, M]`` distances.
+
+  >>> import jax.numpy as jnp
+  >>> pairwise_distances(jnp.array([[0.0, 0.0]]), jnp.array([[3.0, 4.0], [0.0, 1.0]])).tolist()
+  [[5.0, 1.0]]
+  """
+  x = _checks.floating("x", x)
+  y = _checks.floating("y", y)
+  _checks.rank("x", x, 2, "[N, D] embeddings")
+  _checks.rank("y", y, 2, "[M, D] embeddings")
+  if x.shape[1] != y.shape[1]:
+    raise ValueError(f"x and y must have the same embedding size D, got {x.shape} and {y.shape}")
+  dot = jnp.matmul(x, y.T, precision=precision)
+  if distance == "cosine":
+    nx = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(x), axis=-1)), 1e-8)
+    ny = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(y), axis=-1)), 1e-8)
+    return 1.0 - dot / (nx[:, None] * ny[None, :])
+  sq = jnp.sum(jnp.square(x), -1)[:, None] + jnp.sum(jnp.square(y), -1)[None, :] - 2.0 * dot
+  sq = jnp.maximum(sq, 0.0)
+  if distance == "squared_euclidean":
+    return sq
+  if distance == "euclidean":
+    return safe_sqrt(sq)
+  raise ValueError(
+      f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")

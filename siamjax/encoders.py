@@ -1,0 +1,247 @@
+"""Encoders: Flax (linen) modules mapping one input to one embedding.
+
+Use them as pure functions over plain parameter pytrees::
+
+    enc = Koch()
+    params = enc.init(jax.random.key(0), jnp.zeros((1, 105, 105, 1)))
+    emb_BxD = enc.apply(params, images_BxHxWx1)
+
+Every encoder takes ``dtype`` (the computation dtype, e.g. ``jnp.bfloat16``) and keeps
+its parameters in ``param_dtype`` (float32 by default). Encoders with dropout take
+``train=True`` and then need a ``"dropout"`` RNG: ``apply(params, x, train=True,
+rngs={"dropout": key})``. Image encoders take NHWC arrays ``[B, H, W, C]`` or
+``[B, H, W]`` (one channel), floating values (scale ``uint8`` images to [0, 1] first).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from siamjax import _checks
+
+__all__ = ["Koch", "MLP", "SmallCNN", "TextCNN", "normal_init"]
+
+Dtype = Any
+
+
+def normal_init(mean: float = 0.0, stddev: float = 1.0) -> Callable:
+  """Initializer drawing from ``N(mean, stddev^2)`` (Koch et al. 2015 use mean 0.5 for biases).
+
+  >>> import jax
+  >>> w = normal_init(0.5, 1e-2)(jax.random.key(0), (1000,))
+  >>> bool(abs(float(w.mean()) - 0.5) < 0.01)
+  True
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    return mean + stddev * jax.random.normal(key, shape, dtype)
+
+  return init
+
+
+def _images(x, name: str = "x") -> jax.Array:
+  x = _checks.floating(name, x)
+  if x.ndim == 3:
+    x = x[..., None]
+  _checks.rank(name, x, 4, "[B, H, W, C] or [B, H, W] images")
+  _checks.nonempty(name, x)
+  return x
+
+
+class Koch(nn.Module):
+  """The convolutional tower of Koch, Zemel & Salakhutdinov (2015).
+
+  ``105x105x1 -> conv 64@10x10, ReLU, max-pool 2 -> conv 128@7x7, ReLU, pool ->
+  conv 128@4x4, ReLU, pool -> conv 256@4x4, ReLU -> flatten 9216 -> dense 4096, sigmoid``;
+  38,947,648 parameters. Initialisation as in the paper: convolution weights
+  ``N(0, 1e-2)``, dense weights ``N(0, 2e-1)``, all biases ``N(0.5, 1e-2)`` (standard
+  deviations). Layers are named ``conv1 .. conv4`` and ``dense`` so per-layer
+  optimiser settings can address them.
+
+  Attributes:
+    dtype: computation dtype (``jnp.bfloat16`` for mixed precision).
+    param_dtype: parameter dtype.
+
+  Input ``[B, 105, 105, 1]`` (or ``[B, 105, 105]``) floating images; output ``[B, 4096]``
+  in ``dtype``.
+
+  References:
+    G. Koch, R. Zemel, R. Salakhutdinov, "Siamese Neural Networks for One-shot Image
+    Recognition", ICML Deep Learning Workshop 2015, figure 4 and section 4.
+
+  >>> import jax, jax.numpy as jnp
+  >>> params = Koch().init(jax.random.key(0), jnp.zeros((1, 105, 105, 1)))
+  >>> sum(p.size for p in jax.tree.leaves(params))
+  38947648
+  """
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = _images(x)
+    if x.shape[1:] != (105, 105, 1):
+      raise ValueError(f"x must be [B, 105, 105, 1] Omniglot-size images, got {x.shape}")
+    bias = normal_init(0.5, 1e-2)
+    conv = functools.partial(
+        nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
+        dtype=self.dtype, param_dtype=self.param_dtype)
+    pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+    x = x.astype(self.dtype)
+    x = pool(nn.relu(conv(64, (10, 10), name="conv1")(x)))  # 96 -> 48
+    x = pool(nn.relu(conv(128, (7, 7), name="conv2")(x)))  # 42 -> 21
+    x = pool(nn.relu(conv(128, (4, 4), name="conv3")(x)))  # 18 -> 9
+    x = nn.relu(conv(256, (4, 4), name="conv4")(x))  # 6x6x256 = 9216
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(4096, kernel_init=normal_init(0.0, 2e-1), bias_init=bias, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="dense")(x)
+    return nn.sigmoid(x)
+
+
+class MLP(nn.Module):
+  """The tower of the Keras MNIST Siamese example: dense 128-128-128, ReLU, dropout 0.1.
+
+  Flattens ``[B, ...]`` inputs to ``[B, F]``. Dropout follows the first two layers.
+
+  Attributes:
+    features: widths of the dense layers.
+    dropout_rate: dropout after every layer but the last.
+    dtype, param_dtype: computation and parameter dtypes.
+
+  References:
+    Keras examples, "Train a Siamese MLP on pairs of digits from the MNIST dataset"
+    (``mnist_siamese.py``).
+
+  >>> import jax, jax.numpy as jnp
+  >>> mlp = MLP(); params = mlp.init(jax.random.key(0), jnp.zeros((2, 28, 28)))
+  >>> mlp.apply(params, jnp.ones((2, 28, 28))).shape
+  (2, 128)
+  """
+
+  features: Sequence[int] = (128, 128, 128)
+  dropout_rate: float = 0.1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = _checks.floating("x", x)
+    _checks.min_rank("x", x, 2, "[B, ...] inputs")
+    _checks.nonempty("x", x)
+    x = x.reshape(x.shape[0], -1).astype(self.dtype)
+    for i, width in enumerate(self.features):
+      x = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name=f"dense{i + 1}")(x))
+      if i < len(self.features) - 1:
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return x
+
+
+class SmallCNN(nn.Module):
+  """The "deeper network" of the image-folder Siamese example.
+
+  ``conv 32@3x3, conv 32@3x3, max-pool 2, conv 64@3x3, conv 64@3x3, max-pool 2,
+  flatten, dense 512, dropout 0.4``, ReLU after every convolution and the dense layer
+  ('valid' padding as in Keras' default).
+
+  Attributes:
+    features: output width of the dense layer.
+    dropout_rate: dropout after the dense layer.
+    dtype, param_dtype: computation and parameter dtypes.
+
+  >>> import jax, jax.numpy as jnp
+  >>> cnn = SmallCNN(); params = cnn.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  >>> cnn.apply(params, jnp.ones((2, 32, 32, 3))).shape
+  (2, 512)
+  """
+
+  features: int = 512
+  dropout_rate: float = 0.4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = _images(x).astype(self.dtype)
+    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="VALID", dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+    x = nn.relu(conv(32, name="conv1")(x))
+    x = pool(nn.relu(conv(32, name="conv2")(x)))
+    x = nn.relu(conv(64, name="conv3")(x))
+    x = pool(nn.relu(conv(64, name="conv4")(x)))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(nn.Dense(self.features, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="dense")(x))
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+
+class TextCNN(nn.Module):
+  """Conv1D text tower: embedding, two strided convolutions and a dense stack.
+
+  ``embedding -> Conv1D 128@4 stride 2, ReLU -> Conv1D 64@3 stride 2, ReLU -> pool ->
+  dense 64, ReLU -> 32, ReLU -> 16, sigmoid``. ``pooling="flatten"`` (the original model,
+  fixed sequence length) keeps every position; ``"max"`` and ``"mean"`` pool over
+  positions, ignoring padding (token id ``pad_id``), and accept any length.
+
+  Attributes:
+    vocab_size: number of token ids (ids must be in ``[0, vocab_size)``).
+    embed_dim: embedding width.
+    pooling: ``"flatten"``, ``"max"`` or ``"mean"``.
+    pad_id: the padding token id (masked out by ``"max"``/``"mean"`` pooling).
+    dtype, param_dtype: computation and parameter dtypes.
+
+  Input ``[B, L]`` integer token ids; output ``[B, 16]`` in ``(0, 1)``.
+
+  >>> import jax, jax.numpy as jnp
+  >>> enc = TextCNN(vocab_size=100); tokens = jnp.ones((2, 30), jnp.int32)
+  >>> params = enc.init(jax.random.key(0), tokens)
+  >>> enc.apply(params, tokens).shape
+  (2, 16)
+  """
+
+  vocab_size: int
+  embed_dim: int = 128
+  pooling: str = "flatten"
+  pad_id: int = 0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    tokens = _checks.as_array("tokens", tokens)
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    _checks.rank("tokens", tokens, 2, "[B, L] token ids")
+    _checks.nonempty("tokens", tokens)
+    if self.pooling not in ("flatten", "max", "mean"):
+      raise ValueError(f"pooling must be 'flatten', 'max' or 'mean', got {self.pooling!r}")
+    if tokens.shape[1] < 9:
+      raise ValueError(f"tokens must have length >= 9 for the two strided convolutions, "
+                       f"got {tokens.shape}")
+    x = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="embed")(tokens)
+    conv = functools.partial(nn.Conv, padding="VALID", dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    x = nn.relu(conv(128, (4,), strides=(2,), name="conv1")(x))
+    x = nn.relu(conv(64, (3,), strides=(2,), name="conv2")(x))
+    if self.pooling == "flatten":
+      x = x.reshape(x.shape[0], -1)
+    else:
+      # A conv output position is padding when its whole receptive field is padding.
+      keep = (tokens != self.pad_id).astype(x.dtype)[..., None]
+      keep = nn.max_pool(nn.max_pool(keep, (4,), (2,)), (3,), (2,))
+      if self.pooling == "max":
+        x = jnp.max(jnp.where(keep > 0, x, 0.0), axis=1)
+      else:
+        x = jnp.sum(x * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1.0)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    x = nn.relu(dense(64, name="dense1")(x))
+    x = nn.relu(dense(32, name="dense2")(x))
+    return nn.sigmoid(dense(16, name="dense3")(x))

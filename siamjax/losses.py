@@ -1,0 +1,501 @@
+"""Losses for Siamese networks and metric learning.
+
+Reduction rule (the same for every function here): **a loss returns one value per
+example and never reduces.** The example is
+
+* the pair for pair losses (:func:`contrastive_loss`, :func:`pair_bce_loss`): ``[P]``;
+* the triplet for :func:`triplet_margin_loss`: ``[P]``;
+* the anchor for in-batch losses, which take embeddings ``[B, D]`` with integer labels
+  ``[B]`` and form every pair or triplet on the device: ``[B]``, each anchor's *mean* over
+  its own pairs/triplets. An anchor with no valid pair/triplet (for example the only
+  member of its class) gets 0; :func:`valid_anchors` returns the mask of anchors that
+  have one.
+
+Reduce with ``jnp.mean(loss)``; for in-batch losses on unbalanced batches
+``jnp.sum(loss) / jnp.maximum(jnp.sum(valid_anchors(labels)), 1)`` averages over the
+anchors that carry a loss. With the usual P x K batches (P classes, K samples each)
+every anchor has the same number of pairs, so the mean over anchors equals the mean
+over all pairs/triplets.
+
+Label convention: ``similar = 1`` (or ``True``) marks a same-class pair, ``0`` a
+different-class pair, as in Hadsell, Chopra & LeCun (2006). Several tutorials (the
+Keras MNIST example among them) use the opposite, ``Y = 0`` for similar; convert with
+``similar = 1 - y`` before calling.
+
+Memory: in-batch losses process anchors in chunks of ``chunk_size`` rows and never
+materialise ``[B, B, D]`` differences or ``[B, B, B]`` triplets; batch-all and
+semi-hard mining sort each anchor's negative distances once and answer every positive
+with a binary search, so a step costs ``O(B^2 log B)`` time and ``O(chunk_size * B)``
+memory besides the embeddings. ``B = 4096`` with ``D = 4096`` needs well under 1 GB of
+temporaries (``tests/test_losses.py`` checks the compiled memory).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from siamjax import _checks
+from siamjax import distances as _distances
+
+__all__ = [
+    "contrastive_loss",
+    "pair_bce_loss",
+    "triplet_margin_loss",
+    "batch_all_triplet_loss",
+    "batch_hard_triplet_loss",
+    "semi_hard_triplet_loss",
+    "all_pairs_contrastive_loss",
+    "ntxent_loss",
+    "valid_anchors",
+]
+
+# ---------------------------------------------------------------------------------
+# Pair and triplet losses
+# ---------------------------------------------------------------------------------
+
+
+def _pair_inputs(name: str, values, similar) -> tuple[jax.Array, jax.Array]:
+  values = _checks.floating(name, values)
+  _checks.rank(name, values, 1, "[P], one value per pair")
+  _checks.nonempty(name, values)
+  similar = _checks.as_array("similar", similar)
+  _checks.rank("similar", similar, 1, "[P] 0/1 labels")
+  _checks.same_shape(name, values, "similar", similar)
+  return values, _checks.binary_labels("similar", similar, like=values)
+
+
+def contrastive_loss(distance: jax.Array, similar: jax.Array, *, margin: float = 1.0) -> jax.Array:
+  """Contrastive loss of Hadsell, Chopra & LeCun (2006), per pair.
+
+  ``L = 1/2 y d^2 + 1/2 (1 - y) max(margin - d, 0)^2`` with ``y = 1`` for a same-class
+  pair. Same-class pairs are pulled together; different-class pairs are pushed apart
+  until they are ``margin`` away.
+
+  Args:
+    distance: ``[P]`` non-negative distances between the two embeddings of each pair,
+      e.g. ``siamjax.distances.euclidean(h1, h2)``.
+    similar: ``[P]`` labels, 1 (or True) for a same-class pair, 0 otherwise. For data
+      labelled the other way round (``Y = 0`` for similar, as in the Keras MNIST
+      Siamese example), pass ``1 - Y``.
+    margin: radius beyond which different-class pairs cost nothing.
+
+  Returns:
+    ``[P]`` per-pair losses (see the module docstring for reduction).
+
+  References:
+    R. Hadsell, S. Chopra, Y. LeCun, "Dimensionality Reduction by Learning an
+    Invariant Mapping", CVPR 2006, eq. (4).
+
+  >>> import jax.numpy as jnp
+  >>> contrastive_loss(jnp.array([0.5, 0.5, 2.0]), jnp.array([1, 0, 0])).tolist()
+  [0.125, 0.125, 0.0]
+  """
+  distance, y = _pair_inputs("distance", distance, similar)
+  _checks.positive_scalar("margin", margin, allow_zero=True)
+  push = jnp.maximum(margin - distance, 0.0)
+  return 0.5 * y * jnp.square(distance) + 0.5 * (1.0 - y) * jnp.square(push)
+
+
+def pair_bce_loss(logits: jax.Array, similar: jax.Array) -> jax.Array:
+  """Sigmoid binary cross-entropy on pair logits (the Koch et al. 2015 head).
+
+  Computed as ``max(x, 0) - x y + log1p(exp(-|x|))``, which is exact and finite for any
+  finite logit (``|x|`` up to 1e4 and beyond) and equals
+  ``optax.sigmoid_binary_cross_entropy``.
+
+  Args:
+    logits: ``[P]`` pre-sigmoid scores, e.g. ``siamjax.models.koch_siamese().apply(...)``.
+    similar: ``[P]`` labels, 1 for a same-class pair, 0 otherwise.
+
+  Returns:
+    ``[P]`` per-pair losses.
+
+  References:
+    G. Koch, R. Zemel, R. Salakhutdinov, "Siamese Neural Networks for One-shot Image
+    Recognition", ICML Deep Learning Workshop 2015, eq. (2).
+
+  >>> import jax.numpy as jnp
+  >>> [round(v, 4) for v in pair_bce_loss(jnp.array([0.0, 1e4, -1e4]), jnp.array([1, 1, 1])).tolist()]
+  [0.6931, 0.0, 10000.0]
+  """
+  x, y = _pair_inputs("logits", logits, similar)
+  return jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def triplet_margin_loss(
+    anchor: jax.Array,
+    positive: jax.Array,
+    negative: jax.Array,
+    *,
+    margin: float = 1.0,
+    distance=_distances.euclidean,
+) -> jax.Array:
+  """Triplet margin loss ``max(d(a, p) - d(a, n) + margin, 0)``, per triplet.
+
+  Args:
+    anchor: ``[P, D]`` anchor embeddings.
+    positive: ``[P, D]`` embeddings of the anchor's class.
+    negative: ``[P, D]`` embeddings of another class.
+    margin: the gap by which negatives must be farther than positives.
+    distance: a function ``(a, b) -> [P]``; Euclidean by default (finite gradients at
+      zero distance, unlike ``optax.losses.triplet_margin_loss`` which adds ``eps``
+      inside the norm instead).
+
+  Returns:
+    ``[P]`` per-triplet losses.
+
+  References:
+    F. Schroff, D. Kalenichenko, J. Philbin, "FaceNet", CVPR 2015;
+    V. Balntas et al., "Learning local feature descriptors with triplets", BMVC 2016.
+
+  >>> import jax.numpy as jnp
+  >>> a = jnp.zeros((1, 2)); p = jnp.array([[0.0, 1.0]]); n = jnp.array([[0.0, 1.5]])
+  >>> triplet_margin_loss(a, p, n).tolist()
+  [0.5]
+  """
+  names = ("anchor", "positive", "negative")
+  arrays = [_checks.floating(n, v) for n, v in zip(names, (anchor, positive, negative))]
+  for n, v in zip(names, arrays):
+    _checks.rank(n, v, 2, "[P, D] embeddings")
+    _checks.nonempty(n, v)
+  _checks.same_shape("anchor", arrays[0], "positive", arrays[1])
+  _checks.same_shape("anchor", arrays[0], "negative", arrays[2])
+  _checks.positive_scalar("margin", margin, allow_zero=True)
+  a, p, n = arrays
+  return jnp.maximum(distance(a, p) - distance(a, n) + margin, 0.0)
+
+
+# ---------------------------------------------------------------------------------
+# In-batch losses
+# ---------------------------------------------------------------------------------
+
+
+def _in_batch_inputs(embeddings, labels) -> tuple[jax.Array, jax.Array]:
+  emb = _checks.floating("embeddings", embeddings)
+  _checks.rank("embeddings", emb, 2, "[B, D]")
+  _checks.nonempty("embeddings", emb)
+  labels = _checks.class_labels("labels", labels, emb.shape[0])
+  return emb, labels
+
+
+def valid_anchors(labels: jax.Array) -> jax.Array:
+  """``[B]`` bool mask of anchors with at least one positive and one negative.
+
+  >>> import jax.numpy as jnp
+  >>> valid_anchors(jnp.array([0, 0, 1])).tolist()
+  [True, True, False]
+  """
+  labels = _checks.as_array("labels", labels)
+  same = labels[:, None] == labels[None, :]
+  n_pos = jnp.sum(same, axis=1) - 1
+  n_neg = labels.shape[0] - 1 - n_pos
+  return (n_pos > 0) & (n_neg > 0)
+
+
+def _map_anchor_chunks(fn, emb: jax.Array, labels: jax.Array, chunk_size: int) -> jax.Array:
+  """Applies ``fn(dist_CxB, same_CxB, not_self_CxB) -> [C]`` to chunks of anchors.
+
+  Each chunk's ``[C, B]`` distances come from one matrix product against the whole
+  batch; the body is rematerialised in the backward pass, so the saved residuals are
+  the chunks' inputs only and memory stays ``O(C B)``.
+  """
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  b = emb.shape[0]
+  c = min(chunk_size, b)
+  n_chunks = -(-b // c)
+  pad = n_chunks * c - b
+  idx_B = jnp.arange(b)
+  anchor_idx = jnp.pad(idx_B, (0, pad)).reshape(n_chunks, c)  # padded rows recompute row 0
+
+  @jax.checkpoint
+  def body(rows_C):
+    dist_CxB = fn.distance(emb[rows_C], emb)
+    same_CxB = labels[rows_C][:, None] == labels[None, :]
+    not_self_CxB = rows_C[:, None] != idx_B[None, :]
+    return fn(dist_CxB, same_CxB, not_self_CxB)
+
+  out = jax.lax.map(body, anchor_idx) if n_chunks > 1 else body(anchor_idx[0])[None]
+  return out.reshape(-1)[:b]
+
+
+class _Reducer:
+  """A per-anchor reduction over ``[C, B]`` distances, with its distance function."""
+
+  def __init__(self, distance: str, reduce):
+    if distance not in ("euclidean", "squared_euclidean", "cosine"):
+      raise ValueError(
+          f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")
+    self.distance = functools.partial(_distances.pairwise_distances, distance=distance)
+    self._reduce = reduce
+
+  def __call__(self, dist, same, not_self):
+    return self._reduce(dist, same, not_self)
+
+
+def _sorted_negatives(dist_CxB, neg_CxB):
+  """Sorts each row's negative distances ascending; returns them with prefix sums.
+
+  Non-negatives sort to the end (key +inf) and contribute 0 to the prefix sums.
+  Returns ``(sorted [C, B], prefix [C, B + 1], n_neg [C])``.
+  """
+  keys = jnp.where(neg_CxB, dist_CxB, jnp.inf)
+  vals = jnp.where(neg_CxB, dist_CxB, 0.0)
+  keys_sorted, vals_sorted = jax.lax.sort((keys, vals), dimension=1, num_keys=1)
+  prefix = jnp.concatenate(
+      [jnp.zeros_like(vals_sorted[:, :1]), jnp.cumsum(vals_sorted, axis=1)], axis=1)
+  return keys_sorted, vals_sorted, prefix, jnp.sum(neg_CxB, axis=1)
+
+
+def batch_all_triplet_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    margin: float = 1.0,
+    distance: str = "euclidean",
+    chunk_size: int = 256,
+) -> jax.Array:
+  """Batch-all triplet loss: every valid (anchor, positive, negative) in the batch.
+
+  For each anchor ``a``, the mean of ``max(d(a, p) - d(a, n) + margin, 0)`` over all its
+  positives ``p != a`` and negatives ``n``. The ``O(B^3)`` triplets are never built: each
+  anchor's negative distances are sorted once and, for every positive, the active
+  negatives (``d(a, n) < d(a, p) + margin``) and their sum come from a binary search and
+  prefix sums, which gives the same value and gradient.
+
+  Args:
+    embeddings: ``[B, D]`` floating embeddings.
+    labels: ``[B]`` integer class ids.
+    margin: triplet margin.
+    distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+
+  Returns:
+    ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any).
+
+  References:
+    A. Hermans, L. Beyer, B. Leibe, "In Defense of the Triplet Loss for Person
+    Re-Identification", arXiv:1703.07737, 2017 (batch all, batch hard).
+
+  >>> import jax.numpy as jnp
+  >>> emb = jnp.array([[0.0], [0.5], [1.0], [3.0]]); labels = jnp.array([0, 0, 1, 1])
+  >>> batch_all_triplet_loss(emb, labels).tolist()
+  [0.25, 0.5, 2.25, 0.25]
+  """
+  emb, labels = _in_batch_inputs(embeddings, labels)
+  _checks.positive_scalar("margin", margin, allow_zero=True)
+
+  def reduce(dist, same, not_self):
+    pos = same & not_self
+    neg = ~same
+    keys_sorted, _, prefix, n_neg = _sorted_negatives(dist, neg)
+    threshold = dist + margin  # [C, B]: one query per candidate positive
+    k = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="left"))(keys_sorted, threshold)
+    k = jnp.minimum(k, n_neg[:, None])
+    active_sum = k * threshold - jnp.take_along_axis(prefix, k, axis=1)
+    total = jnp.sum(jnp.where(pos, active_sum, 0.0), axis=1)
+    n_triplets = jnp.sum(pos, axis=1) * n_neg
+    return jnp.where(n_triplets > 0, total / jnp.maximum(n_triplets, 1), 0.0)
+
+  return _map_anchor_chunks(_Reducer(distance, reduce), emb, labels, chunk_size)
+
+
+def batch_hard_triplet_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    margin: float = 1.0,
+    distance: str = "euclidean",
+    soft: bool = False,
+    chunk_size: int = 256,
+) -> jax.Array:
+  """Batch-hard triplet loss: each anchor's farthest positive against its closest negative.
+
+  ``max(max_p d(a, p) - min_n d(a, n) + margin, 0)``, or with ``soft=True`` the soft
+  margin ``log1p(exp(max_p d(a, p) - min_n d(a, n)))`` of Hermans et al.
+
+  Args:
+    embeddings: ``[B, D]`` floating embeddings.
+    labels: ``[B]`` integer class ids.
+    margin: triplet margin (ignored when ``soft``).
+    distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+    soft: use the soft-plus margin instead of the hinge.
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+
+  Returns:
+    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
+
+  References:
+    A. Hermans, L. Beyer, B. Leibe, "In Defense of the Triplet Loss for Person
+    Re-Identification", arXiv:1703.07737, 2017.
+
+  >>> import jax.numpy as jnp
+  >>> emb = jnp.array([[0.0], [0.5], [1.0], [3.0]]); labels = jnp.array([0, 0, 1, 1])
+  >>> batch_hard_triplet_loss(emb, labels).tolist()
+  [0.5, 1.0, 2.5, 0.5]
+  """
+  emb, labels = _in_batch_inputs(embeddings, labels)
+  _checks.positive_scalar("margin", margin, allow_zero=True)
+
+  def reduce(dist, same, not_self):
+    pos = same & not_self
+    neg = ~same
+    hardest_pos = jnp.max(jnp.where(pos, dist, -jnp.inf), axis=1)
+    hardest_neg = jnp.min(jnp.where(neg, dist, jnp.inf), axis=1)
+    valid = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
+    gap = jnp.where(valid, hardest_pos - hardest_neg, 0.0)
+    loss = jax.nn.softplus(gap) if soft else jnp.maximum(gap + margin, 0.0)
+    return jnp.where(valid, loss, 0.0)
+
+  return _map_anchor_chunks(_Reducer(distance, reduce), emb, labels, chunk_size)
+
+
+def semi_hard_triplet_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    margin: float = 1.0,
+    distance: str = "euclidean",
+    chunk_size: int = 256,
+) -> jax.Array:
+  """Semi-hard triplet loss (FaceNet's online mining).
+
+  For every (anchor, positive) pair the negative is the closest one that is still
+  farther than the positive (``d(a, n) > d(a, p)``); when there is none, the farthest
+  negative is used (the rule of ``tfa.losses.TripletSemiHardLoss``). Each anchor's value
+  is the mean of ``max(d(a, p) - d(a, n) + margin, 0)`` over its positives.
+
+  Args:
+    embeddings: ``[B, D]`` floating embeddings.
+    labels: ``[B]`` integer class ids.
+    margin: triplet margin.
+    distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+
+  Returns:
+    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
+
+  References:
+    F. Schroff, D. Kalenichenko, J. Philbin, "FaceNet: A Unified Embedding for Face
+    Recognition and Clustering", CVPR 2015, section 3.2.
+
+  >>> import jax.numpy as jnp
+  >>> emb = jnp.array([[0.0], [0.5], [1.0], [3.0]]); labels = jnp.array([0, 0, 1, 1])
+  >>> semi_hard_triplet_loss(emb, labels).tolist()
+  [0.5, 0.0, 2.0, 0.5]
+  """
+  emb, labels = _in_batch_inputs(embeddings, labels)
+  _checks.positive_scalar("margin", margin, allow_zero=True)
+
+  def reduce(dist, same, not_self):
+    pos = same & not_self
+    neg = ~same
+    keys_sorted, vals_sorted, _, n_neg = _sorted_negatives(dist, neg)
+    k = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="right"))(keys_sorted, dist)
+    farthest = jnp.maximum(n_neg - 1, 0)[:, None]
+    k = jnp.where(k < n_neg[:, None], k, farthest)  # no semi-hard negative: the farthest
+    chosen = jnp.take_along_axis(vals_sorted, k, axis=1)
+    per_pair = jnp.maximum(dist - chosen + margin, 0.0)
+    valid = pos & (n_neg > 0)[:, None]
+    n_pairs = jnp.sum(valid, axis=1)
+    total = jnp.sum(jnp.where(valid, per_pair, 0.0), axis=1)
+    return jnp.where(n_pairs > 0, total / jnp.maximum(n_pairs, 1), 0.0)
+
+  return _map_anchor_chunks(_Reducer(distance, reduce), emb, labels, chunk_size)
+
+
+def all_pairs_contrastive_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    margin: float = 1.0,
+    distance: str = "euclidean",
+    chunk_size: int = 256,
+) -> jax.Array:
+  """Contrastive loss over every pair in the batch, averaged per anchor.
+
+  Each anchor's value is the mean of :func:`contrastive_loss` over its ``B - 1`` pairs
+  with the other embeddings (same label = similar).
+
+  Args:
+    embeddings: ``[B, D]`` floating embeddings.
+    labels: ``[B]`` integer class ids.
+    margin: contrastive margin.
+    distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+
+  Returns:
+    ``[B]`` per-anchor losses (0 when ``B == 1``).
+
+  References:
+    R. Hadsell, S. Chopra, Y. LeCun, CVPR 2006.
+
+  >>> import jax.numpy as jnp
+  >>> all_pairs_contrastive_loss(jnp.array([[0.0], [0.5], [3.0]]), jnp.array([0, 0, 1])).tolist()
+  [0.0625, 0.0625, 0.0]
+  """
+  emb, labels = _in_batch_inputs(embeddings, labels)
+  _checks.positive_scalar("margin", margin, allow_zero=True)
+
+  def reduce(dist, same, not_self):
+    y = same.astype(dist.dtype)
+    per_pair = 0.5 * y * jnp.square(dist) + 0.5 * (1 - y) * jnp.square(
+        jnp.maximum(margin - dist, 0.0))
+    n = jnp.sum(not_self, axis=1)
+    return jnp.sum(jnp.where(not_self, per_pair, 0.0), axis=1) / jnp.maximum(n, 1)
+
+  return _map_anchor_chunks(_Reducer(distance, reduce), emb, labels, chunk_size)
+
+
+def ntxent_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float = 0.07,
+    chunk_size: int = 256,
+) -> jax.Array:
+  """NT-Xent (normalised temperature-scaled cross-entropy), per anchor.
+
+  With cosine similarities ``s`` scaled by ``1 / temperature``, each positive pair
+  ``(a, p)`` costs ``-log(exp(s_ap) / (exp(s_ap) + sum_n exp(s_an)))`` over the anchor's
+  negatives ``n``; an anchor's value is the mean over its positives. When every anchor
+  has the same number of positives, ``jnp.mean`` of the result equals
+  ``optax.losses.ntxent``.
+
+  Args:
+    embeddings: ``[B, D]`` floating embeddings.
+    labels: ``[B]`` integer class ids.
+    temperature: softmax temperature.
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+
+  Returns:
+    ``[B]`` per-anchor losses (0 for anchors without a positive).
+
+  References:
+    T. Chen et al., "A Simple Framework for Contrastive Learning of Visual
+    Representations" (SimCLR), ICML 2020.
+
+  >>> import jax.numpy as jnp
+  >>> emb = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+  >>> [round(v, 4) for v in ntxent_loss(emb, jnp.array([0, 0, 1, 1]), temperature=1.0).tolist()]
+  [0.5514, 0.5514, 0.5514, 0.5514]
+  """
+  emb, labels = _in_batch_inputs(embeddings, labels)
+  _checks.positive_scalar("temperature", temperature)
+
+  def reduce(dist, same, not_self):
+    logits = (1.0 - dist) / temperature  # cosine similarity / temperature
+    pos = same & not_self
+    neg = ~same
+    shift = jax.lax.stop_gradient(jnp.max(jnp.where(not_self, logits, -jnp.inf), axis=1))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)[:, None]
+    neg_sum = jnp.sum(jnp.where(neg, jnp.exp(logits - shift), 0.0), axis=1, keepdims=True)
+    per_pair = -(logits - shift) + jnp.log(jnp.exp(logits - shift) + neg_sum)
+    n_pos = jnp.sum(pos, axis=1)
+    total = jnp.sum(jnp.where(pos, per_pair, 0.0), axis=1)
+    return jnp.where(n_pos > 0, total / jnp.maximum(n_pos, 1), 0.0)
+
+  return _map_anchor_chunks(_Reducer("cosine", reduce), emb, labels, chunk_size)
