@@ -1,7 +1,7 @@
 """Siamese networks: an encoder applied to both inputs and a head that scores the pair.
 
-A :class:`SiameseNet` with ``shared=True`` (the default) holds one encoder parameter tree
-and runs both inputs through it as one ``2B`` batch, so each image is encoded once per
+A :class:`SiameseNet` with ``shared=True`` (the default) holds one encoder parameter tree,
+``params["params"]["encoder"]``, and runs both inputs through it as one ``2B`` batch, so each image is encoded once per
 step and the scores are symmetric: ``apply(params, x1, x2) == apply(params, x2, x1)``.
 With ``shared=False`` it is a pseudo-Siamese network: two towers, ``tower1`` and
 ``tower2``, with separate parameters, through the same API.

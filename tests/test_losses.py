@@ -1,0 +1,373 @@
+"""Losses: constants, naive references, optax equality, jit/vmap, gradients, memory, errors."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+from siamjax import distances as D
+from siamjax import losses as L
+
+RNG = np.random.default_rng(42)
+
+
+def _emb(b=12, d=5, dtype=np.float32):
+  return jnp.asarray(RNG.normal(size=(b, d)).astype(dtype))
+
+
+def _labels(b=12, classes=4):
+  return jnp.asarray(np.arange(b) % classes, jnp.int32)
+
+
+# -------------------------------------------------------------------------------------
+# Pair and triplet losses
+# -------------------------------------------------------------------------------------
+
+
+def test_contrastive_hand_computed():
+  d = jnp.array([0.0, 2.0, 0.25, 1.5, 3.0])
+  y = jnp.array([1, 1, 0, 0, 1])
+  # 1/2 y d^2 + 1/2 (1 - y) max(1 - d, 0)^2
+  np.testing.assert_allclose(L.contrastive_loss(d, y), [0.0, 2.0, 0.28125, 0.0, 4.5])
+  np.testing.assert_allclose(L.contrastive_loss(d, y, margin=2.0), [0.0, 2.0, 1.53125, 0.125, 4.5])
+
+
+def _naive_contrastive(d, y, margin):
+  return np.array([0.5 * di**2 if yi == 1 else 0.5 * max(margin - di, 0.0) ** 2
+                   for di, yi in zip(d, y)])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("label_dtype", [np.int32, np.bool_, np.float32])
+def test_contrastive_matches_naive(jit, label_dtype):
+  d = np.abs(RNG.normal(size=50)).astype(np.float32)
+  y = RNG.integers(0, 2, size=50)
+  f = jax.jit(functools.partial(L.contrastive_loss, margin=1.3)) if jit else functools.partial(
+      L.contrastive_loss, margin=1.3)
+  out = f(jnp.asarray(d), jnp.asarray(y.astype(label_dtype)))
+  assert out.shape == (50,)
+  np.testing.assert_allclose(out, _naive_contrastive(d, y, 1.3), rtol=1e-6)
+
+
+def test_contrastive_opposite_label_convention_is_one_minus():
+  d = jnp.array([0.3, 0.9])
+  keras_y = jnp.array([0, 1])  # Y = 0 for similar
+  np.testing.assert_allclose(L.contrastive_loss(d, 1 - keras_y),
+                             [0.5 * 0.09, 0.5 * 0.01], rtol=1e-6)
+
+
+def test_contrastive_vmap_consistency():
+  d = jnp.abs(jnp.asarray(RNG.normal(size=(3, 8)), jnp.float32))
+  y = jnp.asarray(RNG.integers(0, 2, size=(3, 8)))
+  vm = jax.vmap(L.contrastive_loss)(d, y)
+  rows = jnp.stack([L.contrastive_loss(d[i], y[i]) for i in range(3)])
+  np.testing.assert_allclose(vm, rows, rtol=1e-6)
+
+
+def test_contrastive_grads_and_zero_distance():
+  with jax.enable_x64(True):
+    d = jnp.asarray(np.abs(RNG.normal(size=10)) + 0.05)
+    y = jnp.asarray(RNG.integers(0, 2, size=10))
+    check_grads(lambda d: L.contrastive_loss(d, y, margin=2.5), (d,), order=2, eps=1e-5)
+  # Through the Euclidean distance of identical embeddings: finite, zero gradients.
+  h = _emb(4, 3)
+  g = jax.grad(lambda h1: jnp.mean(L.contrastive_loss(D.euclidean(h1, h), jnp.ones(4))))(h)
+  assert np.all(np.isfinite(g))
+  g = jax.grad(lambda h1: jnp.mean(L.contrastive_loss(D.euclidean(h1, h), jnp.zeros(4))))(h)
+  assert np.all(np.isfinite(g))
+
+
+def test_pair_bce_matches_optax_and_is_stable():
+  x = jnp.asarray(np.concatenate([RNG.normal(size=20) * 5, [1e4, -1e4, 0.0, 88.0, -88.0]]),
+                  jnp.float32)
+  y = jnp.asarray(RNG.integers(0, 2, size=25))
+  out = L.pair_bce_loss(x, y)
+  np.testing.assert_allclose(out, optax.sigmoid_binary_cross_entropy(x, y.astype(jnp.float32)),
+                             rtol=1e-6, atol=1e-6)
+  extremes = L.pair_bce_loss(jnp.array([1e4, -1e4, 1e4, -1e4]), jnp.array([1, 1, 0, 0]))
+  np.testing.assert_allclose(extremes, [0.0, 1e4, 1e4, 0.0])
+  g = jax.grad(lambda x: jnp.sum(L.pair_bce_loss(x, jnp.array([1, 0, 1, 0]))))(
+      jnp.array([1e4, 1e4, -1e4, -1e4]))
+  np.testing.assert_allclose(g, [0.0, 1.0, -1.0, 0.0])
+  with jax.enable_x64(True):
+    check_grads(lambda x: L.pair_bce_loss(x, y), (jnp.asarray(RNG.normal(size=25)),), order=2)
+
+
+def test_pair_bce_jit_and_vmap():
+  x = jnp.asarray(RNG.normal(size=(4, 6)), jnp.float32)
+  y = jnp.asarray(RNG.integers(0, 2, size=(4, 6)))
+  np.testing.assert_allclose(jax.jit(jax.vmap(L.pair_bce_loss))(x, y),
+                             jnp.stack([L.pair_bce_loss(x[i], y[i]) for i in range(4)]), rtol=1e-6)
+
+
+def test_triplet_margin_matches_optax_and_naive():
+  a, p, n = _emb(16, 8), _emb(16, 8), _emb(16, 8)
+  out = L.triplet_margin_loss(a, p, n, margin=0.7)
+  np.testing.assert_allclose(out, optax.losses.triplet_margin_loss(a, p, n, margin=0.7, eps=0.0),
+                             rtol=1e-5, atol=1e-6)
+  na = np.asarray
+  naive = np.maximum(np.linalg.norm(na(a) - na(p), axis=1) - np.linalg.norm(na(a) - na(n), axis=1)
+                     + 0.7, 0)
+  np.testing.assert_allclose(out, naive, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(L.triplet_margin_loss)(a, p, n), L.triplet_margin_loss(a, p, n))
+  with jax.enable_x64(True):
+    a64, p64, n64 = (jnp.asarray(np.asarray(v), jnp.float64) * 3 for v in (a, p, n))
+    check_grads(lambda a, p, n: L.triplet_margin_loss(a, p, n, margin=10.0), (a64, p64, n64),
+                order=1, eps=1e-5)
+  g = jax.grad(lambda a: jnp.sum(L.triplet_margin_loss(a, a, n)))(a)  # anchor == positive
+  assert np.all(np.isfinite(g))
+
+
+def test_triplet_vmap_consistency():
+  a, p, n = (jnp.asarray(RNG.normal(size=(3, 5, 4)), jnp.float32) for _ in range(3))
+  vm = jax.vmap(L.triplet_margin_loss)(a, p, n)
+  np.testing.assert_allclose(vm, jnp.stack([L.triplet_margin_loss(a[i], p[i], n[i])
+                                            for i in range(3)]), rtol=1e-6)
+
+
+# -------------------------------------------------------------------------------------
+# In-batch losses: naive references built from every explicit pair/triplet.
+# -------------------------------------------------------------------------------------
+
+DIST = {"euclidean": D.euclidean, "squared_euclidean": D.squared_euclidean,
+        "cosine": D.cosine_distance}
+
+
+def _naive_setup(emb, labels, distance):
+  d = DIST[distance](emb[:, None, :], emb[None, :, :])
+  b = emb.shape[0]
+  same = labels[:, None] == labels[None, :]
+  pos = same & ~jnp.eye(b, dtype=bool)
+  neg = ~same
+  return d, pos, neg
+
+
+def naive_batch_all(emb, labels, margin=1.0, distance="euclidean"):
+  d, pos, neg = _naive_setup(emb, labels, distance)
+  t = jnp.maximum(d[:, :, None] - d[:, None, :] + margin, 0.0)  # [a, p, n]
+  m = pos[:, :, None] & neg[:, None, :]
+  count = jnp.sum(m, axis=(1, 2))
+  return jnp.where(count > 0, jnp.sum(jnp.where(m, t, 0.0), axis=(1, 2)) / jnp.maximum(count, 1), 0)
+
+
+def naive_batch_hard(emb, labels, margin=1.0, distance="euclidean"):
+  d, pos, neg = _naive_setup(emb, labels, distance)
+  hp = jnp.max(jnp.where(pos, d, -jnp.inf), axis=1)
+  hn = jnp.min(jnp.where(neg, d, jnp.inf), axis=1)
+  valid = jnp.any(pos, 1) & jnp.any(neg, 1)
+  return jnp.where(valid, jnp.maximum(jnp.where(valid, hp - hn, 0.0) + margin, 0.0), 0.0)
+
+
+def naive_semi_hard(emb, labels, margin=1.0, distance="euclidean"):
+  d, pos, neg = _naive_setup(emb, labels, distance)
+  d_ap, d_an = d[:, :, None], d[:, None, :]
+  semi = neg[:, None, :] & (d_an > d_ap)  # [a, p, n]
+  closest_semi = jnp.min(jnp.where(semi, d_an, jnp.inf), axis=2)
+  farthest = jnp.max(jnp.where(neg, d, -jnp.inf), axis=1)[:, None]
+  chosen = jnp.where(jnp.any(semi, axis=2), closest_semi, farthest)
+  valid = pos & jnp.any(neg, axis=1)[:, None]
+  per = jnp.where(valid, jnp.maximum(d - chosen + margin, 0.0), 0.0)
+  n = jnp.sum(valid, axis=1)
+  return jnp.where(n > 0, jnp.sum(per, axis=1) / jnp.maximum(n, 1), 0.0)
+
+
+def naive_all_pairs(emb, labels, margin=1.0, distance="euclidean"):
+  d, pos, neg = _naive_setup(emb, labels, distance)
+  b = emb.shape[0]
+  off = ~jnp.eye(b, dtype=bool)
+  per = jnp.where(pos, 0.5 * d**2, 0.5 * jnp.maximum(margin - d, 0.0) ** 2)
+  return jnp.sum(jnp.where(off, per, 0.0), axis=1) / max(b - 1, 1)
+
+
+def naive_ntxent(emb, labels, temperature=0.07):
+  s = D.cosine_similarity(emb[:, None, :], emb[None, :, :]) / temperature
+  b = emb.shape[0]
+  same = labels[:, None] == labels[None, :]
+  pos = same & ~jnp.eye(b, dtype=bool)
+  neg = ~same
+  neg_sum = jnp.sum(jnp.where(neg, jnp.exp(s), 0.0), axis=1, keepdims=True)
+  per = -s + jnp.log(jnp.exp(s) + neg_sum)
+  n = jnp.sum(pos, axis=1)
+  return jnp.where(n > 0, jnp.sum(jnp.where(pos, per, 0.0), axis=1) / jnp.maximum(n, 1), 0.0)
+
+
+IN_BATCH = [
+    (L.batch_all_triplet_loss, naive_batch_all),
+    (L.batch_hard_triplet_loss, naive_batch_hard),
+    (L.semi_hard_triplet_loss, naive_semi_hard),
+    (L.all_pairs_contrastive_loss, naive_all_pairs),
+]
+IDS = ["batch_all", "batch_hard", "semi_hard", "all_pairs"]
+
+
+@pytest.mark.parametrize("fn,naive", IN_BATCH, ids=IDS)
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 256])
+def test_in_batch_matches_naive(fn, naive, distance, chunk_size):
+  emb, labels = _emb(13, 6), jnp.asarray(RNG.integers(0, 4, size=13), jnp.int32)
+  out = fn(emb, labels, margin=0.8, distance=distance, chunk_size=chunk_size)
+  assert out.shape == (13,)
+  np.testing.assert_allclose(out, naive(emb, labels, 0.8, distance), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("fn,naive", IN_BATCH, ids=IDS)
+def test_in_batch_gradient_matches_naive(fn, naive):
+  emb, labels = _emb(12, 4), _labels(12, 3)
+  g = jax.grad(lambda e: jnp.mean(fn(e, labels, chunk_size=5)))(emb)
+  g_ref = jax.grad(lambda e: jnp.mean(naive(e, labels)))(emb)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("fn,naive", IN_BATCH, ids=IDS)
+def test_in_batch_check_grads(fn, naive):
+  del naive
+  with jax.enable_x64(True):
+    emb = jnp.asarray(RNG.normal(size=(8, 3)) * 2.0)
+    labels = _labels(8, 3)
+    check_grads(lambda e: fn(e, labels, margin=0.5, chunk_size=3), (emb,), order=1, eps=1e-6,
+                modes=("rev",))
+
+
+@pytest.mark.parametrize("fn,naive", IN_BATCH + [(L.ntxent_loss, None)], ids=IDS + ["ntxent"])
+def test_in_batch_finite_gradients_with_duplicate_embeddings(fn, naive):
+  del naive
+  emb = jnp.concatenate([_emb(4, 3)] * 2)  # every embedding appears twice: distance 0
+  labels = jnp.asarray([0, 1, 0, 1, 0, 1, 0, 1], jnp.int32)
+  g = jax.grad(lambda e: jnp.mean(fn(e, labels)))(emb)
+  assert np.all(np.isfinite(g))
+
+
+def test_hand_computed_in_batch_constants():
+  emb = jnp.array([[0.0], [0.5], [1.0], [3.0]])
+  labels = jnp.array([0, 0, 1, 1])
+  np.testing.assert_allclose(L.batch_all_triplet_loss(emb, labels), [0.25, 0.5, 2.25, 0.25])
+  np.testing.assert_allclose(L.batch_hard_triplet_loss(emb, labels), [0.5, 1.0, 2.5, 0.5])
+  np.testing.assert_allclose(L.semi_hard_triplet_loss(emb, labels), [0.5, 0.0, 2.0, 0.5])
+  np.testing.assert_allclose(L.batch_hard_triplet_loss(emb, labels, soft=True),
+                             np.log1p(np.exp([-0.5, 0.0, 1.5, -0.5])), rtol=1e-6)
+
+
+def test_anchors_without_partner_get_zero_and_are_flagged():
+  emb = _emb(5, 3)
+  labels = jnp.array([0, 0, 1, 2, 2])  # anchor 2 has no positive
+  for fn, _ in IN_BATCH[:3]:
+    assert float(fn(emb, labels)[2]) == 0.0
+  np.testing.assert_array_equal(L.valid_anchors(labels), [True, True, False, True, True])
+  single_class = jnp.zeros(4, jnp.int32)  # no negatives anywhere
+  np.testing.assert_array_equal(L.batch_hard_triplet_loss(emb[:4], single_class), 0.0)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5, 1.0])
+def test_ntxent_matches_optax(temperature):
+  emb, labels = _emb(12, 6), _labels(12, 6)  # balanced: every anchor has one positive
+  ours = jnp.mean(L.ntxent_loss(emb, labels, temperature=temperature, chunk_size=5))
+  np.testing.assert_allclose(ours, optax.losses.ntxent(emb, labels, temperature=temperature),
+                             rtol=1e-5)
+  np.testing.assert_allclose(L.ntxent_loss(emb, labels, temperature=temperature),
+                             naive_ntxent(emb, labels, temperature), rtol=1e-5)
+  g = jax.grad(lambda e: jnp.mean(L.ntxent_loss(e, labels, temperature=temperature)))(emb)
+  g_ref = jax.grad(lambda e: optax.losses.ntxent(e, labels, temperature=temperature))(emb)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [f for f, _ in IN_BATCH] + [L.ntxent_loss], ids=IDS + ["ntxent"])
+def test_in_batch_jit_vmap_and_no_retrace(fn):
+  emb, labels = _emb(10, 4), _labels(10, 3)
+  chex.clear_trace_counter()  # the counter is keyed by code, shared across parameters
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(e, l):
+    return fn(e, l, chunk_size=4)
+
+  first = step(emb, labels)
+  np.testing.assert_allclose(first, fn(emb, labels, chunk_size=4), rtol=1e-6, atol=1e-7)
+  step(emb * 2, labels)  # second call, same shapes: no retrace
+  stacked = jnp.stack([emb, emb * 0.5])
+  vm = jax.vmap(lambda e: fn(e, labels, chunk_size=4))(stacked)
+  np.testing.assert_allclose(vm[1], fn(stacked[1], labels, chunk_size=4), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [L.batch_all_triplet_loss, L.batch_hard_triplet_loss,
+                                L.semi_hard_triplet_loss])
+def test_in_batch_memory_is_linear_in_batch_for_b4096_d4096(fn):
+  """B = 4096, D = 4096: the naive [B, B, D] tensor alone would be 256 GiB."""
+  b, d = 4096, 4096
+  emb = jax.ShapeDtypeStruct((b, d), jnp.float32)
+  labels = jax.ShapeDtypeStruct((b,), jnp.int32)
+  loss_and_grad = jax.jit(jax.value_and_grad(lambda e, l: jnp.mean(fn(e, l, chunk_size=256))))
+  stats = loss_and_grad.lower(emb, labels).compile().memory_analysis()
+  if stats is None:
+    pytest.skip("this backend reports no memory analysis")
+  total = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+  assert total < 1.5 * 2**30, f"{total / 2**30:.2f} GiB"
+
+
+# -------------------------------------------------------------------------------------
+# Errors
+# -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [L.contrastive_loss, L.pair_bce_loss])
+def test_pair_loss_bad_input(fn):
+  x = jnp.array([0.5, 0.2])
+  first = "distance" if fn is L.contrastive_loss else "logits"
+  with pytest.raises(ValueError, match="similar must hold only 0 and 1"):
+    fn(x, jnp.array([1, 2]))
+  with pytest.raises(ValueError, match="similar must hold only 0 and 1"):
+    fn(x, jnp.array([-1.0, 0.0]))
+  with pytest.raises(ValueError, match=f"{first} and similar must have the same shape"):
+    fn(x, jnp.array([1, 0, 1]))
+  with pytest.raises(ValueError, match=f"{first} must have rank 1"):
+    fn(x[None], jnp.array([[1, 0]]))
+  with pytest.raises(ValueError, match=f"{first} must have a floating dtype"):
+    fn(jnp.array([1, 2]), jnp.array([1, 0]))
+  with pytest.raises(ValueError, match=f"{first} is empty"):
+    fn(jnp.zeros((0,)), jnp.zeros((0,), jnp.int32))
+  with pytest.raises(ValueError, match="similar must have rank 1"):
+    fn(x, jnp.float32(1.0))
+
+
+def test_contrastive_bad_margin():
+  with pytest.raises(ValueError, match="margin"):
+    L.contrastive_loss(jnp.array([0.5]), jnp.array([1]), margin=-1.0)
+
+
+def test_triplet_bad_input():
+  a = jnp.ones((3, 4))
+  with pytest.raises(ValueError, match="anchor and negative must have the same shape"):
+    L.triplet_margin_loss(a, a, jnp.ones((3, 5)))
+  with pytest.raises(ValueError, match="positive must have a floating dtype"):
+    L.triplet_margin_loss(a, jnp.ones((3, 4), jnp.int32), a)
+  with pytest.raises(ValueError, match="anchor must have rank 2"):
+    L.triplet_margin_loss(jnp.ones(4), jnp.ones(4), jnp.ones(4))
+  with pytest.raises(ValueError, match="anchor is empty"):
+    L.triplet_margin_loss(jnp.ones((0, 4)), jnp.ones((0, 4)), jnp.ones((0, 4)))
+
+
+@pytest.mark.parametrize("fn", [f for f, _ in IN_BATCH] + [L.ntxent_loss], ids=IDS + ["ntxent"])
+def test_in_batch_bad_input(fn):
+  emb, labels = _emb(6, 3), _labels(6, 2)
+  with pytest.raises(ValueError, match="embeddings must have a floating dtype"):
+    fn(jnp.ones((6, 3), jnp.int32), labels)
+  with pytest.raises(ValueError, match="embeddings must have rank 2"):
+    fn(emb[None], labels)
+  with pytest.raises(ValueError, match="embeddings is empty"):
+    fn(jnp.ones((0, 3)), jnp.ones((0,), jnp.int32))
+  with pytest.raises(ValueError, match="labels must be integer"):
+    fn(emb, labels.astype(jnp.float32))
+  with pytest.raises(ValueError, match="labels has 5 entries but the embeddings have 6"):
+    fn(emb, labels[:5])
+  with pytest.raises(ValueError, match="chunk_size"):
+    fn(emb, labels, chunk_size=0)
+  if fn is not L.ntxent_loss:
+    with pytest.raises(ValueError, match="distance must be"):
+      fn(emb, labels, distance="manhattan")
+  else:
+    with pytest.raises(ValueError, match="temperature"):
+      fn(emb, labels, temperature=0.0)
