@@ -305,7 +305,7 @@ def test_in_batch_memory_is_linear_in_batch_for_b4096_d4096(fn):
   if stats is None:
     pytest.skip("this backend reports no memory analysis")
   total = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
-  assert total < 1.5 * 2**30, f"{total / 2**30:.2f} GiB"
+  assert total < 0.5 * 2**30, f"{total / 2**30:.2f} GiB"
 
 
 # -------------------------------------------------------------------------------------
