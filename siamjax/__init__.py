@@ -6,9 +6,10 @@ Modules (one concept each):
 * :mod:`siamjax.losses`: contrastive, pair BCE, triplet and in-batch mining losses.
 * :mod:`siamjax.encoders`: Flax encoders (Koch 2015 convnet, MLP, SmallCNN, TextCNN).
 * :mod:`siamjax.models`: Siamese networks built from an encoder and a pair head.
+* :mod:`siamjax.parallel`: data-parallel meshes, shardings and cross-device losses.
 """
 
-from siamjax import distances, encoders, losses, models
+from siamjax import distances, encoders, losses, models, parallel
 from siamjax.distances import (
     cosine_distance,
     cosine_similarity,
@@ -36,7 +37,7 @@ from siamjax.models import SiameseNet, koch_siamese
 __version__ = "0.1.0"
 
 __all__ = [
-    "distances", "encoders", "losses", "models",
+    "distances", "encoders", "losses", "models", "parallel",
     "l1", "euclidean", "squared_euclidean", "cosine_similarity", "cosine_distance",
     "inverse_distance_similarity", "exp_similarity", "pairwise_distances",
     "contrastive_loss", "pair_bce_loss", "triplet_margin_loss", "batch_all_triplet_loss",

@@ -195,7 +195,7 @@ def valid_anchors(labels: jax.Array) -> jax.Array:
 
 
 def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
-                       chunk_size: int) -> jax.Array:
+                       chunk_size: int, anchor_indices=None) -> jax.Array:
   """Applies ``reduce(dist_CxB, same_CxB, not_self_CxB) -> [C]`` to chunks of anchors.
 
   Each chunk's ``[C, B]`` distances come from one matrix product against the whole
@@ -207,12 +207,20 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
         f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  b = emb.shape[0]
-  c = min(chunk_size, b)
-  n_chunks = -(-b // c)
-  pad = n_chunks * c - b
-  idx_B = jnp.arange(b)
-  anchor_idx = jnp.pad(idx_B, (0, pad)).reshape(n_chunks, c)  # padded rows recompute row 0
+  idx_B = jnp.arange(emb.shape[0])
+  if anchor_indices is None:
+    rows_A = idx_B
+  else:
+    rows_A = _checks.as_array("anchor_indices", anchor_indices)
+    if not jnp.issubdtype(rows_A.dtype, jnp.integer):
+      raise ValueError(f"anchor_indices must be integer rows, got dtype {rows_A.dtype}")
+    _checks.rank("anchor_indices", rows_A, 1, "[A] rows of embeddings")
+    _checks.nonempty("anchor_indices", rows_A)
+  a = rows_A.shape[0]
+  c = min(chunk_size, a)
+  n_chunks = -(-a // c)
+  pad = n_chunks * c - a
+  anchor_idx = jnp.pad(rows_A, (0, pad)).reshape(n_chunks, c)  # padded rows: sliced off
 
   @jax.checkpoint
   def body(rows_C):
@@ -222,7 +230,7 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
     return reduce(dist_CxB, same_CxB, not_self_CxB)
 
   out = jax.lax.map(body, anchor_idx) if n_chunks > 1 else body(anchor_idx[0])[None]
-  return out.reshape(-1)[:b]
+  return out.reshape(-1)[:a]
 
 
 def _sorted_negatives(dist_CxB, neg_CxB):
@@ -246,6 +254,7 @@ def batch_all_triplet_loss(
     margin: float = 1.0,
     distance: str = "euclidean",
     chunk_size: int = 256,
+    anchor_indices: jax.Array | None = None,
 ) -> jax.Array:
   """Batch-all triplet loss: every valid (anchor, positive, negative) in the batch.
 
@@ -261,6 +270,10 @@ def batch_all_triplet_loss(
     margin: triplet margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
+      anchors against the all-gathered global batch.
 
   Returns:
     ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any).
@@ -289,7 +302,7 @@ def batch_all_triplet_loss(
     n_triplets = jnp.sum(pos, axis=1) * n_neg
     return jnp.where(n_triplets > 0, total / jnp.maximum(n_triplets, 1), 0.0)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
 
 
 def batch_hard_triplet_loss(
@@ -300,6 +313,7 @@ def batch_hard_triplet_loss(
     distance: str = "euclidean",
     soft: bool = False,
     chunk_size: int = 256,
+    anchor_indices: jax.Array | None = None,
 ) -> jax.Array:
   """Batch-hard triplet loss: each anchor's farthest positive against its closest negative.
 
@@ -313,6 +327,10 @@ def batch_hard_triplet_loss(
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     soft: use the soft-plus margin instead of the hinge.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
+      anchors against the all-gathered global batch.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
@@ -339,7 +357,7 @@ def batch_hard_triplet_loss(
     loss = jax.nn.softplus(gap) if soft else jnp.maximum(gap + margin, 0.0)
     return jnp.where(valid, loss, 0.0)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
 
 
 def semi_hard_triplet_loss(
@@ -349,6 +367,7 @@ def semi_hard_triplet_loss(
     margin: float = 1.0,
     distance: str = "euclidean",
     chunk_size: int = 256,
+    anchor_indices: jax.Array | None = None,
 ) -> jax.Array:
   """Semi-hard triplet loss (FaceNet's online mining).
 
@@ -363,6 +382,10 @@ def semi_hard_triplet_loss(
     margin: triplet margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
+      anchors against the all-gathered global batch.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
@@ -393,7 +416,7 @@ def semi_hard_triplet_loss(
     total = jnp.sum(jnp.where(valid, per_pair, 0.0), axis=1)
     return jnp.where(n_pairs > 0, total / jnp.maximum(n_pairs, 1), 0.0)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
 
 
 def all_pairs_contrastive_loss(
@@ -403,6 +426,7 @@ def all_pairs_contrastive_loss(
     margin: float = 1.0,
     distance: str = "euclidean",
     chunk_size: int = 256,
+    anchor_indices: jax.Array | None = None,
 ) -> jax.Array:
   """Contrastive loss over every pair in the batch, averaged per anchor.
 
@@ -415,6 +439,10 @@ def all_pairs_contrastive_loss(
     margin: contrastive margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
+      anchors against the all-gathered global batch.
 
   Returns:
     ``[B]`` per-anchor losses (0 when ``B == 1``).
@@ -436,7 +464,7 @@ def all_pairs_contrastive_loss(
     n = jnp.sum(not_self, axis=1)
     return jnp.sum(jnp.where(not_self, per_pair, 0.0), axis=1) / jnp.maximum(n, 1)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
 
 
 def ntxent_loss(
@@ -445,6 +473,7 @@ def ntxent_loss(
     *,
     temperature: float = 0.07,
     chunk_size: int = 256,
+    anchor_indices: jax.Array | None = None,
 ) -> jax.Array:
   """NT-Xent (normalised temperature-scaled cross-entropy), per anchor.
 
@@ -459,6 +488,10 @@ def ntxent_loss(
     labels: ``[B]`` integer class ids.
     temperature: softmax temperature.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
+      anchors against the all-gathered global batch.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive).
@@ -487,4 +520,4 @@ def ntxent_loss(
     total = jnp.sum(jnp.where(pos, per_pair, 0.0), axis=1)
     return jnp.where(n_pos > 0, total / jnp.maximum(n_pos, 1), 0.0)
 
-  return _map_anchor_chunks(reduce, "cosine", emb, labels, chunk_size)
+  return _map_anchor_chunks(reduce, "cosine", emb, labels, chunk_size, anchor_indices)

@@ -1,0 +1,132 @@
+"""Data parallelism over devices and hosts: meshes, shardings, cross-device in-batch losses.
+
+Why not ``jax.pmap``: ``pmap`` is in maintenance mode and is itself implemented on top of
+``jax.shard_map`` and ``jit`` shardings. siamjax builds on those directly: a 1-D
+``Mesh`` named ``"data"`` over the devices, the batch sharded along it and the
+parameters replicated. Inside ``jax.shard_map`` each device sees its local slice and
+collectives (``lax.pmean``, ``lax.all_gather``) name the axis; outside it, plain ``jit``
+with ``NamedSharding`` inputs lets XLA insert them.
+
+Multi-host: call :func:`initialize_distributed` (``jax.distributed.initialize()``) once
+per process before any other JAX call; ``jax.devices()`` then lists every host's devices
+and the same mesh code spans them.
+
+Fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) run all of this
+on one machine. They check correctness; they say nothing about speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "DATA_AXIS",
+    "make_mesh",
+    "batch_sharding",
+    "replicated_sharding",
+    "cross_device_loss",
+    "initialize_distributed",
+]
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices: int | None = None, *, axis_name: str = DATA_AXIS) -> Mesh:
+  """A 1-D data-parallel mesh over the first ``num_devices`` devices (all by default).
+
+  Args:
+    num_devices: how many devices to use; ``None`` for all of ``jax.devices()``.
+    axis_name: the mesh axis name used by shardings and collectives.
+
+  Returns:
+    A ``jax.sharding.Mesh`` with one axis.
+
+  Raises:
+    ValueError: ``num_devices`` is not in ``[1, jax.device_count()]``.
+
+  >>> dict(make_mesh(1).shape)
+  {'data': 1}
+  """
+  available = jax.devices()
+  n = len(available) if num_devices is None else num_devices
+  if not isinstance(n, int) or n < 1 or n > len(available):
+    raise ValueError(
+        f"num_devices must be between 1 and the {len(available)} available "
+        f"{available[0].platform} device(s), got {num_devices!r}. On a CPU, "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=N (set before JAX starts) "
+        "makes N fake devices for correctness checks.")
+  return Mesh(available[:n], (axis_name,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding that splits the leading (batch) axis across the mesh."""
+  return NamedSharding(mesh, P(mesh.axis_names[0]))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding that puts a full copy on every device (parameters, optimiser state)."""
+  return NamedSharding(mesh, P())
+
+
+def cross_device_loss(loss_fn: Callable, *, axis_name: str = DATA_AXIS) -> Callable:
+  """Makes an in-batch loss see the global batch from inside ``jax.shard_map``.
+
+  The returned function takes each device's local ``embeddings [b, D]`` and ``labels [b]``,
+  all-gathers both across ``axis_name`` and evaluates ``loss_fn`` for the local anchors
+  against every embedding of the global batch. It returns the ``[b]`` per-anchor losses
+  of this device's anchors, so the per-anchor values across devices are exactly those of
+  ``loss_fn`` on the concatenated batch. Gradients flow through the gather (its
+  transpose is a reduce-scatter), so a device's embeddings receive the gradient of the
+  terms in which *other* devices use them as positives or negatives too.
+
+  Args:
+    loss_fn: an in-batch loss from :mod:`siamjax.losses` (``batch_hard_triplet_loss``,
+      ``batch_all_triplet_loss``, ``semi_hard_triplet_loss``,
+      ``all_pairs_contrastive_loss``, ``ntxent_loss``), or any function with the same
+      ``(embeddings, labels, *, anchor_indices, **kwargs)`` signature.
+    axis_name: the mesh axis the batch is sharded over.
+
+  Returns:
+    ``f(embeddings, labels, **kwargs) -> [b]``, to be called inside ``shard_map``.
+    Average with ``lax.pmean(jnp.mean(f(...)), axis_name)`` for the global mean.
+  """
+
+  @functools.wraps(loss_fn)
+  def gathered(embeddings: jax.Array, labels: jax.Array, **kwargs) -> jax.Array:
+    b = embeddings.shape[0]
+    emb_all = jax.lax.all_gather(embeddings, axis_name, tiled=True)
+    labels_all = jax.lax.all_gather(labels, axis_name, tiled=True)
+    rows = jax.lax.axis_index(axis_name) * b + jnp.arange(b)
+    return loss_fn(emb_all, labels_all, anchor_indices=rows, **kwargs)
+
+  return gathered
+
+
+def initialize_distributed(*, force: bool = False) -> bool:
+  """Starts multi-host JAX (``jax.distributed.initialize()``) when running on a cluster.
+
+  Call it once per process before any other JAX call. It runs when ``force`` is set, or
+  when the environment names a coordinator (``JAX_COORDINATOR_ADDRESS``) or a launcher
+  whose variables JAX detects itself (SLURM with more than one task, Open MPI, Cloud
+  TPU pods). On a single machine it does nothing.
+
+  Returns:
+    whether ``jax.distributed.initialize()`` was called.
+  """
+  env = os.environ
+  cluster = (
+      "JAX_COORDINATOR_ADDRESS" in env
+      or int(env.get("SLURM_NTASKS", "1")) > 1
+      or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+  )
+  if not (force or cluster):
+    return False
+  jax.distributed.initialize()
+  return True

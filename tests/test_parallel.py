@@ -1,0 +1,73 @@
+"""Cross-device losses equal the single-device loss on the concatenated batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from siamjax import losses as L
+from siamjax import parallel
+
+RNG = np.random.default_rng(3)
+IN_BATCH = [L.batch_hard_triplet_loss, L.batch_all_triplet_loss, L.semi_hard_triplet_loss,
+            L.all_pairs_contrastive_loss, L.ntxent_loss]
+
+
+def _needs(n):
+  if jax.device_count() < n:
+    pytest.skip(f"needs {n} devices (conftest makes 8 fake CPU devices)")
+
+
+def test_make_mesh_and_errors():
+  _needs(4)
+  mesh = parallel.make_mesh(4)
+  assert mesh.shape == {"data": 4}
+  assert parallel.batch_sharding(mesh).spec == P("data")
+  assert parallel.replicated_sharding(mesh).spec == P()
+  with pytest.raises(ValueError, match="num_devices must be between 1 and"):
+    parallel.make_mesh(jax.device_count() + 1)
+  with pytest.raises(ValueError, match="num_devices"):
+    parallel.make_mesh(0)
+
+
+@pytest.mark.parametrize("fn", IN_BATCH, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("n_devices", [4, 8])
+def test_cross_device_loss_and_gradient_equal_single_device(fn, n_devices):
+  _needs(n_devices)
+  b = 32
+  emb = jnp.asarray(RNG.normal(size=(b, 6)), jnp.float32)
+  labels = jnp.asarray(RNG.integers(0, 5, size=b), jnp.int32)
+  mesh = parallel.make_mesh(n_devices)
+  gathered = parallel.cross_device_loss(fn)
+
+  def sharded_mean(e, l):
+    def local(e_loc, l_loc):
+      per_anchor = gathered(e_loc, l_loc, chunk_size=3)
+      return jax.lax.pmean(jnp.mean(per_anchor), "data"), per_anchor
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")),
+                         out_specs=(P(), P("data")))(e, l)
+
+  (loss, per_anchor), grad = jax.jit(jax.value_and_grad(sharded_mean, has_aux=True))(emb, labels)
+  ref_per_anchor = fn(emb, labels)
+  ref_loss, ref_grad = jax.value_and_grad(lambda e: jnp.mean(fn(e, labels)))(emb)
+  np.testing.assert_allclose(per_anchor, ref_per_anchor, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_anchor_indices_select_rows():
+  emb = jnp.asarray(RNG.normal(size=(10, 3)), jnp.float32)
+  labels = jnp.asarray(np.arange(10) % 3, jnp.int32)
+  full = L.batch_hard_triplet_loss(emb, labels)
+  rows = jnp.array([7, 2, 9])
+  np.testing.assert_allclose(L.batch_hard_triplet_loss(emb, labels, anchor_indices=rows),
+                             full[rows], rtol=1e-6)
+  with pytest.raises(ValueError, match="anchor_indices must be integer"):
+    L.batch_hard_triplet_loss(emb, labels, anchor_indices=jnp.array([1.0]))
+
+
+def test_initialize_distributed_is_a_no_op_on_one_machine(monkeypatch):
+  for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(var, raising=False)
+  assert parallel.initialize_distributed() is False
