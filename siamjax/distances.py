@@ -53,6 +53,15 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
 
   Uses the "double where" so that neither the value nor the gradient sees ``1/sqrt(0)``.
 
+  Args:
+    x: non-negative values of any shape.
+
+  Returns:
+    ``sqrt(x)``, same shape; its gradient at 0 is 0 instead of ``inf``/NaN.
+
+  References:
+    JAX FAQ, "Gradients contain NaN where using where" (the double-where trick).
+
   >>> import jax
   >>> float(jax.grad(safe_sqrt)(0.0))
   0.0
@@ -92,6 +101,10 @@ def squared_euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
 
   Returns:
     ``[...]`` squared distances.
+
+  References:
+    The distance of FaceNet's triplet loss (Schroff et al., CVPR 2015) and of
+    prototypical networks (Snell et al., NeurIPS 2017).
 
   >>> import jax.numpy as jnp
   >>> float(squared_euclidean(jnp.array([0.0, 0.0]), jnp.array([3.0, 4.0])))
@@ -138,6 +151,10 @@ def cosine_similarity(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.A
   Returns:
     ``[...]`` similarities.
 
+  References:
+    The similarity of NT-Xent (Chen et al., SimCLR, ICML 2020); equals
+    ``optax.losses.cosine_similarity`` up to the handling of ``eps``.
+
   >>> import jax.numpy as jnp
   >>> float(cosine_similarity(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))  # doctest: +NUMBER
   0.7071
@@ -150,6 +167,17 @@ def cosine_similarity(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.A
 
 def cosine_distance(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.Array:
   """``1 - cosine_similarity(a, b)``, in ``[0, 2]``.
+
+  Args:
+    a: ``[..., D]`` floating embeddings.
+    b: ``[..., D]`` floating embeddings, broadcastable with ``a``.
+    eps: smallest norm used in the denominator.
+
+  Returns:
+    ``[...]`` distances.
+
+  References:
+    See :func:`cosine_similarity`.
 
   >>> import jax.numpy as jnp
   >>> float(cosine_distance(jnp.array([1.0, 0.0]), jnp.array([-1.0, 0.0])))
@@ -167,6 +195,10 @@ def inverse_distance_similarity(d: jax.Array) -> jax.Array:
   Returns:
     similarities of the same shape.
 
+  References:
+    The similarity of the THUCNews Siamese text classifier this project reproduces
+    (support-vector matching by ``1 / (1 + d)``).
+
   >>> import jax.numpy as jnp
   >>> inverse_distance_similarity(jnp.array([0.0, 1.0, 3.0])).tolist()
   [1.0, 0.5, 0.25]
@@ -183,6 +215,10 @@ def exp_similarity(d: jax.Array) -> jax.Array:
 
   Returns:
     similarities of the same shape.
+
+  References:
+    Chopra, Hadsell & LeCun, "Learning a Similarity Metric Discriminatively, with
+    Application to Face Verification", CVPR 2005 (energy ``exp(-d)``-style scores).
 
   >>> import jax.numpy as jnp
   >>> exp_similarity(jnp.array([0.0])).tolist()
@@ -213,6 +249,10 @@ def pairwise_distances(
 
   Returns:
     ``[N, M]`` distances.
+
+  References:
+    The Gram-matrix expansion of Euclidean distance used by batch-hard mining
+    (Hermans, Beyer & Leibe, arXiv:1703.07737, 2017).
 
   >>> import jax.numpy as jnp
   >>> pairwise_distances(jnp.array([[0.0, 0.0]]), jnp.array([[3.0, 4.0], [0.0, 1.0]])).tolist()

@@ -32,6 +32,16 @@ Dtype = Any
 def normal_init(mean: float = 0.0, stddev: float = 1.0) -> Callable:
   """Initializer drawing from ``N(mean, stddev^2)`` (Koch et al. 2015 use mean 0.5 for biases).
 
+  Args:
+    mean: mean of the normal distribution.
+    stddev: its standard deviation.
+
+  Returns:
+    a Flax initializer ``init(key, shape, dtype) -> array``.
+
+  References:
+    Koch, Zemel & Salakhutdinov (2015), section 4.2 (weight initialisation).
+
   >>> import jax
   >>> w = normal_init(0.5, 1e-2)(jax.random.key(0), (1000,))
   >>> bool(abs(float(w.mean()) - 0.5) < 0.01)
@@ -155,6 +165,10 @@ class SmallCNN(nn.Module):
     dropout_rate: dropout after the dense layer.
     dtype, param_dtype: computation and parameter dtypes.
 
+  References:
+    The Keras "deeper network" Siamese example on folders of class images (Keras
+    ``cifar10_cnn``-style blocks); also Chollet, *Deep Learning with Python*, ch. 5.
+
   >>> import jax, jax.numpy as jnp
   >>> cnn = SmallCNN(); params = cnn.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   >>> cnn.apply(params, jnp.ones((2, 32, 32, 3))).shape
@@ -198,6 +212,10 @@ class TextCNN(nn.Module):
     dtype, param_dtype: computation and parameter dtypes.
 
   Input ``[B, L]`` integer token ids; output ``[B, 16]`` in ``(0, 1)``.
+
+  References:
+    Y. Kim, "Convolutional Neural Networks for Sentence Classification", EMNLP 2014;
+    the Siamese Conv1D title classifier on THUCNews that issue 7 reproduces.
 
   >>> import jax, jax.numpy as jnp
   >>> enc = TextCNN(vocab_size=100); tokens = jnp.ones((2, 30), jnp.int32)

@@ -183,6 +183,15 @@ def _in_batch_inputs(embeddings, labels) -> tuple[jax.Array, jax.Array]:
 def valid_anchors(labels: jax.Array) -> jax.Array:
   """``[B]`` bool mask of anchors with at least one positive and one negative.
 
+  Args:
+    labels: ``[B]`` integer class ids.
+
+  Returns:
+    ``[B]`` bool: True where the in-batch losses can form a pair/triplet for the anchor.
+
+  References:
+    See :func:`batch_hard_triplet_loss`.
+
   >>> import jax.numpy as jnp
   >>> valid_anchors(jnp.array([0, 0, 1])).tolist()
   [True, True, False]

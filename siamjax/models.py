@@ -37,6 +37,19 @@ class SiameseNet(nn.Module):
   ``train=True``) go to the encoder. ``embed(x, tower=1)`` returns the encoder's
   ``[B, D]`` embeddings, so evaluation can encode each image once and score with
   ``head``.
+
+  References:
+    J. Bromley et al., "Signature Verification using a Siamese Time Delay Neural
+    Network", NIPS 1993; Koch, Zemel & Salakhutdinov (2015) for the weighted L1 head.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from siamjax.encoders import MLP
+  >>> net = SiameseNet(encoder=MLP()); x1, x2 = jnp.ones((3, 8)), jnp.zeros((3, 8))
+  >>> params = net.init(jax.random.key(0), x1, x2)
+  >>> net.apply(params, x1, x2).shape
+  (3,)
+  >>> bool(jnp.allclose(net.apply(params, x1, x2), net.apply(params, x2, x1)))
+  True
   """
 
   encoder: nn.Module
