@@ -31,6 +31,8 @@ __all__ = [
     "make_mesh",
     "batch_sharding",
     "replicated_sharding",
+    "shard_batch",
+    "data_parallel",
     "cross_device_loss",
     "initialize_distributed",
 ]
@@ -103,6 +105,81 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
   True
   """
   return NamedSharding(mesh, P())
+
+
+def shard_batch(tree):
+  """Constrains a batch (any pytree, leading axis = batch) to be split over the data axis.
+
+  Call it on the pairs a train step samples (inside ``jit``): XLA then partitions the
+  sampling, augmentation, encoding and loss of each device's slice onto that device and
+  inserts the gradient all-reduce. With JAX's partitionable Threefry RNG (the default)
+  the random numbers do not depend on the sharding, so the global batch and the results
+  are the same for any device count. Without an ambient mesh (``jax.set_mesh``, which
+  :func:`data_parallel` sets) it returns ``tree`` unchanged, so the same loss function
+  serves one device and many.
+
+  Args:
+    tree: a pytree of ``[B, ...]`` arrays; ``B`` must be divisible by the device count.
+
+  Returns:
+    the same pytree with a sharding constraint on every leaf.
+
+  References:
+    JAX documentation, "Distributed arrays and automatic parallelization"
+    (``jax.lax.with_sharding_constraint``).
+
+  >>> import jax.numpy as jnp
+  >>> shard_batch({"x": jnp.ones((4, 2))})["x"].shape  # no mesh set: unchanged
+  (4, 2)
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return tree
+  axis = mesh.axis_names[0]
+  n = mesh.shape[axis]
+
+  def constrain(x):
+    if x.ndim == 0 or x.shape[0] % n:
+      raise ValueError(f"batch of shape {x.shape} cannot be split over {n} devices: "
+                       f"the batch size must be a multiple of the device count")
+    return jax.lax.with_sharding_constraint(x, P(axis))
+
+  return jax.tree.map(constrain, tree)
+
+
+def data_parallel(fn: Callable, mesh: Mesh, *, donate_argnums=()) -> Callable:
+  """``jit(fn)`` over ``mesh``: arguments and results replicated, batches sharded inside.
+
+  Every argument (train state, the on-device training set, ...) is replicated on every
+  device; inside ``fn``, :func:`shard_batch` splits what is sampled per step across the
+  mesh, and XLA reduces the gradients. Calls run with ``mesh`` as the ambient mesh.
+
+  Args:
+    fn: the function to compile, e.g. a train step ``(state, data) -> (state, metrics)``.
+    mesh: from :func:`make_mesh`.
+    donate_argnums: as for ``jax.jit``.
+
+  Returns:
+    a callable with ``fn``'s signature.
+
+  References:
+    big_vision's ``train.py`` (a replicated state, a sharded batch, ``jit`` everywhere).
+  """
+  rep = replicated_sharding(mesh)
+  compiled = jax.jit(fn, in_shardings=rep, out_shardings=rep, donate_argnums=donate_argnums)
+
+  @functools.wraps(fn)
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return compiled(*args)
+
+  call.lower = lambda *args: _lower_in(mesh, compiled, *args)
+  return call
+
+
+def _lower_in(mesh, compiled, *args):
+  with jax.set_mesh(mesh):
+    return compiled.lower(*args)
 
 
 def cross_device_loss(loss_fn: Callable, *, axis_name: str = DATA_AXIS) -> Callable:

@@ -71,3 +71,48 @@ def test_initialize_distributed_is_a_no_op_on_one_machine(monkeypatch):
   for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
     monkeypatch.delenv(var, raising=False)
   assert parallel.initialize_distributed() is False
+
+
+def _toy_step():
+  import optax
+  opt = optax.sgd(0.1)
+
+  def loss(params, key):
+    k1, k2 = jax.random.split(key)
+    x = jax.random.normal(k1, (32, 6))
+    y = jax.random.randint(k2, (32,), 0, 4)
+    x, y = parallel.shard_batch((x, y))
+    emb = jnp.tanh(x @ params["w"])
+    return jnp.mean(L.batch_hard_triplet_loss(emb, y))
+
+  def step(state, key):
+    params, opt_state = state
+    value, grads = jax.value_and_grad(loss)(params, key)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), value
+
+  params = {"w": jnp.asarray(RNG.normal(size=(6, 3)), jnp.float32)}
+  return step, (params, opt.init(params))
+
+
+@pytest.mark.parametrize("n_devices", [4, 8])
+def test_data_parallel_step_is_independent_of_device_count(n_devices):
+  _needs(n_devices)
+  step, state = _toy_step()
+  key = jax.random.key(5)
+  (p1, _), l1 = jax.jit(step)(state, key)
+  mesh = parallel.make_mesh(n_devices)
+  (pn, _), ln = parallel.data_parallel(step, mesh)(state, key)
+  assert pn["w"].sharding.mesh.shape["data"] == n_devices
+  np.testing.assert_allclose(float(ln), float(l1), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(pn["w"]), np.asarray(p1["w"]), rtol=1e-5, atol=1e-7)
+  hlo = parallel.data_parallel(step, mesh).lower(state, key).compile().as_text()
+  assert "all-reduce" in hlo or "all-gather" in hlo  # the work really is split
+
+
+def test_shard_batch_rejects_indivisible_batch():
+  _needs(4)
+  mesh = parallel.make_mesh(4)
+  f = parallel.data_parallel(lambda x: parallel.shard_batch(x * 2), mesh)
+  with pytest.raises(ValueError, match="multiple of the device count"):
+    f(jnp.ones((6, 2)))
