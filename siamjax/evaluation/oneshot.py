@@ -7,8 +7,12 @@ task's ``N`` support embeddings, and the prediction is the argmax. Lake's 20 run
 such a task set with ``T = N = Q = 20`` (:func:`siamjax.data.omniglot.load_lake_runs`);
 :func:`sample_oneshot_tasks` draws random ones on the device.
 
-Scores: ``score_fn(h_query [..., D], h_support [..., D]) -> [...]`` (larger = more
-alike), e.g. the Siamese net's own weighted-L1 head, or :func:`neg_squared_euclidean`.
+Models enter as two functions of a ``variables`` pytree (traced, so new parameters do
+not recompile): ``embed_fn(variables, images [B, ...]) -> [B, D]`` and
+``score_fn(variables, h_query [..., D], h_support [..., D]) -> [...]`` (larger = more
+alike), e.g. the Siamese net's own weighted-L1 head, or :func:`neg_squared_euclidean`
+(which ignores ``variables``). Pass the same function objects every time (they are static
+arguments of the jitted call).
 
 References:
   B. M. Lake, R. Salakhutdinov, J. B. Tenenbaum, Science 2015 (the 20-way within-alphabet
@@ -45,18 +49,18 @@ class OneShotResult(NamedTuple):
   correct: int
 
 
-def neg_squared_euclidean(h_query: jax.Array, h_support: jax.Array) -> jax.Array:
-  """Score ``-||q - s||^2`` over the last axis (nearest neighbour = argmax).
+def neg_squared_euclidean(variables, h_query: jax.Array, h_support: jax.Array) -> jax.Array:
+  """Score ``-||q - s||^2`` over the last axis (nearest neighbour = argmax); ignores ``variables``.
 
   >>> import jax.numpy as jnp
-  >>> float(neg_squared_euclidean(jnp.array([0.0, 0.0]), jnp.array([3.0, 4.0])))
+  >>> float(neg_squared_euclidean(None, jnp.array([0.0, 0.0]), jnp.array([3.0, 4.0])))
   -25.0
   """
   d = h_query.astype(jnp.float32) - h_support.astype(jnp.float32)
   return -jnp.sum(d * d, axis=-1)
 
 
-def pixel_embed(images: jax.Array) -> jax.Array:
+def pixel_embed(variables, images: jax.Array) -> jax.Array:
   """Raw pixels as an embedding: ``[B, H, W] uint8 -> [B, H*W]`` float32 in [0, 1]."""
   return images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
 
@@ -77,14 +81,15 @@ def accuracy_interval(correct: int, trials: int, *, z: float = 1.96) -> tuple[fl
 
 
 @functools.partial(jax.jit, static_argnames=("embed_fn", "score_fn", "chunk_size"))
-def oneshot_predictions(embed_fn: Callable, score_fn: Callable, support: jax.Array,
+def oneshot_predictions(embed_fn: Callable, score_fn: Callable, variables, support: jax.Array,
                         query: jax.Array, *, chunk_size: int = 200) -> jax.Array:
   """Predicted support index for every query, in one jitted call.
 
   Args:
-    embed_fn: ``images [B, ...] -> [B, D]``; close over parameters with
-      ``functools.partial`` or pass a hashable callable (it is a static argument).
-    score_fn: ``(h_query [..., D], h_support [..., D]) -> [...]``, larger = more alike.
+    embed_fn: ``(variables, images [B, ...]) -> [B, D]`` (a static argument).
+    score_fn: ``(variables, h_query [..., D], h_support [..., D]) -> [...]``, larger =
+      more alike (a static argument).
+    variables: the model's variables pytree (``None`` for parameter-free baselines).
     support: ``[T, N, ...]`` one image per class and task.
     query: ``[T, Q, ...]`` query images.
     chunk_size: images encoded at once (bounds memory; the last chunk is padded).
@@ -94,7 +99,7 @@ def oneshot_predictions(embed_fn: Callable, score_fn: Callable, support: jax.Arr
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[[0.0], [1.0], [5.0]]]); q = jnp.array([[[4.0], [0.2]]])
-  >>> oneshot_predictions(lambda x: x, neg_squared_euclidean, s, q).tolist()
+  >>> oneshot_predictions(lambda v, x: x, neg_squared_euclidean, None, s, q).tolist()
   [[2, 0]]
   """
   t, n = support.shape[:2]
@@ -105,20 +110,21 @@ def oneshot_predictions(embed_fn: Callable, score_fn: Callable, support: jax.Arr
   chunk = min(chunk_size, total)
   pad = (-total) % chunk
   padded = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-  emb = jax.lax.map(embed_fn, padded.reshape((-1, chunk) + images.shape[1:]))
+  emb = jax.lax.map(lambda x: embed_fn(variables, x), padded.reshape((-1, chunk) + images.shape[1:]))
   emb = emb.reshape((-1,) + emb.shape[2:])[:total]
   h_s = emb[:t * n].reshape(t, n, -1)
   h_q = emb[t * n:].reshape(t, q, -1)
-  scores_TxQxN = score_fn(h_q[:, :, None, :], h_s[:, None, :, :])
+  scores_TxQxN = score_fn(variables, h_q[:, :, None, :], h_s[:, None, :, :])
   return jnp.argmax(scores_TxQxN, axis=-1).astype(jnp.int32)
 
 
-def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, support, query, answers, *,
+def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support, query,
+                     answers, *,
                      chunk_size: int = 200) -> OneShotResult:
   """Accuracy of :func:`oneshot_predictions` on a task set, with a 95% interval.
 
   Args:
-    embed_fn, score_fn, support, query, chunk_size: as in :func:`oneshot_predictions`.
+    embed_fn, score_fn, variables, support, query, chunk_size: as in :func:`oneshot_predictions`.
     answers: ``[T, Q]`` int index of each query's class in ``support``.
 
   Returns:
@@ -126,7 +132,8 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, support, query, ans
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[[0.0], [1.0]]]); q = jnp.array([[[0.9], [0.1]]])
-  >>> evaluate_oneshot(lambda x: x, neg_squared_euclidean, s, q, jnp.array([[1, 1]])).accuracy
+  >>> evaluate_oneshot(lambda v, x: x, neg_squared_euclidean, None, s, q,
+  ...                  jnp.array([[1, 1]])).accuracy
   0.5
   """
   support = _checks.as_array("support", support)
@@ -139,7 +146,8 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, support, query, ans
                      f"and image shape")
   if answers.shape != query.shape[:2]:
     raise ValueError(f"answers must have shape {query.shape[:2]} ([T, Q]), got {answers.shape}")
-  pred = oneshot_predictions(embed_fn, score_fn, support, query, chunk_size=chunk_size)
+  pred = oneshot_predictions(embed_fn, score_fn, variables, support, query,
+                             chunk_size=chunk_size)
   correct = int(jax.device_get(jnp.sum(pred == answers)))
   trials = int(answers.size)
   low, high = accuracy_interval(correct, trials)
