@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import importlib.util
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -39,7 +40,23 @@ def _value(text: str):
     return text
 
 
+_FAST_CONV = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+
+
+def _cpu_conv_flag() -> None:
+  """XLA:CPU's default YNNPACK fusion makes conv weight gradients ~3x slower here
+  (docs: CALIBRATION.md); take convolutions off it unless the user set XLA_FLAGS or
+  SIAMJAX_NO_XLA_FLAGS. Must run before JAX starts its backends."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if os.environ.get("SIAMJAX_NO_XLA_FLAGS") or "ynn_fusion_type" in flags:
+    return
+  os.environ["XLA_FLAGS"] = (flags + " " + _FAST_CONV).strip()
+  print(f"set XLA_FLAGS={os.environ['XLA_FLAGS']} (faster CPU convolutions; "
+        f"SIAMJAX_NO_XLA_FLAGS=1 to skip)", file=sys.stderr)
+
+
 def main(argv=None) -> int:
+  _cpu_conv_flag()
   from siamjax.recipes.omniglot_koch import Config
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -142,7 +142,8 @@ def fit(state: dict, step_fn: Callable, data, *, num_steps: int, steps_per_call:
         workdir=None, examples_per_step: int = 1, eval_fn: Callable | None = None,
         eval_every: int = 0, monitor: str = "val_accuracy", patience: int = 0,
         checkpoint_every: int = 0, log_every: int = 1, progress: bool = True,
-        hooks: tuple[Callable, ...] = (), unit: str = "pairs") -> tuple[dict, FitResult]:
+        hooks: tuple[Callable, ...] = (), unit: str = "pairs",
+        time_limit_s: float = 0.0) -> tuple[dict, FitResult]:
   """Trains ``state`` with ``step_fn`` (from :func:`make_train_step`) for ``num_steps``.
 
   Args:
@@ -165,6 +166,9 @@ def fit(state: dict, step_fn: Callable, data, *, num_steps: int, steps_per_call:
     progress: show a tqdm bar with examples/s and ETA.
     hooks: callables ``hook(step, state)`` run after each call (e.g. for tests).
     unit: name of an example in the bar and logs (``"pairs"``, ``"images"``).
+    time_limit_s: stop (and checkpoint) once this much wall time has passed in this
+      call, checked at metric fetches (0: no limit). A time-limited run is not
+      reproducible step for step; leave it 0 where that matters.
 
   Returns:
     ``(state, FitResult)``.
@@ -178,6 +182,7 @@ def fit(state: dict, step_fn: Callable, data, *, num_steps: int, steps_per_call:
   workdir = None if workdir is None else Path(workdir)
   meta = {"best": -math.inf, "best_step": -1, "bad_evals": 0, "history": [],
           "stopped_early": False}
+  out_of_time = False
   latest = best_mgr = log = None
   resumed_from = None
   if workdir is not None:
@@ -217,7 +222,7 @@ def fit(state: dict, step_fn: Callable, data, *, num_steps: int, steps_per_call:
   steps_mark = step
   first = True
   calls = 0
-  while step < num_steps and not meta["stopped_early"]:
+  while step < num_steps and not meta["stopped_early"] and not out_of_time:
     with jax.transfer_guard("disallow"):
       state, metrics = step_fn(state, data)
     if first:  # The first call compiles: time it apart.
@@ -235,16 +240,22 @@ def fit(state: dict, step_fn: Callable, data, *, num_steps: int, steps_per_call:
              **{k: float(v) for k, v in m.items()}})
       if bar is not None:
         bar.set_postfix({"loss": f"{final_loss:.4f}", f"{unit}/s": f"{rate:.0f}"})
+      out_of_time = bool(time_limit_s) and now - t_start > time_limit_s
     if bar is not None:
       bar.update(steps_per_call)
-    if eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps:
+    if (eval_fn is not None and eval_every and step % eval_every == 0 and step < num_steps
+        and not out_of_time):
+      t_eval = time.perf_counter()
       rec = evaluate(step, state)
       if bar is not None:
         bar.write(f"step {step}: {monitor}={rec[monitor]:.4f} (best {meta['best']:.4f})")
       if patience and meta["bad_evals"] >= patience:
         meta["stopped_early"] = True
+      t_mark += time.perf_counter() - t_eval  # throughput excludes evaluation
     if latest is not None and checkpoint_every and step % checkpoint_every == 0:
+      t_save = time.perf_counter()
       _save(latest, step, state, meta)
+      t_mark += time.perf_counter() - t_save
     for hook in hooks:
       hook(step, state)
   if eval_fn is not None and (not meta["history"] or meta["history"][-1]["step"] != step):
@@ -262,7 +273,7 @@ def fit(state: dict, step_fn: Callable, data, *, num_steps: int, steps_per_call:
       compile_time_s=compile_time,
       examples_per_s=max(run_steps - steps_per_call, 0) * examples_per_step / timed,
       final_loss=final_loss, best=meta["best"], best_step=meta["best_step"],
-      stopped_early=meta["stopped_early"], resumed_from=resumed_from,
+      stopped_early=meta["stopped_early"], out_of_time=out_of_time, resumed_from=resumed_from,
       history=meta["history"])
 
 

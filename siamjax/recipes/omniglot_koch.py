@@ -92,6 +92,7 @@ class Config:
   checkpoint_every: int = 200
   log_every: int = 1
   time_budget_s: float = 0.0  # informational: the preset's expected wall time
+  train_time_limit_s: float = 0.0  # stop training after this much wall time (0: never)
   # Data.
   data_dir: str | None = None
   cache_dir: str | None = None
@@ -385,7 +386,7 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
       workdir=workdir, examples_per_step=per_step, eval_fn=eval_fn,
       eval_every=cfg.eval_every, patience=cfg.patience,
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, progress=progress,
-      hooks=hooks, unit=unit)
+      hooks=hooks, unit=unit, time_limit_s=cfg.train_time_limit_s)
   train_time = time.perf_counter() - t0
   best = train.restore_best(workdir, state)
   final = best if best is not None else state
@@ -425,6 +426,7 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
       "positive_pairs_per_step": per_step // 2 if unit == "pairs" else cfg.n_chars * (
           cfg.n_per_char * (cfg.n_per_char - 1)) // 2,
       "final_loss": fit["final_loss"], "stopped_early": fit["stopped_early"],
+      "stopped_by_time_limit": fit["out_of_time"],
       "resumed_from": fit["resumed_from"], "history": fit["history"],
       "command": command, "config": dataclasses.asdict(cfg),
   }
