@@ -55,7 +55,7 @@ def init_state(params, optimizer: optax.GradientTransformation, *, key: jax.Arra
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-                    steps_per_call: int = 1) -> Callable:
+                    steps_per_call: int = 1, unroll: int | bool | None = None) -> Callable:
   """Builds ``step(state, data) -> (state, metrics)``: ``steps_per_call`` fused updates.
 
   Args:
@@ -63,6 +63,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       ``metrics`` is a dict of scalars.
     optimizer: an optax transformation.
     steps_per_call: updates per dispatch (one ``lax.scan``), amortising Python overhead.
+    unroll: ``lax.scan``'s ``unroll``. Default: fully unrolled on the CPU, where XLA runs
+      convolutions inside a while loop several times slower (measured 45 vs 340
+      images/s for a small conv net), and 1 elsewhere.
 
   Returns:
     A jitted function with ``state`` donated; ``metrics`` holds the mean over the fused
@@ -82,9 +85,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
            "model_state": model_state, "rng": state["rng"]}
     return new, {"loss": loss, **metrics}
 
+  if unroll is None:
+    unroll = jax.default_backend() == "cpu"
+
   def step(state, data):
     state, metrics = jax.lax.scan(lambda s, _: one(s, data), state, None,
-                                  length=steps_per_call)
+                                  length=steps_per_call, unroll=unroll)
     return state, jax.tree.map(jnp.mean, metrics)
 
   return jax.jit(step, donate_argnums=0)
