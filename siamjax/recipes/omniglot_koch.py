@@ -103,11 +103,22 @@ class Config:
     return dataclasses.replace(self, **kw)
 
 
+def _cpu_model() -> str:
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
 def machine_info() -> dict:
   """Names the machine: processor, core count, JAX devices and versions."""
   return {"platform": platform.platform(), "processor": platform.processor(),
           "nproc": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()],
           "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "cpu_model": _cpu_model(),
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
@@ -421,7 +432,11 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
       "wall_time_s": time.perf_counter() - t0, "train_time_s": train_time,
       "compile_time_s": fit["compile_time_s"],
       f"{unit}_per_s": fit["examples_per_s"],
-      "steps": fit["steps"], "pairs_seen": fit["examples"] if unit == "pairs" else None,
+      "steps": fit["steps"],
+      # softmax: the positive pairs (each anchor is also scored against every other image
+      # of its batch as a negative).
+      "pairs_seen": fit["examples"] if unit == "pairs" else fit["steps"] * cfg.n_chars * (
+          cfg.n_per_char * (cfg.n_per_char - 1)) // 2,
       "images_seen": fit["examples"] if unit == "images" else None,
       "positive_pairs_per_step": per_step // 2 if unit == "pairs" else cfg.n_chars * (
           cfg.n_per_char * (cfg.n_per_char - 1)) // 2,
