@@ -94,7 +94,8 @@ def main(argv=None) -> int:
   elif args.eval_only:
     if not (workdir / "checkpoints").is_dir():
       p.error(f"--eval-only needs a trained --workdir (no checkpoints in {workdir})")
-    res = omniglot_koch.train_and_evaluate(cfg, workdir, command=command, progress=False)
+    res = omniglot_koch.train_and_evaluate(cfg, workdir, command=command, progress=False,
+                                           eval_only=True)
   else:
     print(f"preset {preset}: {cfg.model} / {cfg.loss}, {cfg.num_steps} steps -> {workdir}",
           file=sys.stderr)

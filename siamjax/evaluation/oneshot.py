@@ -110,7 +110,8 @@ def oneshot_predictions(embed_fn: Callable, score_fn: Callable, variables, suppo
   chunk = min(chunk_size, total)
   pad = (-total) % chunk
   padded = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
-  emb = jax.lax.map(lambda x: embed_fn(variables, x), padded.reshape((-1, chunk) + images.shape[1:]))
+  chunks = padded.reshape((-1, chunk) + images.shape[1:])
+  emb = jax.lax.map(lambda x: embed_fn(variables, x), chunks)
   emb = emb.reshape((-1,) + emb.shape[2:])[:total]
   h_s = emb[:t * n].reshape(t, n, -1)
   h_q = emb[t * n:].reshape(t, q, -1)

@@ -339,7 +339,7 @@ def pixel_baseline(cfg: Config, workdir, *, command: str = "") -> dict:
 
 
 def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: bool = True,
-                       hooks=()) -> dict:
+                       hooks=(), eval_only: bool = False) -> dict:
   """Trains per ``cfg``, evaluates on Lake's runs and writes ``workdir/results.json``.
 
   Re-running with the same ``workdir`` resumes from its latest checkpoint.
@@ -350,6 +350,7 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
     command: the command line, recorded in the results.
     progress: show the progress bar.
     hooks: passed to :func:`siamjax.train.fit`.
+    eval_only: do not train; evaluate the checkpoints already in ``workdir``.
 
   Returns:
     The results dict (also written to ``results.json``).
@@ -393,7 +394,8 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
   per_step = cfg.batch_pairs if cfg.loss == "pair_bce" else cfg.n_chars * cfg.n_per_char
   unit = "pairs" if cfg.loss == "pair_bce" else "images"
   state, fit = train.fit(
-      state, step_fn, data, num_steps=cfg.num_steps, steps_per_call=cfg.steps_per_call,
+      state, step_fn, data, num_steps=0 if eval_only else cfg.num_steps,
+      steps_per_call=cfg.steps_per_call,
       workdir=workdir, examples_per_step=per_step, eval_fn=eval_fn,
       eval_every=cfg.eval_every, patience=cfg.patience,
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, progress=progress,
