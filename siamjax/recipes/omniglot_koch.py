@@ -283,6 +283,29 @@ def _random_nway(model, variables, evaluation, seed: int) -> dict:
   return out
 
 
+def _pair_verification(model, variables, val_images, test_images, seed: int,
+                       n_pairs: int = 2000) -> dict:
+  """Same/different accuracy on ``test_images`` pairs (half positive) at the score
+  threshold that is best on ``val_images`` pairs."""
+  @jax.jit
+  def scores(variables, key, images):
+    x1, x2, sim = sample_pairs(key, images, n_pairs)
+    h = model.embed(variables, jnp.concatenate([x1, x2]))
+    return model.score(variables, h[:n_pairs], h[n_pairs:]), sim
+
+  s_val, y_val = jax.device_get(scores(variables, jax.random.key(seed + 7), val_images))
+  s_test, y_test = jax.device_get(scores(variables, jax.random.key(seed + 8), test_images))
+  cands = np.sort(s_val)
+  accs = [np.mean((s_val >= t) == (y_val > 0)) for t in cands]
+  thr = float(cands[int(np.argmax(accs))])
+  correct = int(np.sum((s_test >= thr) == (y_test > 0)))
+  low, high = oneshot.accuracy_interval(correct, n_pairs)
+  return {"accuracy": correct / n_pairs, "ci95": [low, high], "pairs": n_pairs,
+          "threshold": thr, "protocol": "pairs from the 10 evaluation alphabets of Lake's runs "
+          "(half same-character, distinct drawers; negatives from any of them); the score "
+          "threshold is the best one on pairs from the other 10 (validation) alphabets"}
+
+
 def _plots(workdir: Path, history: list, log: Path, runs, pred, title: str) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
@@ -410,6 +433,10 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
   pred = np.asarray(oneshot.oneshot_predictions(model.embed, model.score, variables,
                                                 lake_support, lake_query))
   nway = _random_nway(model, variables, evaluation, cfg.seed)
+  lake_ids = sorted(_lake_alphabets(evaluation, runs))
+  in_lake = np.isin(evaluation.alphabet_ids, lake_ids)
+  verification = _pair_verification(model, variables, jnp.asarray(evaluation.images[~in_lake]),
+                                    jnp.asarray(evaluation.images[in_lake]), cfg.seed)
   scoring = ("nearest neighbour, squared L2 on the embedding" if cfg.loss == "softmax"
              else "the Siamese net's weighted-L1 head (argmax logit)")
   results = {
@@ -428,6 +455,7 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
                        f"loss {cfg.loss}, model {cfg.model}, {cfg.image_size}x{cfg.image_size}"),
       },
       "random_nway": nway,
+      "pair_verification": verification,
       "validation_best_accuracy": fit["best"], "validation_best_step": fit["best_step"],
       "model": cfg.model, "loss": cfg.loss,
       "device": str(jax.devices()[0]), "machine": machine_info(),
