@@ -2,8 +2,7 @@
 
   python experiments/omniglot_koch.py --preset smoke --workdir /tmp/omniglot_smoke
 
-Expected: finishes in well under a minute on a 2-core CPU (data decode on first use adds
-~10 s); Lake 20-way accuracy is meaningless (a few dozen updates of a tiny net).
+Expected: about 30-45 s on a 2-core CPU (data decode on first use adds ~10 s); Lake 20-way accuracy is meaningless (a few dozen updates of a tiny net).
 """
 
 from siamjax.recipes.omniglot_koch import Config
@@ -14,4 +13,4 @@ def get_config() -> Config:
       preset="smoke", model="conv4", channels=8, image_size=28, loss="softmax",
       n_chars=28, n_per_char=2, chars_per_alphabet=14, optimizer="adam",
       learning_rate=1e-3, num_steps=20, steps_per_call=5, eval_every=10, val_tasks=2,
-      checkpoint_every=10, time_budget_s=60)
+      checkpoint_every=10, extra_evals=False, time_budget_s=60)
