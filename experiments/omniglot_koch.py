@@ -50,6 +50,18 @@ def _cpu_conv_flag() -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if os.environ.get("SIAMJAX_NO_XLA_FLAGS") or "ynn_fusion_type" in flags:
     return
+  # Only for CPU-only installs of a jaxlib that knows the flag (unknown flags are fatal).
+  import importlib.metadata
+  import importlib.util
+  if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                               "jax_rocm60_plugin", "libtpu")):
+    return
+  try:
+    major, minor = (int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return
+  if (major, minor) < (0, 10):
+    return
   os.environ["XLA_FLAGS"] = (flags + " " + _FAST_CONV).strip()
   print(f"set XLA_FLAGS={os.environ['XLA_FLAGS']} (faster CPU convolutions; "
         f"SIAMJAX_NO_XLA_FLAGS=1 to skip)", file=sys.stderr)
