@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from siamjax import _checks
 
-__all__ = ["Koch", "MLP", "SmallCNN", "TextCNN", "normal_init"]
+__all__ = ["Koch", "MLP", "SmallCNN", "TextCNN", "ConvNet4", "normal_init"]
 
 Dtype = Any
 
@@ -263,3 +263,38 @@ class TextCNN(nn.Module):
     x = nn.relu(dense(64, name="dense1")(x))
     x = nn.relu(dense(32, name="dense2")(x))
     return nn.sigmoid(dense(16, name="dense3")(x))
+
+
+class ConvNet4(nn.Module):
+  """Four ``conv 3x3 -> batch norm -> ReLU -> max-pool 2`` blocks, flattened.
+
+  The small few-shot backbone (Vinyals et al. 2016; Snell et al. 2017). On ``28x28``
+  inputs with 4 blocks the embedding is ``channels``-dimensional (28 -> 14 -> 7 -> 3 -> 1).
+  Batch norm needs ``train=True`` and ``mutable=["batch_stats"]`` while training.
+
+  Attributes:
+    channels: filters per block.
+    blocks: number of blocks.
+    dtype, param_dtype: computation and parameter dtypes.
+
+  >>> import jax, jax.numpy as jnp
+  >>> net = ConvNet4(); v = net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  >>> net.apply(v, jnp.ones((2, 28, 28, 1))).shape
+  (2, 32)
+  """
+
+  channels: int = 32
+  blocks: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    x = _images(x).astype(self.dtype)
+    for i in range(self.blocks):
+      x = nn.Conv(self.channels, (3, 3), padding="SAME", dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f"conv{i + 1}")(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name=f"bn{i + 1}")(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    return x.reshape(x.shape[0], -1)

@@ -1,0 +1,16 @@
+"""Smoke preset: seconds on a CPU, for tests and CI. Proves the pipeline runs, not accuracy.
+
+  python experiments/omniglot_koch.py --preset smoke --workdir /tmp/omniglot_smoke
+
+Expected: about 30-45 s on a 2-core CPU (data decode on first use adds ~10 s); Lake 20-way accuracy is meaningless (a few dozen updates of a tiny net).
+"""
+
+from siamjax.recipes.omniglot_koch import Config
+
+
+def get_config() -> Config:
+  return Config(
+      preset="smoke", model="conv4", channels=8, image_size=28, loss="softmax",
+      n_chars=28, n_per_char=2, chars_per_alphabet=14, optimizer="adam",
+      learning_rate=1e-3, num_steps=20, steps_per_call=5, eval_every=10, val_tasks=2,
+      checkpoint_every=10, extra_evals=False, time_budget_s=60)

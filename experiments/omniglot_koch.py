@@ -1,0 +1,125 @@
+"""Omniglot one-shot (Koch et al. 2015) on Lake's 20-way within-alphabet runs.
+
+  python experiments/omniglot_koch.py                      # paper on a GPU, else quick
+  python experiments/omniglot_koch.py --preset smoke --workdir /tmp/smoke
+  python experiments/omniglot_koch.py --preset quick --num-steps 2000   # any Config knob
+  python experiments/omniglot_koch.py --eval-only --baseline pixels --workdir /tmp/px
+
+Data: --data-dir, else $SIAMJAX_DATA_DIR (a folder with omniglot/*.zip); --download fetches
+Lake's zips with checksum verification. Re-running a command resumes from --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PRESETS = ("smoke", "quick", "paper")
+
+
+def _load_preset(name: str):
+  path = HERE / "configs" / f"omniglot_koch_{name}.py"
+  spec = importlib.util.spec_from_file_location(f"omniglot_koch_{name}", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+def _value(text: str):
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+_FAST_CONV = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+
+
+def _cpu_conv_flag() -> None:
+  """XLA:CPU's default YNNPACK fusion makes conv weight gradients ~3x slower here
+  (docs: CALIBRATION.md); take convolutions off it unless the user set XLA_FLAGS or
+  SIAMJAX_NO_XLA_FLAGS. Must run before JAX starts its backends."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if os.environ.get("SIAMJAX_NO_XLA_FLAGS") or "ynn_fusion_type" in flags:
+    return
+  # Only for CPU-only installs of a jaxlib that knows the flag (unknown flags are fatal).
+  import importlib.metadata
+  import importlib.util
+  if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
+                                               "jax_rocm60_plugin", "libtpu")):
+    return
+  try:
+    major, minor = (int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return
+  if (major, minor) < (0, 10):
+    return
+  os.environ["XLA_FLAGS"] = (flags + " " + _FAST_CONV).strip()
+  print(f"set XLA_FLAGS={os.environ['XLA_FLAGS']} (faster CPU convolutions; "
+        f"SIAMJAX_NO_XLA_FLAGS=1 to skip)", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+  _cpu_conv_flag()
+  from siamjax.recipes.omniglot_koch import Config
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", choices=PRESETS, default=None,
+                 help="default: paper when a GPU/TPU is present, else quick")
+  p.add_argument("--workdir", default=None, help="default: runs/omniglot_koch_<preset>")
+  p.add_argument("--eval-only", action="store_true",
+                 help="evaluate only: with --baseline pixels, or the checkpoint in --workdir")
+  p.add_argument("--baseline", choices=("pixels",), default=None)
+  p.add_argument("--no-progress", action="store_true")
+  skip = {"preset", "sgd_layers"}
+  for f in dataclasses.fields(Config):
+    if f.name not in skip:
+      p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                     type=_value if f.name not in ("data_dir", "cache_dir") else str,
+                     metavar="V", help=f"Config.{f.name} (preset default)")
+  args = p.parse_args(argv)
+
+  import jax
+  from siamjax.recipes import omniglot_koch
+  preset = args.preset
+  if preset is None:
+    platform = jax.devices()[0].platform
+    preset = "paper" if platform in ("gpu", "cuda", "rocm", "tpu") else "quick"
+    print(f"no --preset given: found {platform} device(s), chose '{preset}'", file=sys.stderr)
+  cfg = _load_preset(preset)
+  overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+               if f.name not in skip and getattr(args, f.name) is not None}
+  cfg = cfg.replace(**overrides)
+  workdir = Path(args.workdir or f"runs/omniglot_koch_{preset}")
+  command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + list(
+      sys.argv[1:] if argv is None else argv))
+  if args.baseline == "pixels":
+    res = omniglot_koch.pixel_baseline(cfg, workdir, command=command)
+  elif args.eval_only:
+    if not (workdir / "checkpoints").is_dir():
+      p.error(f"--eval-only needs a trained --workdir (no checkpoints in {workdir})")
+    res = omniglot_koch.train_and_evaluate(cfg, workdir, command=command, progress=False,
+                                           eval_only=True)
+  else:
+    print(f"preset {preset}: {cfg.model} / {cfg.loss}, {cfg.num_steps} steps -> {workdir}",
+          file=sys.stderr)
+    res = omniglot_koch.train_and_evaluate(cfg, workdir, command=command,
+                                           progress=not args.no_progress)
+  lo, hi = res["lake_20way_ci95"]
+  print(json.dumps({"preset": res["preset"], "lake_20way_accuracy": res["lake_20way_accuracy"],
+                    "ci95": [round(lo, 4), round(hi, 4)], "lake_trials": res["lake_trials"],
+                    "wall_time_s": round(res["wall_time_s"], 1),
+                    "results": str(workdir / "results.json")}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,201 @@
+"""N-way one-shot classification, scored on the device in one jitted call.
+
+A task set is ``support [T, N, ...]`` (one image per class), ``query [T, Q, ...]`` and
+``answers [T, Q]`` (the index in ``support`` of each query's class). Every image is
+encoded once (``T * (N + Q)`` images, in chunks), each query is scored against its
+task's ``N`` support embeddings, and the prediction is the argmax. Lake's 20 runs are
+such a task set with ``T = N = Q = 20`` (:func:`siamjax.data.omniglot.load_lake_runs`);
+:func:`sample_oneshot_tasks` draws random ones on the device.
+
+Models enter as two functions of a ``variables`` pytree (traced, so new parameters do
+not recompile): ``embed_fn(variables, images [B, ...]) -> [B, D]`` and
+``score_fn(variables, h_query [..., D], h_support [..., D]) -> [...]`` (larger = more
+alike), e.g. the Siamese net's own weighted-L1 head, or :func:`neg_squared_euclidean`
+(which ignores ``variables``). Pass the same function objects every time (they are static
+arguments of the jitted call).
+
+References:
+  B. M. Lake, R. Salakhutdinov, J. B. Tenenbaum, Science 2015 (the 20-way within-alphabet
+  runs). G. Koch, R. Zemel, R. Salakhutdinov, ICML DL Workshop 2015.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siamjax import _checks
+
+__all__ = [
+    "OneShotResult", "oneshot_predictions", "evaluate_oneshot", "accuracy_interval",
+    "sample_oneshot_tasks", "neg_squared_euclidean", "pixel_embed", "LAKE_PROTOCOL",
+]
+
+LAKE_PROTOCOL = "lake-20way-within-alphabet (Lake et al. 2015 all_runs: 20 runs x 20 trials)"
+
+
+class OneShotResult(NamedTuple):
+  """Accuracy of a task set with its 95% (Wilson) interval."""
+
+  accuracy: float
+  low: float
+  high: float
+  trials: int
+  correct: int
+
+
+def neg_squared_euclidean(variables, h_query: jax.Array, h_support: jax.Array) -> jax.Array:
+  """Score ``-||q - s||^2`` over the last axis (nearest neighbour = argmax); ignores ``variables``.
+
+  >>> import jax.numpy as jnp
+  >>> float(neg_squared_euclidean(None, jnp.array([0.0, 0.0]), jnp.array([3.0, 4.0])))
+  -25.0
+  """
+  d = h_query.astype(jnp.float32) - h_support.astype(jnp.float32)
+  return -jnp.sum(d * d, axis=-1)
+
+
+def pixel_embed(variables, images: jax.Array) -> jax.Array:
+  """Raw pixels as an embedding: ``[B, H, W] uint8 -> [B, H*W]`` float32 in [0, 1]."""
+  return images.reshape(images.shape[0], -1).astype(jnp.float32) / 255.0
+
+
+def accuracy_interval(correct: int, trials: int, *, z: float = 1.96) -> tuple[float, float]:
+  """Wilson score interval for a binomial proportion (95% with ``z=1.96``).
+
+  >>> [round(v, 3) for v in accuracy_interval(368, 400)]
+  [0.889, 0.943]
+  """
+  if trials <= 0:
+    raise ValueError(f"trials must be > 0, got {trials}")
+  p = correct / trials
+  denom = 1 + z * z / trials
+  centre = (p + z * z / (2 * trials)) / denom
+  half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@functools.partial(jax.jit, static_argnames=("embed_fn", "score_fn", "chunk_size"))
+def oneshot_predictions(embed_fn: Callable, score_fn: Callable, variables, support: jax.Array,
+                        query: jax.Array, *, chunk_size: int = 200) -> jax.Array:
+  """Predicted support index for every query, in one jitted call.
+
+  Args:
+    embed_fn: ``(variables, images [B, ...]) -> [B, D]`` (a static argument).
+    score_fn: ``(variables, h_query [..., D], h_support [..., D]) -> [...]``, larger =
+      more alike (a static argument).
+    variables: the model's variables pytree (``None`` for parameter-free baselines).
+    support: ``[T, N, ...]`` one image per class and task.
+    query: ``[T, Q, ...]`` query images.
+    chunk_size: images encoded at once (bounds memory; the last chunk is padded).
+
+  Returns:
+    ``[T, Q]`` int32 argmax over the ``N`` support scores.
+
+  >>> import jax.numpy as jnp
+  >>> s = jnp.array([[[0.0], [1.0], [5.0]]]); q = jnp.array([[[4.0], [0.2]]])
+  >>> oneshot_predictions(lambda v, x: x, neg_squared_euclidean, None, s, q).tolist()
+  [[2, 0]]
+  """
+  t, n = support.shape[:2]
+  q = query.shape[1]
+  images = jnp.concatenate([support.reshape((t * n,) + support.shape[2:]),
+                            query.reshape((t * q,) + query.shape[2:])], axis=0)
+  total = images.shape[0]
+  chunk = min(chunk_size, total)
+  pad = (-total) % chunk
+  padded = jnp.concatenate([images, jnp.zeros((pad,) + images.shape[1:], images.dtype)])
+  chunks = padded.reshape((-1, chunk) + images.shape[1:])
+  emb = jax.lax.map(lambda x: embed_fn(variables, x), chunks)
+  emb = emb.reshape((-1,) + emb.shape[2:])[:total]
+  h_s = emb[:t * n].reshape(t, n, -1)
+  h_q = emb[t * n:].reshape(t, q, -1)
+  scores_TxQxN = score_fn(variables, h_q[:, :, None, :], h_s[:, None, :, :])
+  return jnp.argmax(scores_TxQxN, axis=-1).astype(jnp.int32)
+
+
+def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support, query,
+                     answers, *,
+                     chunk_size: int = 200) -> OneShotResult:
+  """Accuracy of :func:`oneshot_predictions` on a task set, with a 95% interval.
+
+  Args:
+    embed_fn, score_fn, variables, support, query, chunk_size: as in :func:`oneshot_predictions`.
+    answers: ``[T, Q]`` int index of each query's class in ``support``.
+
+  Returns:
+    :class:`OneShotResult` (fractions, Wilson interval).
+
+  >>> import jax.numpy as jnp
+  >>> s = jnp.array([[[0.0], [1.0]]]); q = jnp.array([[[0.9], [0.1]]])
+  >>> evaluate_oneshot(lambda v, x: x, neg_squared_euclidean, None, s, q,
+  ...                  jnp.array([[1, 1]])).accuracy
+  0.5
+  """
+  support = _checks.as_array("support", support)
+  query = _checks.as_array("query", query)
+  answers = _checks.as_array("answers", answers)
+  _checks.min_rank("support", support, 2, "[T, N, ...] support images")
+  _checks.min_rank("query", query, 2, "[T, Q, ...] query images")
+  if support.shape[0] != query.shape[0] or support.shape[2:] != query.shape[2:]:
+    raise ValueError(f"support {support.shape} and query {query.shape} must agree on tasks "
+                     f"and image shape")
+  if answers.shape != query.shape[:2]:
+    raise ValueError(f"answers must have shape {query.shape[:2]} ([T, Q]), got {answers.shape}")
+  pred = oneshot_predictions(embed_fn, score_fn, variables, support, query,
+                             chunk_size=chunk_size)
+  correct = int(jax.device_get(jnp.sum(pred == answers)))
+  trials = int(answers.size)
+  low, high = accuracy_interval(correct, trials)
+  return OneShotResult(correct / trials, low, high, trials, correct)
+
+
+def sample_oneshot_tasks(key: jax.Array, images: jax.Array, alphabet_ids: np.ndarray, *,
+                         n_way: int, n_tasks: int, within_alphabet: bool = True,
+                         drawers: tuple[int, ...] | None = None):
+  """Draws random N-way one-shot tasks (one query per class), on the device.
+
+  Each task picks ``n_way`` characters (from one alphabet when ``within_alphabet``, as
+  Lake's protocol; across all alphabets otherwise, as the Keras reimplementation of
+  Koch et al.), and two distinct drawers per character: one support image and one query.
+
+  Args:
+    key: a ``jax.random`` key.
+    images: ``[C, D, H, W]`` images (characters x drawers).
+    alphabet_ids: ``[C]`` host int array of alphabet ids.
+    n_way: classes per task.
+    n_tasks: number of tasks ``T``.
+    within_alphabet: distractors from the query's alphabet (harder) or from any.
+    drawers: drawer indices to draw from (default all).
+
+  Returns:
+    ``(support [T, N, H, W], query [T, N, H, W], answers [T, N])``; ``answers`` is
+    ``arange(N)`` per task (query ``i`` shows support class ``i``).
+  """
+  from siamjax.sampling import alphabet_table  # sampling imports nothing from here
+  if n_way < 2:
+    raise ValueError(f"n_way must be >= 2, got {n_way}")
+  drawer_ids = jnp.asarray(drawers if drawers is not None else range(images.shape[1]))
+  k_char, k_draw = jax.random.split(key)
+  if within_alphabet:
+    table, counts = alphabet_table(alphabet_ids, min_size=n_way, name="alphabet_ids")
+    k_a, k_c = jax.random.split(k_char)
+    alph = jax.random.randint(k_a, (n_tasks,), 0, table.shape[0])
+    u = jax.random.uniform(k_c, (n_tasks, table.shape[1]))
+    u = jnp.where(jnp.arange(table.shape[1])[None, :] < counts[alph][:, None], u, 2.0)
+    pick = jnp.argsort(u, axis=1)[:, :n_way]
+    chars = jnp.take_along_axis(table[alph], pick, axis=1)
+  else:
+    u = jax.random.uniform(k_char, (n_tasks, images.shape[0]))
+    chars = jnp.argsort(u, axis=1)[:, :n_way]
+  ud = jax.random.uniform(k_draw, (n_tasks, n_way, drawer_ids.shape[0]))
+  two = drawer_ids[jnp.argsort(ud, axis=-1)[..., :2]]
+  support = images[chars, two[..., 0]]
+  query = images[chars, two[..., 1]]
+  answers = jnp.broadcast_to(jnp.arange(n_way, dtype=jnp.int32), (n_tasks, n_way))
+  return support, query, answers

@@ -1,0 +1,487 @@
+"""Omniglot one-shot learning after Koch et al. (2015), evaluated on Lake's 20 runs.
+
+:func:`train_and_evaluate` takes a :class:`Config` (see ``experiments/configs/`` for the
+``smoke``, ``quick`` and ``paper`` presets) and a work directory, and:
+
+1. loads the background set (training: ``train_drawers`` of the 30 alphabets), the
+   evaluation set, and Lake's runs; the validation tasks are 20-way within-alphabet
+   tasks over the evaluation alphabets *not* used by Lake's runs, on drawers ``val_drawers``
+   (Koch et al.: 10 alphabets, 4 drawers, held out);
+2. puts the (optionally downsampled) training images on the device and trains with one
+   jitted step that samples, augments, encodes, takes the loss and updates
+   (:mod:`siamjax.train`), either as a Koch pair-BCE Siamese net (``loss="pair_bce"``,
+   pairs from :func:`siamjax.sampling.sample_pairs`) or with an in-batch softmax over
+   negative squared distances (``loss="softmax"``, groups from
+   :func:`siamjax.sampling.sample_groups`, characters drawn a few at a time per alphabet);
+3. early-stops on validation one-shot accuracy, restores the best checkpoint and scores
+   Lake's 400 trials in one jitted call, plus random N-way tasks;
+4. writes ``results.json``, ``metrics.jsonl`` and PNG plots into the work directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from siamjax import losses, train
+from siamjax.data import omniglot
+from siamjax.encoders import ConvNet4, Koch
+from siamjax.evaluation import oneshot
+from siamjax.models import SiameseNet, koch_siamese
+from siamjax.sampling import AlphabetTable, alphabet_table, augment, resize_images
+from siamjax.sampling import sample_groups, sample_pairs
+
+__all__ = ["Config", "train_and_evaluate", "pixel_baseline", "machine_info",
+           "in_batch_softmax_loss"]
+
+KOCH_LAYERS = ("conv1", "conv2", "conv3", "conv4", "dense", "head")
+
+
+@dataclasses.dataclass
+class Config:
+  """Every knob of the recipe (the presets in ``experiments/configs`` fill these in)."""
+
+  preset: str = "custom"
+  seed: int = 0
+  # Model: "koch" (Koch et al.'s tower + weighted-L1 head) or "conv4" (ConvNet4 + the same
+  # head, unused by the softmax loss).
+  model: str = "conv4"
+  channels: int = 32
+  image_size: int = 28  # 105 = no downsampling (required by "koch")
+  dtype: str = "float32"
+  # Loss and sampling.
+  loss: str = "softmax"  # or "pair_bce"
+  batch_pairs: int = 128  # pair_bce: pairs per step
+  within_alphabet: bool = False  # pair_bce: negatives from one alphabet
+  n_chars: int = 126  # softmax: characters per step
+  n_per_char: int = 2  # softmax: drawers per character
+  chars_per_alphabet: int = 14  # softmax: characters drawn together from one alphabet
+  train_drawers: tuple[int, ...] = tuple(range(20))
+  val_drawers: tuple[int, ...] = tuple(range(12, 16))
+  # Koch's affine distortions (pixels at the training resolution).
+  augment: bool = True
+  rotation: float = 10.0
+  shear: float = 0.3
+  scale: tuple[float, float] = (0.8, 1.2)
+  translation: float = 2.0
+  augment_prob: float = 0.5
+  # Optimiser: "adam" or "koch_sgd".
+  optimizer: str = "adam"
+  learning_rate: float = 1e-3
+  # koch_sgd: {layer: (lr, final momentum, l2)}, epochs of pairs.
+  sgd_layers: dict = dataclasses.field(default_factory=dict)
+  pairs_per_epoch: int = 270_000
+  momentum_ramp_epochs: int = 10
+  lr_decay_per_epoch: float = 0.99
+  # Loop.
+  num_steps: int = 1000
+  steps_per_call: int = 10
+  eval_every: int = 200
+  val_tasks: int = 20  # 20-way tasks of 20 queries each: 400 validation trials
+  patience: int = 0
+  checkpoint_every: int = 200
+  log_every: int = 1
+  extra_evals: bool = True  # random N-way tasks and pair verification after training
+  time_budget_s: float = 0.0  # informational: the preset's expected wall time
+  train_time_limit_s: float = 0.0  # stop training after this much wall time (0: never)
+  # Data.
+  data_dir: str | None = None
+  cache_dir: str | None = None
+  download: bool = False
+  source: str = "zip"
+
+  def replace(self, **kw) -> "Config":
+    return dataclasses.replace(self, **kw)
+
+
+def _cpu_model() -> str:
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def machine_info() -> dict:
+  """Names the machine: processor, core count, JAX devices and versions."""
+  return {"platform": platform.platform(), "processor": platform.processor(),
+          "nproc": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()],
+          "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "cpu_model": _cpu_model(),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def in_batch_softmax_loss(emb_BxD: jax.Array, labels_B: jax.Array) -> jax.Array:
+  """Per-anchor in-batch softmax over negative squared distances.
+
+  Anchor ``i`` costs ``-mean_{p: same label, p != i} log softmax_j(-|e_i - e_j|^2)[p]``
+  over ``j != i`` (the n-pair / prototypical loss with one-shot prototypes).
+
+  Args:
+    emb_BxD: ``[B, D]`` embeddings.
+    labels_B: ``[B]`` integer labels; every anchor should have a positive.
+
+  Returns:
+    ``[B]`` losses (0 for anchors without a positive).
+
+  >>> import jax.numpy as jnp
+  >>> e = jnp.array([[0.0], [0.0], [10.0], [10.0]])
+  >>> [round(v, 4) for v in in_batch_softmax_loss(e, jnp.array([0, 0, 1, 1])).tolist()]
+  [0.0, 0.0, 0.0, 0.0]
+  """
+  e = emb_BxD.astype(jnp.float32)
+  sq = jnp.sum(e * e, axis=1)
+  d_BxB = sq[:, None] + sq[None, :] - 2.0 * e @ e.T
+  eye = jnp.eye(e.shape[0], dtype=bool)
+  logp = jax.nn.log_softmax(jnp.where(eye, -jnp.inf, -d_BxB), axis=1)
+  pos = (labels_B[:, None] == labels_B[None, :]) & ~eye
+  n_pos = jnp.sum(pos, axis=1)
+  total = jnp.sum(jnp.where(pos, logp, 0.0), axis=1)
+  return jnp.where(n_pos > 0, -total / jnp.maximum(n_pos, 1), 0.0)
+
+
+def _network(cfg: Config) -> SiameseNet:
+  dtype = jnp.dtype(cfg.dtype)
+  if cfg.model == "koch":
+    if cfg.image_size != 105:
+      raise ValueError(f"model='koch' needs image_size=105, got {cfg.image_size}")
+    return koch_siamese(dtype=dtype)
+  if cfg.model == "conv4":
+    return SiameseNet(encoder=ConvNet4(channels=cfg.channels, dtype=dtype))
+  raise ValueError(f"model must be 'koch' or 'conv4', got {cfg.model!r}")
+
+
+def _has_bn(cfg: Config) -> bool:
+  return cfg.model == "conv4"
+
+
+def _optimizer(cfg: Config) -> optax.GradientTransformation:
+  if cfg.optimizer == "adam":
+    return optax.adam(cfg.learning_rate)
+  if cfg.optimizer == "koch_sgd":
+    if not cfg.sgd_layers:
+      raise ValueError("optimizer='koch_sgd' needs sgd_layers {layer: (lr, momentum, l2)}")
+    per_step = cfg.batch_pairs if cfg.loss == "pair_bce" else cfg.n_chars * cfg.n_per_char
+    return train.per_layer_sgd(
+        {k: tuple(v) for k, v in cfg.sgd_layers.items()},
+        steps_per_epoch=max(cfg.pairs_per_epoch // per_step, 1),
+        lr_decay_per_epoch=cfg.lr_decay_per_epoch,
+        momentum_ramp_epochs=cfg.momentum_ramp_epochs)
+  raise ValueError(f"optimizer must be 'adam' or 'koch_sgd', got {cfg.optimizer!r}")
+
+
+class _Model:
+  """The network's apply functions for training and evaluation (hashable, built once)."""
+
+  def __init__(self, cfg: Config):
+    self.cfg = cfg
+    self.net = _network(cfg)
+    self.train_kw = {"train": True} if _has_bn(cfg) else {}
+    self.eval_kw = {"train": False} if _has_bn(cfg) else {}
+
+  def prepare(self, images_uint8):
+    """``[B, 105, 105]`` uint8 -> ``[B, S, S, 1]`` float in [0, 1] (ink 1)."""
+    if images_uint8.shape[-1] != self.cfg.image_size:
+      images_uint8 = resize_images(images_uint8, self.cfg.image_size)
+    return (images_uint8.astype(jnp.float32) / 255.0)[..., None]
+
+  def embed(self, variables, images_uint8):
+    return self.net.apply(variables, self.prepare(images_uint8), method=self.net.embed,
+                          **self.eval_kw)
+
+  def score(self, variables, h_q, h_s):
+    if self.cfg.loss == "softmax":
+      return oneshot.neg_squared_euclidean(variables, h_q, h_s)
+    return self.net.apply(variables, h_q, h_s, method=self.net.head)
+
+  def train_apply(self, params, model_state, x, **kw):
+    variables = {"params": params, **model_state}
+    if _has_bn(self.cfg):
+      out, upd = self.net.apply(variables, x, **kw, **self.train_kw, mutable=["batch_stats"])
+      return out, dict(upd)
+    return self.net.apply(variables, x, **kw), model_state
+
+
+def _loss_fn(model: _Model):
+  cfg = model.cfg
+  aug = dict(rotation=cfg.rotation, shear=cfg.shear, scale=tuple(cfg.scale),
+             translation=cfg.translation, prob=cfg.augment_prob)
+
+  def distort(key, x):
+    x = x.astype(jnp.float32) / 255.0
+    return augment(key, x, **aug) if cfg.augment else x
+
+  def loss_fn(params, model_state, data, key):
+    k_s, k_a = jax.random.split(key)
+    alphabets = AlphabetTable(data["table"], data["counts"])
+    if cfg.loss == "softmax":
+      x, labels = sample_groups(k_s, data["images"], cfg.n_chars, cfg.n_per_char,
+                                drawers=cfg.train_drawers, alphabets=alphabets,
+                                chars_per_alphabet=cfg.chars_per_alphabet)
+      emb, model_state = model.train_apply(params, model_state, distort(k_a, x)[..., None],
+                                           method=model.net.embed)
+      return jnp.mean(in_batch_softmax_loss(emb, labels)), (model_state, {})
+    x1, x2, similar = sample_pairs(k_s, data["images"], cfg.batch_pairs,
+                                   drawers=cfg.train_drawers, alphabets=alphabets,
+                                   within_alphabet=cfg.within_alphabet)
+    x = distort(k_a, jnp.concatenate([x1, x2]))[..., None]
+    b = cfg.batch_pairs
+    logits, model_state = model.train_apply(params, model_state, x[:b], x2=x[b:])
+    loss = jnp.mean(losses.pair_bce_loss(logits, similar))
+    acc = jnp.mean(((logits > 0).astype(jnp.float32) == similar).astype(jnp.float32))
+    return loss, (model_state, {"pair_accuracy": acc})
+
+  return loss_fn
+
+
+def _lake_alphabets(evaluation: omniglot.OmniglotSplit, runs: omniglot.LakeRuns) -> set[int]:
+  """Alphabet ids of the evaluation set used by Lake's runs (found by pixel matching)."""
+  index = {np.packbits(img > 0).tobytes(): a for imgs, a in
+           zip(evaluation.images, evaluation.alphabet_ids) for img in imgs}
+  found = {index.get(np.packbits(img > 0).tobytes()) for img in runs.support.reshape(
+      (-1,) + runs.support.shape[2:])}
+  return {int(a) for a in found if a is not None}
+
+
+def _val_tasks(cfg: Config, evaluation, runs):
+  lake = _lake_alphabets(evaluation, runs)
+  keep = ~np.isin(evaluation.alphabet_ids, sorted(lake))
+  counts = np.bincount(evaluation.alphabet_ids[keep])
+  big = np.flatnonzero(counts >= 20)
+  keep &= np.isin(evaluation.alphabet_ids, big)
+  ids = evaluation.alphabet_ids[keep]
+  images = jnp.asarray(evaluation.images[keep])
+  tasks = oneshot.sample_oneshot_tasks(
+      jax.random.key(cfg.seed + 1234), images, ids, n_way=20, n_tasks=cfg.val_tasks,
+      within_alphabet=True, drawers=cfg.val_drawers)
+  names = sorted({evaluation.alphabets[a] for a in np.unique(ids)})
+  return tasks, names
+
+
+def _random_nway(model, variables, evaluation, seed: int) -> dict:
+  out = {}
+  images = jnp.asarray(evaluation.images)
+  for within in (True, False):
+    for n in (5, 10, 20):
+      tasks = oneshot.sample_oneshot_tasks(
+          jax.random.key(seed + n + 100 * within), images, evaluation.alphabet_ids, n_way=n,
+          n_tasks=max(400 // n, 1), within_alphabet=within)
+      r = oneshot.evaluate_oneshot(model.embed, model.score, variables, *tasks)
+      out[f"{n}way_{'within' if within else 'across'}_alphabet"] = {
+          "accuracy": r.accuracy, "ci95": [r.low, r.high], "trials": r.trials}
+  return out
+
+
+def _pair_verification(model, variables, val_images, test_images, seed: int,
+                       n_pairs: int = 2000) -> dict:
+  """Same/different accuracy on ``test_images`` pairs (half positive) at the score
+  threshold that is best on ``val_images`` pairs."""
+  @jax.jit
+  def scores(variables, key, images):
+    x1, x2, sim = sample_pairs(key, images, n_pairs)
+    h = model.embed(variables, jnp.concatenate([x1, x2]))
+    return model.score(variables, h[:n_pairs], h[n_pairs:]), sim
+
+  s_val, y_val = jax.device_get(scores(variables, jax.random.key(seed + 7), val_images))
+  s_test, y_test = jax.device_get(scores(variables, jax.random.key(seed + 8), test_images))
+  cands = np.sort(s_val)
+  accs = [np.mean((s_val >= t) == (y_val > 0)) for t in cands]
+  thr = float(cands[int(np.argmax(accs))])
+  correct = int(np.sum((s_test >= thr) == (y_test > 0)))
+  low, high = oneshot.accuracy_interval(correct, n_pairs)
+  return {"accuracy": correct / n_pairs, "ci95": [low, high], "pairs": n_pairs,
+          "threshold": thr, "protocol": "pairs from the 10 evaluation alphabets of Lake's runs "
+          "(half same-character, distinct drawers; negatives from any of them); the score "
+          "threshold is the best one on pairs from the other 10 (validation) alphabets"}
+
+
+def _plots(workdir: Path, history: list, log: Path, runs, pred, title: str) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  written = []
+  train_rec = [json.loads(l) for l in log.read_text().splitlines() if '"train"' in l]
+  fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+  ax[0].plot([r["step"] for r in train_rec], [r["loss"] for r in train_rec])
+  ax[0].set(xlabel="step", ylabel="training loss", yscale="log")
+  ax[1].plot([h["step"] for h in history], [h["val_accuracy"] for h in history], "o-")
+  ax[1].set(xlabel="step", ylabel="validation 20-way accuracy", ylim=(0, 1))
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(workdir / "learning_curves.png", dpi=80)
+  plt.close(fig)
+  written.append("learning_curves.png")
+  r, q = 0, 0
+  fig, axes = plt.subplots(2, 11, figsize=(11, 2.4))
+  axes[0, 0].imshow(255 - runs.query[r, q], cmap="gray")
+  axes[0, 0].set_title("query", fontsize=7)
+  for j in range(20):
+    a = axes[(j // 10), 1 + j % 10]
+    a.imshow(255 - runs.support[r, j], cmap="gray")
+    mark = ("pred" if j == pred[r, q] else "") + (" true" if j == runs.answers[r, q] else "")
+    a.set_title(mark.strip(), fontsize=7,
+                color="green" if j == runs.answers[r, q] else "red")
+  for a in axes.ravel():
+    a.set_xticks([]), a.set_yticks([])
+  axes[1, 0].axis("off")
+  fig.suptitle("Lake run 1, item 1: 20-way within-alphabet task", fontsize=8)
+  fig.savefig(workdir / "oneshot_task.png", dpi=70)
+  plt.close(fig)
+  written.append("oneshot_task.png")
+  return written
+
+
+def pixel_baseline(cfg: Config, workdir, *, command: str = "") -> dict:
+  """Nearest neighbour on raw 105x105 pixels (L2) on Lake's runs; writes results.json."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  runs = omniglot.load_lake_runs(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
+                                 download=cfg.download)
+  r = oneshot.evaluate_oneshot(oneshot.pixel_embed, oneshot.neg_squared_euclidean, None,
+                               runs.support, runs.query, runs.answers)
+  results = {
+      "preset": "baseline-pixels", "model": "1-NN on raw 105x105 pixels (L2)",
+      "lake_20way_accuracy": r.accuracy, "lake_20way_ci95": [r.low, r.high],
+      "lake_trials": r.trials, "protocols": {"lake_20way_accuracy": oneshot.LAKE_PROTOCOL},
+      "wall_time_s": time.perf_counter() - t0, "pairs_seen": 0, "final_loss": None,
+      "device": str(jax.devices()[0]), "machine": machine_info(), "command": command}
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  return results
+
+
+def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: bool = True,
+                       hooks=(), eval_only: bool = False) -> dict:
+  """Trains per ``cfg``, evaluates on Lake's runs and writes ``workdir/results.json``.
+
+  Re-running with the same ``workdir`` resumes from its latest checkpoint.
+
+  Args:
+    cfg: the :class:`Config`.
+    workdir: output folder (checkpoints, ``metrics.jsonl``, plots, ``results.json``).
+    command: the command line, recorded in the results.
+    progress: show the progress bar.
+    hooks: passed to :func:`siamjax.train.fit`.
+    eval_only: do not train; evaluate the checkpoints already in ``workdir``.
+
+  Returns:
+    The results dict (also written to ``results.json``).
+  """
+  t0 = time.perf_counter()
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+  load = dict(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, download=cfg.download)
+  background = omniglot.load_omniglot("background", source=cfg.source, **load)
+  evaluation = omniglot.load_omniglot("evaluation", source=cfg.source, **load)
+  runs = omniglot.load_lake_runs(**load)
+  (val_support, val_query, val_answers), val_alphabets = _val_tasks(cfg, evaluation, runs)
+
+  model = _Model(cfg)
+  images = jnp.asarray(background.images)
+  if cfg.image_size != images.shape[-1]:
+    images = jax.jit(resize_images, static_argnums=1)(images, cfg.image_size)
+  min_size = cfg.chars_per_alphabet if cfg.loss == "softmax" else 2
+  table = alphabet_table(background.alphabet_ids, min_size=min_size)
+  data = jax.device_put({"images": images, "table": table.table, "counts": table.counts})
+
+  key = jax.random.key(cfg.seed)
+  k_init, k_run = jax.random.split(key)
+  x0 = jnp.zeros((2, cfg.image_size, cfg.image_size, 1), jnp.float32)
+  variables = model.net.init(k_init, x0, x0, **model.eval_kw)
+  params = variables["params"]
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  optimizer = _optimizer(cfg)
+  state = train.init_state(params, optimizer, key=k_run, model_state=model_state)
+  step_fn = train.make_train_step(_loss_fn(model), optimizer,
+                                  steps_per_call=cfg.steps_per_call)
+  val_support, val_query, val_answers = jax.device_put((val_support, val_query, val_answers))
+
+  def eval_fn(state):
+    v = {"params": state["params"], **state["model_state"]}
+    r = oneshot.evaluate_oneshot(model.embed, model.score, v, val_support, val_query,
+                                 val_answers)
+    return {"val_accuracy": r.accuracy}
+
+  per_step = cfg.batch_pairs if cfg.loss == "pair_bce" else cfg.n_chars * cfg.n_per_char
+  unit = "pairs" if cfg.loss == "pair_bce" else "images"
+  state, fit = train.fit(
+      state, step_fn, data, num_steps=0 if eval_only else cfg.num_steps,
+      steps_per_call=cfg.steps_per_call,
+      workdir=workdir, examples_per_step=per_step, eval_fn=eval_fn,
+      eval_every=cfg.eval_every, patience=cfg.patience,
+      checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, progress=progress,
+      hooks=hooks, unit=unit, time_limit_s=cfg.train_time_limit_s)
+  train_time = time.perf_counter() - t0
+  best = train.restore_best(workdir, state)
+  final = best if best is not None else state
+  variables = {"params": final["params"], **final["model_state"]}
+  lake_support, lake_query = jnp.asarray(runs.support), jnp.asarray(runs.query)
+  r = oneshot.evaluate_oneshot(model.embed, model.score, variables, lake_support, lake_query,
+                               runs.answers)
+  pred = np.asarray(oneshot.oneshot_predictions(model.embed, model.score, variables,
+                                                lake_support, lake_query))
+  nway = verification = None
+  if cfg.extra_evals:
+    nway = _random_nway(model, variables, evaluation, cfg.seed)
+    in_lake = np.isin(evaluation.alphabet_ids, sorted(_lake_alphabets(evaluation, runs)))
+    verification = _pair_verification(model, variables,
+                                      jnp.asarray(evaluation.images[~in_lake]),
+                                      jnp.asarray(evaluation.images[in_lake]), cfg.seed)
+  scoring = ("nearest neighbour, squared L2 on the embedding" if cfg.loss == "softmax"
+             else "the Siamese net's weighted-L1 head (argmax logit)")
+  results = {
+      "preset": cfg.preset,
+      "lake_20way_accuracy": r.accuracy, "lake_20way_ci95": [r.low, r.high],
+      "lake_trials": r.trials,
+      "protocols": {
+          "lake_20way_accuracy": oneshot.LAKE_PROTOCOL,
+          "scoring": scoring,
+          "validation": (f"{cfg.val_tasks} random 20-way within-alphabet tasks x 20 queries "
+                         f"on evaluation alphabets not in Lake's runs "
+                         f"({', '.join(val_alphabets)}), drawers {list(cfg.val_drawers)}"),
+          "random_nway": "random N-way one-shot tasks over all 20 evaluation alphabets, one "
+                         "query per class, distractors within or across alphabets",
+          "training": (f"background set (30 alphabets), drawers {list(cfg.train_drawers)}, "
+                       f"loss {cfg.loss}, model {cfg.model}, {cfg.image_size}x{cfg.image_size}"),
+      },
+      "random_nway": nway,
+      "pair_verification": verification,
+      "validation_best_accuracy": fit["best"], "validation_best_step": fit["best_step"],
+      "model": cfg.model, "loss": cfg.loss,
+      "device": str(jax.devices()[0]), "machine": machine_info(),
+      "wall_time_s": time.perf_counter() - t0, "train_time_s": train_time,
+      "compile_time_s": fit["compile_time_s"],
+      f"{unit}_per_s": fit["examples_per_s"],
+      "steps": fit["steps"],
+      # softmax: the positive pairs (each anchor is also scored against every other image
+      # of its batch as a negative).
+      "pairs_seen": fit["examples"] if unit == "pairs" else fit["steps"] * cfg.n_chars * (
+          cfg.n_per_char * (cfg.n_per_char - 1)) // 2,
+      "images_seen": fit["examples"] if unit == "images" else None,
+      "positive_pairs_per_step": per_step // 2 if unit == "pairs" else cfg.n_chars * (
+          cfg.n_per_char * (cfg.n_per_char - 1)) // 2,
+      "final_loss": fit["final_loss"], "stopped_early": fit["stopped_early"],
+      "stopped_by_time_limit": fit["out_of_time"],
+      "resumed_from": fit["resumed_from"], "history": fit["history"],
+      "command": command, "config": dataclasses.asdict(cfg),
+  }
+  try:
+    results["plots"] = _plots(workdir, fit["history"], workdir / "metrics.jsonl", runs, pred,
+                              f"{cfg.preset}: Lake 20-way {r.accuracy:.3f}")
+  except ImportError:
+    results["plots"] = []
+  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  return results

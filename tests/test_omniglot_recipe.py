@@ -1,0 +1,78 @@
+"""The Omniglot recipe's pieces: presets build, the in-batch loss, the paper optimiser."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from siamjax.recipes import omniglot_koch as ok
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+def _preset(name):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"omniglot_koch_{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config()
+
+
+@pytest.mark.parametrize("name", ["smoke", "quick", "paper"])
+def test_presets_build(name):
+  cfg = _preset(name)
+  assert cfg.preset == name
+  assert cfg.num_steps % cfg.steps_per_call == 0
+  assert cfg.eval_every % cfg.steps_per_call == 0
+  assert cfg.checkpoint_every % cfg.steps_per_call == 0
+  model = ok._Model(cfg)
+  x = jax.ShapeDtypeStruct((2, cfg.image_size, cfg.image_size, 1), jnp.float32)
+  variables = jax.eval_shape(lambda a, b: model.net.init(jax.random.key(0), a, b,
+                                                         **model.eval_kw), x, x)
+  opt = ok._optimizer(cfg)
+  jax.eval_shape(opt.init, variables["params"])  # every parameter has a layer (paper)
+
+
+def test_paper_preset_is_koch():
+  cfg = _preset("paper")
+  assert (cfg.model, cfg.loss, cfg.image_size, cfg.batch_pairs) == ("koch", "pair_bce", 105, 128)
+  assert (cfg.rotation, cfg.shear, tuple(cfg.scale), cfg.translation, cfg.augment_prob) == (
+      10.0, 0.3, (0.8, 1.2), 2.0, 0.5)
+  assert len(cfg.train_drawers) == 12 and not set(cfg.train_drawers) & set(cfg.val_drawers)
+
+
+def test_in_batch_softmax_matches_naive():
+  e = jax.random.normal(jax.random.key(0), (8, 3))
+  labels = jnp.array([0, 0, 1, 1, 2, 2, 2, 3])
+  got = np.asarray(ok.in_batch_softmax_loss(e, labels))
+  en, ln = np.asarray(e, np.float64), np.asarray(labels)
+  want = np.zeros(8)
+  for i in range(8):
+    others = [j for j in range(8) if j != i]
+    logits = np.array([-np.sum((en[i] - en[j]) ** 2) for j in others])
+    logp = logits - np.log(np.sum(np.exp(logits)))
+    pos = [k for k, j in enumerate(others) if ln[j] == ln[i]]
+    want[i] = -np.mean(logp[pos]) if pos else 0.0
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  g = jax.grad(lambda x: jnp.mean(ok.in_batch_softmax_loss(x, labels)))(e)
+  assert np.isfinite(np.asarray(g)).all()
+
+
+def test_early_stopping(tmp_path):
+  from siamjax import train
+  opt = optax.sgd(0.0)
+
+  def loss_fn(params, ms, data, key):
+    return jnp.sum(params["w"] ** 2), (ms, {})
+
+  step = train.make_train_step(loss_fn, opt, steps_per_call=1)
+  scores = iter([0.5, 0.6, 0.55, 0.58, 0.59, 0.9])
+  state = train.init_state({"w": jnp.ones(2)}, opt, key=jax.random.key(0))
+  _, res = train.fit(state, step, {}, num_steps=10, steps_per_call=1, workdir=tmp_path,
+                     eval_fn=lambda s: {"val_accuracy": next(scores)}, eval_every=1,
+                     patience=3, progress=False)
+  assert res["stopped_early"] and res["steps"] == 5
+  assert res["best"] == 0.6 and res["best_step"] == 2
