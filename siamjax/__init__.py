@@ -26,6 +26,7 @@ from siamjax.losses import (
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
     contrastive_loss,
+    in_batch_softmax_loss,
     ntxent_loss,
     pair_bce_loss,
     semi_hard_triplet_loss,
@@ -42,7 +43,7 @@ __all__ = [
     "inverse_distance_similarity", "exp_similarity", "pairwise_distances",
     "contrastive_loss", "pair_bce_loss", "triplet_margin_loss", "batch_all_triplet_loss",
     "batch_hard_triplet_loss", "semi_hard_triplet_loss", "all_pairs_contrastive_loss",
-    "ntxent_loss", "valid_anchors",
+    "ntxent_loss", "in_batch_softmax_loss", "valid_anchors",
     "Koch", "MLP", "SmallCNN", "TextCNN",
     "SiameseNet", "koch_siamese",
 ]

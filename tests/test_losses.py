@@ -56,8 +56,8 @@ def test_contrastive_matches_naive(jit, label_dtype):
 
 def test_contrastive_opposite_label_convention_is_one_minus():
   d = jnp.array([0.3, 0.9])
-  keras_y = jnp.array([0, 1])  # Y = 0 for similar
-  np.testing.assert_allclose(L.contrastive_loss(d, 1 - keras_y),
+  paper_y = jnp.array([0, 1])  # Hadsell et al.'s notation: Y = 0 for similar
+  np.testing.assert_allclose(L.contrastive_loss(d, 1 - paper_y),
                              [0.5 * 0.09, 0.5 * 0.01], rtol=1e-6)
 
 
@@ -184,6 +184,16 @@ def naive_all_pairs(emb, labels, margin=1.0, distance="euclidean"):
   return jnp.sum(jnp.where(off, per, 0.0), axis=1) / max(b - 1, 1)
 
 
+def naive_softmax(emb, labels, temperature=1.0, distance="squared_euclidean"):
+  d, pos, _ = _naive_setup(emb, labels, distance)
+  b = emb.shape[0]
+  off = ~jnp.eye(b, dtype=bool)
+  logits = jnp.where(off, -d / temperature, -jnp.inf)
+  log_p = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
+  n = jnp.sum(pos, axis=1)
+  return jnp.where(n > 0, -jnp.sum(jnp.where(pos, log_p, 0.0), axis=1) / jnp.maximum(n, 1), 0.0)
+
+
 def naive_ntxent(emb, labels, temperature=0.07):
   s = D.cosine_similarity(emb[:, None, :], emb[None, :, :]) / temperature
   b = emb.shape[0]
@@ -203,6 +213,21 @@ IN_BATCH = [
     (L.all_pairs_contrastive_loss, naive_all_pairs),
 ]
 IDS = ["batch_all", "batch_hard", "semi_hard", "all_pairs"]
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+def test_in_batch_softmax_matches_naive_with_grads(distance):
+  emb, labels = _emb(11, 4), jnp.asarray(RNG.integers(0, 3, size=11), jnp.int32)
+  out = L.in_batch_softmax_loss(emb, labels, temperature=0.5, distance=distance, chunk_size=4)
+  np.testing.assert_allclose(out, naive_softmax(emb, labels, 0.5, distance), rtol=1e-4,
+                             atol=1e-6)
+  g = jax.grad(lambda e: jnp.mean(L.in_batch_softmax_loss(e, labels, distance=distance)))(emb)
+  g_ref = jax.grad(lambda e: jnp.mean(naive_softmax(e, labels, 1.0, distance)))(emb)
+  np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-5)
+  with jax.enable_x64(True):
+    e64 = jnp.asarray(np.asarray(emb), jnp.float64)
+    check_grads(lambda e: L.in_batch_softmax_loss(e, labels, distance=distance), (e64,),
+                order=1, eps=1e-6, modes=("rev",))
 
 
 @pytest.mark.parametrize("fn,naive", IN_BATCH, ids=IDS)
@@ -233,7 +258,9 @@ def test_in_batch_check_grads(fn, naive):
                 modes=("rev",))
 
 
-@pytest.mark.parametrize("fn,naive", IN_BATCH + [(L.ntxent_loss, None)], ids=IDS + ["ntxent"])
+@pytest.mark.parametrize("fn,naive", IN_BATCH + [(L.ntxent_loss, None),
+                                                 (L.in_batch_softmax_loss, None)],
+                         ids=IDS + ["ntxent", "softmax"])
 def test_in_batch_finite_gradients_with_duplicate_embeddings(fn, naive):
   del naive
   emb = jnp.concatenate([_emb(4, 3)] * 2)  # every embedding appears twice: distance 0
@@ -275,7 +302,8 @@ def test_ntxent_matches_optax(temperature):
   np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("fn", [f for f, _ in IN_BATCH] + [L.ntxent_loss], ids=IDS + ["ntxent"])
+@pytest.mark.parametrize("fn", [f for f, _ in IN_BATCH] + [L.ntxent_loss, L.in_batch_softmax_loss],
+                         ids=IDS + ["ntxent", "softmax"])
 def test_in_batch_jit_vmap_and_no_retrace(fn):
   emb, labels = _emb(10, 4), _labels(10, 3)
   chex.clear_trace_counter()  # the counter is keyed by code, shared across parameters
@@ -350,7 +378,8 @@ def test_triplet_bad_input():
     L.triplet_margin_loss(jnp.ones((0, 4)), jnp.ones((0, 4)), jnp.ones((0, 4)))
 
 
-@pytest.mark.parametrize("fn", [f for f, _ in IN_BATCH] + [L.ntxent_loss], ids=IDS + ["ntxent"])
+@pytest.mark.parametrize("fn", [f for f, _ in IN_BATCH] + [L.ntxent_loss, L.in_batch_softmax_loss],
+                         ids=IDS + ["ntxent", "softmax"])
 def test_in_batch_bad_input(fn):
   emb, labels = _emb(6, 3), _labels(6, 2)
   with pytest.raises(ValueError, match="embeddings must have a floating dtype"):

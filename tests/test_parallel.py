@@ -11,7 +11,7 @@ from siamjax import parallel
 
 RNG = np.random.default_rng(3)
 IN_BATCH = [L.batch_hard_triplet_loss, L.batch_all_triplet_loss, L.semi_hard_triplet_loss,
-            L.all_pairs_contrastive_loss, L.ntxent_loss]
+            L.all_pairs_contrastive_loss, L.ntxent_loss, L.in_batch_softmax_loss]
 
 
 def _needs(n):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import losses, train
+from siamjax import losses, parallel, train
 from siamjax.data import omniglot
 from siamjax.encoders import ConvNet4, Koch
 from siamjax.evaluation import oneshot
@@ -41,8 +41,7 @@ from siamjax.models import SiameseNet, koch_siamese
 from siamjax.sampling import AlphabetTable, alphabet_table, augment, resize_images
 from siamjax.sampling import sample_groups, sample_pairs
 
-__all__ = ["Config", "train_and_evaluate", "pixel_baseline", "machine_info",
-           "in_batch_softmax_loss"]
+__all__ = ["Config", "train_and_evaluate", "pixel_baseline", "machine_info"]
 
 KOCH_LAYERS = ("conv1", "conv2", "conv3", "conv4", "dense", "head")
 
@@ -75,7 +74,7 @@ class Config:
   scale: tuple[float, float] = (0.8, 1.2)
   translation: float = 2.0
   augment_prob: float = 0.5
-  # Optimiser: "adam" or "koch_sgd".
+  # Optimiser: "adam", "sgd" (momentum 0.9) or "koch_sgd".
   optimizer: str = "adam"
   learning_rate: float = 1e-3
   # koch_sgd: {layer: (lr, final momentum, l2)}, epochs of pairs.
@@ -83,6 +82,9 @@ class Config:
   pairs_per_epoch: int = 270_000
   momentum_ramp_epochs: int = 10
   lr_decay_per_epoch: float = 0.99
+  # Data parallelism: devices of a 1-D mesh (batch sharded, state replicated). The global
+  # batch and the results do not depend on it; the batch must divide evenly.
+  devices: int = 1
   # Loop.
   num_steps: int = 1000
   steps_per_call: int = 10
@@ -123,35 +125,6 @@ def machine_info() -> dict:
           "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
-def in_batch_softmax_loss(emb_BxD: jax.Array, labels_B: jax.Array) -> jax.Array:
-  """Per-anchor in-batch softmax over negative squared distances.
-
-  Anchor ``i`` costs ``-mean_{p: same label, p != i} log softmax_j(-|e_i - e_j|^2)[p]``
-  over ``j != i`` (the n-pair / prototypical loss with one-shot prototypes).
-
-  Args:
-    emb_BxD: ``[B, D]`` embeddings.
-    labels_B: ``[B]`` integer labels; every anchor should have a positive.
-
-  Returns:
-    ``[B]`` losses (0 for anchors without a positive).
-
-  >>> import jax.numpy as jnp
-  >>> e = jnp.array([[0.0], [0.0], [10.0], [10.0]])
-  >>> [round(v, 4) for v in in_batch_softmax_loss(e, jnp.array([0, 0, 1, 1])).tolist()]
-  [0.0, 0.0, 0.0, 0.0]
-  """
-  e = emb_BxD.astype(jnp.float32)
-  sq = jnp.sum(e * e, axis=1)
-  d_BxB = sq[:, None] + sq[None, :] - 2.0 * e @ e.T
-  eye = jnp.eye(e.shape[0], dtype=bool)
-  logp = jax.nn.log_softmax(jnp.where(eye, -jnp.inf, -d_BxB), axis=1)
-  pos = (labels_B[:, None] == labels_B[None, :]) & ~eye
-  n_pos = jnp.sum(pos, axis=1)
-  total = jnp.sum(jnp.where(pos, logp, 0.0), axis=1)
-  return jnp.where(n_pos > 0, -total / jnp.maximum(n_pos, 1), 0.0)
-
-
 def _network(cfg: Config) -> SiameseNet:
   dtype = jnp.dtype(cfg.dtype)
   if cfg.model == "koch":
@@ -170,6 +143,8 @@ def _has_bn(cfg: Config) -> bool:
 def _optimizer(cfg: Config) -> optax.GradientTransformation:
   if cfg.optimizer == "adam":
     return optax.adam(cfg.learning_rate)
+  if cfg.optimizer == "sgd":
+    return optax.sgd(cfg.learning_rate, momentum=0.9)
   if cfg.optimizer == "koch_sgd":
     if not cfg.sgd_layers:
       raise ValueError("optimizer='koch_sgd' needs sgd_layers {layer: (lr, momentum, l2)}")
@@ -179,7 +154,7 @@ def _optimizer(cfg: Config) -> optax.GradientTransformation:
         steps_per_epoch=max(cfg.pairs_per_epoch // per_step, 1),
         lr_decay_per_epoch=cfg.lr_decay_per_epoch,
         momentum_ramp_epochs=cfg.momentum_ramp_epochs)
-  raise ValueError(f"optimizer must be 'adam' or 'koch_sgd', got {cfg.optimizer!r}")
+  raise ValueError(f"optimizer must be 'adam', 'sgd' or 'koch_sgd', got {cfg.optimizer!r}")
 
 
 class _Model:
@@ -230,12 +205,14 @@ def _loss_fn(model: _Model):
       x, labels = sample_groups(k_s, data["images"], cfg.n_chars, cfg.n_per_char,
                                 drawers=cfg.train_drawers, alphabets=alphabets,
                                 chars_per_alphabet=cfg.chars_per_alphabet)
+      x, labels = parallel.shard_batch((x, labels))
       emb, model_state = model.train_apply(params, model_state, distort(k_a, x)[..., None],
                                            method=model.net.embed)
-      return jnp.mean(in_batch_softmax_loss(emb, labels)), (model_state, {})
+      return jnp.mean(losses.in_batch_softmax_loss(emb, labels)), (model_state, {})
     x1, x2, similar = sample_pairs(k_s, data["images"], cfg.batch_pairs,
                                    drawers=cfg.train_drawers, alphabets=alphabets,
                                    within_alphabet=cfg.within_alphabet)
+    x1, x2, similar = parallel.shard_batch((x1, x2, similar))
     x = distort(k_a, jnp.concatenate([x1, x2]))[..., None]
     b = cfg.batch_pairs
     logits, model_state = model.train_apply(params, model_state, x[:b], x2=x[b:])
@@ -405,9 +382,13 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
   model_state = {k: v for k, v in variables.items() if k != "params"}
   optimizer = _optimizer(cfg)
   state = train.init_state(params, optimizer, key=k_run, model_state=model_state)
+  mesh = parallel.make_mesh(cfg.devices) if cfg.devices != 1 else None
   step_fn = train.make_train_step(_loss_fn(model), optimizer,
-                                  steps_per_call=cfg.steps_per_call)
-  val_support, val_query, val_answers = jax.device_put((val_support, val_query, val_answers))
+                                  steps_per_call=cfg.steps_per_call, mesh=mesh)
+  val = (val_support, val_query, val_answers)
+  if mesh is not None:  # everything the step or the evaluator sees lives on every device
+    state, data, val = jax.device_put((state, data, val), parallel.replicated_sharding(mesh))
+  val_support, val_query, val_answers = jax.device_put(val)
 
   def eval_fn(state):
     v = {"params": state["params"], **state["model_state"]}
