@@ -346,7 +346,30 @@ def seed_pairs(key: jax.Array, labels: np.ndarray) -> tuple[jax.Array, jax.Array
   return jnp.asarray(pairs), jnp.asarray(similar)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "epochs", "batch", "margin", "lr"))
+@functools.lru_cache(maxsize=None)
+def _pair_step(apply_fn: Callable, batch: int, margin: float, lr: float):
+  """The jitted contrastive pair step (state donated) and its optimiser, cached."""
+  opt = optax.adam(lr)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, tokens, pairs, similar, order):
+    params, opt_state, s = state
+    rows = jax.lax.dynamic_slice_in_dim(order, s * batch, batch)
+    pair_Bx2 = pairs[rows]
+    tok_2BxL = tokens[jnp.concatenate([pair_Bx2[:, 0], pair_Bx2[:, 1]])]
+
+    def loss(p):
+      emb_2BxD = apply_fn(p, tok_2BxL)
+      d_B = _distances.euclidean(emb_2BxD[:batch], emb_2BxD[batch:])
+      return jnp.mean(_losses.contrastive_loss(d_B, similar[rows], margin=margin))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, s + 1), value
+
+  return step, opt
+
+
 def train_pair_contrastive(apply_fn: Callable, params: Params, tokens: jax.Array,
                            pairs: jax.Array, similar: jax.Array, key: jax.Array, *,
                            epochs: int = 2, batch: int = 32, margin: float = 2.0,
@@ -355,10 +378,14 @@ def train_pair_contrastive(apply_fn: Callable, params: Params, tokens: jax.Array
 
   Pairs are reshuffled every epoch; each step encodes both sides of ``batch`` pairs as
   one ``2 * batch`` batch and minimises :func:`siamjax.losses.contrastive_loss` of their
-  Euclidean distance.
+  Euclidean distance. The steps are dispatched from a Python loop over one jitted,
+  donated step (no host sync; losses are fetched once at the end): XLA:CPU runs the
+  TextCNN's convolutions about 20x slower inside a ``lax.scan`` body (0.23 s against
+  11 ms per step, measured on a 2-core CPU).
 
   Args:
-    apply_fn: ``apply_fn(params, tokens [B, L]) -> [B, D]``.
+    apply_fn: ``apply_fn(params, tokens [B, L]) -> [B, D]`` (hashable, e.g. a module's
+      ``apply``).
     params: its parameters.
     tokens: ``[S, L]`` titles.
     pairs: ``[P, 2]`` indices into ``tokens``.
@@ -381,27 +408,14 @@ def train_pair_contrastive(apply_fn: Callable, params: Params, tokens: jax.Array
   order = jnp.concatenate([
       jax.random.permutation(jax.random.fold_in(key, e), pairs.shape[0])[:per_epoch * batch]
       for e in range(epochs)])
-
-  opt = optax.adam(lr)
-
-  def step(carry, s):
-    params, opt_state = carry
-    rows = jax.lax.dynamic_slice_in_dim(order, s * batch, batch)
-    pair_Bx2 = pairs[rows]
-    tok_2BxL = tokens[jnp.concatenate([pair_Bx2[:, 0], pair_Bx2[:, 1]])]
-
-    def loss(p):
-      emb_2BxD = apply_fn(p, tok_2BxL)
-      d_B = _distances.euclidean(emb_2BxD[:batch], emb_2BxD[batch:])
-      return jnp.mean(_losses.contrastive_loss(d_B, similar[rows], margin=margin))
-
-    value, grads = jax.value_and_grad(loss)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), value
-
-  (params, _), losses = jax.lax.scan(step, (params, opt.init(params)),
-                                     jnp.arange(epochs * per_epoch))
-  return params, losses
+  step, opt = _pair_step(apply_fn, batch, float(margin), float(lr))
+  params = jax.tree.map(jnp.array, params)  # a copy: the step donates its state
+  state = (params, opt.init(params), jnp.zeros((), jnp.int32))
+  losses = []
+  for _ in range(epochs * per_epoch):  # dispatch only: the step counter lives on device
+    state, loss = step(state, tokens, pairs, similar, order)
+    losses.append(loss)
+  return state[0], jnp.stack(losses)
 
 
 # ---------------------------------------------------------------------------------
