@@ -431,14 +431,14 @@ def _tfidf_lr(train_text, train_y, eval_texts, c: float):
   vec = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), sublinear_tf=True)
   x = vec.fit_transform(train_text)
   clf = LogisticRegression(C=c, max_iter=2000).fit(x, train_y)
-  return [clf.predict(vec.transform(t)) for t in eval_texts]
+  return [clf.predict_proba(vec.transform(t)) for t in eval_texts]
 
 
 def run_thucnews(titles: list[str], labels: np.ndarray, *, seeds=(0, 1, 2, 3, 4),
                  shots: int = 50, max_test: int = 3000, val_per_class: int = 300,
-                 min_count: int = 2, max_len: int = 64, dim: int = 128,
-                 pretrain_steps: int = 2000, pretrain_batch: int = 256,
-                 temperature: float = 0.1, pretrain_lr: float = 1e-3,
+                 min_count: int = 5, max_len: int = 64, dim: int = 128,
+                 pretrain_steps: int = 1000, pretrain_batch: int = 512,
+                 temperature: float = 0.1, pretrain_lr: float = 2e-3,
                  finetune_steps: int = 100, finetune_lr: float = 1e-3,
                  keep_prob: float = 0.5, scratch_steps: int = 300,
                  seed_len: int = 32, seed_epochs: int = 2, tfidf_c: float = 10.0,
@@ -458,6 +458,8 @@ def run_thucnews(titles: list[str], labels: np.ndarray, *, seeds=(0, 1, 2, 3, 4)
   * ``bag_scratch``: n-gram bag trained on the labelled titles only (in-batch loss).
   * ``splitview``: split-view pre-training, mean prototypes, cosine.
   * ``splitview_finetune``: the same, then in-batch fine-tuning on the labelled titles.
+  * ``splitview_finetune+tfidf_lr``: the mean of its prototype softmax (negative
+    cosine distance / ``temperature``) and the TF-IDF model's class probabilities.
 
   Args:
     titles, labels: the pool (``[N]`` int class ids).
@@ -509,9 +511,10 @@ def run_thucnews(titles: list[str], labels: np.ndarray, *, seeds=(0, 1, 2, 3, 4)
 
     # Non-neural baseline.
     t0 = time.perf_counter()
-    p_te, p_val = _tfidf_lr(text(split.train), y_tr, [text(split.test), text(split.val)],
-                            tfidf_c)
-    record("tfidf_lr", time.perf_counter() - t0, p_te, p_val, y_te, y_val)
+    prob_te, prob_val = _tfidf_lr(text(split.train), y_tr,
+                                  [text(split.test), text(split.val)], tfidf_c)
+    t_tfidf = time.perf_counter() - t0
+    record("tfidf_lr", t_tfidf, prob_te.argmax(1), prob_val.argmax(1), y_te, y_val)
 
     # The seed's model: TextCNN + contrastive pairs, sum / mean support vectors.
     t0 = time.perf_counter()
@@ -542,12 +545,18 @@ def run_thucnews(titles: list[str], labels: np.ndarray, *, seeds=(0, 1, 2, 3, 4)
     t_unl = jnp.asarray(tok(nontest))
     init = init_bag(k_init, vocab.size, dim)
 
-    def evaluate(name, params, seconds):
+    def evaluate(name, params, seconds, ensemble=False):
       emb = functools.partial(embed_all, bag_embed, params)
       protos = prototypes(emb(t_tr), jnp.asarray(y_tr), num_classes)
-      p_te = nearest_prototype(emb(t_te), protos)[0]
-      p_val = nearest_prototype(emb(t_val), protos)[0]
+      p_te, d_te = nearest_prototype(emb(t_te), protos)
+      p_val, d_val = nearest_prototype(emb(t_val), protos)
       record(name, seconds, p_te, p_val, y_te, y_val)
+      if ensemble:
+        # Average the prototype softmax (cosine / temperature) with the TF-IDF LR's.
+        mix = lambda d, prob: np.argmax(  # noqa: E731
+            np.asarray(jax.nn.softmax(-d / temperature, axis=1)) + prob, axis=1)
+        record(f"{name}+tfidf_lr", seconds + t_tfidf, mix(d_te, prob_te),
+               mix(d_val, prob_val), y_te, y_val)
 
     t0 = time.perf_counter()
     scratch, _ = finetune_in_batch(init, jnp.asarray(t_tr), jnp.asarray(y_tr), k_scratch,
@@ -569,7 +578,7 @@ def run_thucnews(titles: list[str], labels: np.ndarray, *, seeds=(0, 1, 2, 3, 4)
     tuned, _ = finetune_in_batch(pre, jnp.asarray(t_tr), jnp.asarray(y_tr), k_ft,
                                  steps=finetune_steps, temperature=temperature,
                                  lr=finetune_lr, keep_prob=keep_prob)
-    evaluate("splitview_finetune", tuned, t_pre + time.perf_counter() - t0)
+    evaluate("splitview_finetune", tuned, t_pre + time.perf_counter() - t0, ensemble=True)
     log(f"  draw done in {time.perf_counter() - t_draw:.1f} s")
 
   return {"variants": results, "confusion": {k: v.tolist() for k, v in confusion.items()},
