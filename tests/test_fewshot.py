@@ -162,3 +162,22 @@ def test_summarize_picks_best_by_validation_not_test():
   assert s["best_accuracy_mean"] == pytest.approx(0.7)
   assert s["best_accuracy_std"] == pytest.approx(0.1)
   assert s["a_accuracy_mean"] == pytest.approx(0.9)
+
+
+@pytest.mark.slow
+def test_run_thucnews_reports_every_variant_on_generated_titles():
+  pytest.importorskip("sklearn")
+  titles, labels = thucnews.synthetic_titles(num_classes=4, per_class=40)
+  out = fewshot.run_thucnews(titles, labels, seeds=(0,), shots=5, max_test=20,
+                             val_per_class=5, pretrain_steps=20, pretrain_batch=32,
+                             finetune_steps=5, scratch_steps=5, seed_epochs=1,
+                             log=lambda _: None)
+  names = {"tfidf_lr", "seed_baseline_sum", "seed_baseline_mean", "bag_scratch",
+           "splitview", "splitview_finetune", "splitview_finetune+tfidf_lr"}
+  assert set(out["variants"]) == names and set(out["confusion"]) == names
+  for r in out["variants"].values():
+    assert len(r["test"]) == 1 and 0.0 <= r["test"][0] <= 1.0
+  assert np.sum(out["confusion"]["tfidf_lr"]) == 4 * 20
+  assert out["draws"] == [{"seed": 0, "train": 20, "val": 20, "test": 80, "unlabelled": 40}]
+  summary = fewshot.summarize(out)
+  assert summary["best_variant"] in names
