@@ -29,8 +29,10 @@ def main(argv=None) -> dict:
   p.add_argument("--epochs", type=int, default=20)
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--resample-negatives", action="store_true",
-                 help="fresh negative partners every epoch (not in the Keras example)")
+  p.add_argument("--pairing", choices=["keras", "keras_fresh", "random"], default="keras",
+                 help="keras: the example's pairs, made once (default, faithful); "
+                      "keras_fresh: fresh negatives each epoch; random: fresh pairs over all "
+                      "images each epoch")
   p.add_argument("--smoke", action="store_true", help="tiny run for CI")
   args = p.parse_args(argv)
 
@@ -48,7 +50,7 @@ def main(argv=None) -> dict:
     x_tr, y_tr, x_te, y_te, epochs = x_tr[:2000], y_tr[:2000], x_te[:1000], y_te[:1000], 1
   results, _ = recipes.mnist_contrastive(
       x_tr, y_tr, x_te, y_te, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-      resample_negatives=args.resample_negatives, log=lambda r: print(r, flush=True))
+      pairing=args.pairing, log=lambda r: print(r, flush=True))
   os.makedirs(args.workdir, exist_ok=True)
   curves = results.pop("_roc_curves", None)
   if curves:

@@ -30,8 +30,8 @@ from siamjax import distances, encoders, losses
 from siamjax.evaluation import verification
 
 __all__ = [
-    "TrainState", "class_index_table", "keras_pairs", "make_train_epoch", "fit",
-    "machine_info", "mnist_contrastive",
+    "TrainState", "class_index_table", "keras_pairs", "random_pairs", "make_train_epoch", "fit",
+    "machine_info", "mnist_contrastive", "split_indices", "vector_pairs",
 ]
 
 
@@ -119,6 +119,51 @@ def keras_pairs(key: jax.Array, table: jax.Array, n: int) -> tuple[jax.Array, ja
   pairs = jnp.stack([pos_CxNx2, neg_CxNx2], axis=2).reshape(-1, 2)
   similar = jnp.tile(jnp.array([1, 0], jnp.int32), c * n)
   return pairs.astype(jnp.int32), similar
+
+
+def random_pairs(key: jax.Array, table: jax.Array, counts: jax.Array, n: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Fresh balanced pairs over every image: the layout of :func:`keras_pairs`, random members.
+
+  For every class ``d`` and ``i < n``: an anchor drawn uniformly from class ``d``, a
+  positive drawn from the *other* members of ``d`` and a negative drawn from a class
+  ``d' = (d + u) % C``, ``u`` uniform in ``[1, C)``; pairs alternate positive,
+  negative. Unlike the example's pairs, which use only the first ``n + 1`` images of
+  each class, these reach every image; draw them anew each epoch.
+
+  Args:
+    key: a ``jax.random`` key.
+    table: ``[C, M]`` positions per class, from :func:`class_index_table`.
+    counts: ``[C]`` class sizes (each >= 2).
+    n: pairs per class and sign.
+
+  Returns:
+    ``(pairs [2 C n, 2] int32, similar [2 C n] int32)``, ``similar = 1`` for same class.
+
+  >>> import jax, jax.numpy as jnp
+  >>> table = jnp.array([[0, 2, 4], [1, 3, 3]]); counts = jnp.array([3, 2])
+  >>> pairs, similar = random_pairs(jax.random.key(0), table, counts, 4)
+  >>> bool(jnp.all((pairs[:, 0] % 2 == pairs[:, 1] % 2) == (similar == 1)))
+  True
+  """
+  table = jnp.asarray(table)
+  counts = jnp.asarray(counts)
+  if table.ndim != 2 or table.shape[0] < 2 or counts.shape != table.shape[:1]:
+    raise ValueError(f"table must be [C, M] with C >= 2 and counts [C], got {table.shape} "
+                     f"and {counts.shape}")
+  c = table.shape[0]
+  k_a, k_p, k_c, k_n = jax.random.split(key, 4)
+  d_CxN = jnp.broadcast_to(jnp.arange(c)[:, None], (c, n))
+  count_CxN = counts[d_CxN]
+  a_CxN = jax.random.randint(k_a, (c, n), 0, count_CxN)
+  p_CxN = (a_CxN + jax.random.randint(k_p, (c, n), 1, count_CxN)) % count_CxN
+  other_CxN = (d_CxN + jax.random.randint(k_c, (c, n), 1, c)) % c
+  n_CxN = jax.random.randint(k_n, (c, n), 0, counts[other_CxN])
+  anchor = table[d_CxN, a_CxN]
+  pos_CxNx2 = jnp.stack([anchor, table[d_CxN, p_CxN]], axis=-1)
+  neg_CxNx2 = jnp.stack([anchor, table[other_CxN, n_CxN]], axis=-1)
+  pairs = jnp.stack([pos_CxNx2, neg_CxNx2], axis=2).reshape(-1, 2)
+  return pairs.astype(jnp.int32), jnp.tile(jnp.array([1, 0], jnp.int32), c * n)
 
 
 # ---------------------------------------------------------------------------------
@@ -291,7 +336,7 @@ def mnist_contrastive(
     margin: float = 1.0,
     threshold: float = 0.5,
     seed: int = 0,
-    resample_negatives: bool = False,
+    pairing: str = "keras",
     log: Callable | None = None,
 ) -> tuple[dict, Any]:
   """The Keras MNIST Siamese example (``mnist_siamese.py``), trained on the device.
@@ -311,8 +356,10 @@ def mnist_contrastive(
     epochs, batch_size, learning_rate, margin: the example's settings by default.
     threshold: distance below which a pair is predicted "same".
     seed: root seed (init, pairs, dropout, shuffles).
-    resample_negatives: draw fresh negative partners each epoch instead of once (not
-      in the example).
+    pairing: ``"keras"``: the example's pairs, drawn once (faithful); ``"keras_fresh"``:
+      the example's pairs with fresh negative partners every epoch; ``"random"``: fresh
+      :func:`random_pairs` over all training images every epoch (same count). The last
+      two are not in the example. Test pairs are always the example's.
     log: called with each epoch's metrics.
 
   Returns:
@@ -350,13 +397,18 @@ def mnist_contrastive(
   optimizer = optax.rmsprop(learning_rate, decay=0.9, eps=1e-7, eps_in_sqrt=False)
   state = jax.jit(lambda k, x: _init_state(net, optimizer, k, x))(k_init, x_tr[:1])
   steps, prepare, sample = _pair_epoch_data(pairs_tr, similar_tr, batch_size)
-  if resample_negatives:
+  if pairing not in ("keras", "keras_fresh", "random"):
+    raise ValueError(f"pairing must be 'keras', 'keras_fresh' or 'random', got {pairing!r}")
+  if pairing != "keras":
     n_tr = int(counts_tr.min()) - 1
-    table_dev = jnp.asarray(table_tr)
+    table_dev, counts_dev = jnp.asarray(table_tr), jnp.asarray(counts_tr)
 
     def prepare(key, data, _shuffle=prepare):  # noqa: F811 - fresh pairs, then shuffle
       k_pairs, k_shuffle = jax.random.split(key)
-      pairs, _ = keras_pairs(k_pairs, table_dev, n_tr)
+      if pairing == "keras_fresh":
+        pairs, _ = keras_pairs(k_pairs, table_dev, n_tr)
+      else:
+        pairs, _ = random_pairs(k_pairs, table_dev, counts_dev, n_tr)
       return _shuffle(k_shuffle, {**data, "pairs": pairs})
 
   data = {"x": x_tr, "pairs": pairs_tr, "similar": similar_tr}
@@ -382,6 +434,7 @@ def mnist_contrastive(
       "train_pair_accuracy": float(train_acc),
       "test_pair_accuracy": float(test_acc),
       "threshold": threshold,
+      "pairing": pairing,
       "test_verification": report,
       "test_recall_at_1": float(recall),
       "train_pairs": int(pairs_tr.shape[0]),
@@ -391,5 +444,184 @@ def mnist_contrastive(
       "train_time_s": train_time,
       "history": history,
       "_roc_curves": {"test pairs": (np.asarray(d_te), np.asarray(similar_te))},
+  }
+  return results, state.params
+
+
+# ---------------------------------------------------------------------------------
+# Vector pairs: two heads, early stopping, threshold chosen on validation pairs
+# ---------------------------------------------------------------------------------
+
+
+def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+  """Shuffles ``range(n)`` (NumPy ``Generator(seed)``) and cuts it by ``fractions``.
+
+  The last part takes the rest. Every part must be non-empty.
+
+  >>> [p.size for p in split_indices(10, (0.6, 0.2), seed=0)]
+  [6, 2, 2]
+  """
+  if any(f <= 0 for f in fractions) or sum(fractions) >= 1:
+    raise ValueError(f"fractions must be positive with a sum below 1, got {fractions}")
+  perm = np.random.default_rng(seed).permutation(n)
+  cuts = np.cumsum([int(round(f * n)) for f in fractions])
+  parts = np.split(perm, cuts)
+  if any(p.size == 0 for p in parts):
+    raise ValueError(f"n={n} is too small to split into {len(parts)} non-empty parts "
+                     f"with fractions {fractions}")
+  return parts
+
+
+class _PairScorer:
+  """Encoder + head for pairs of vectors: ``"contrastive"`` or ``"bce"``.
+
+  ``scores(params, a, b, train, key)`` returns ``[P]`` scores, higher = more similar:
+  ``-euclidean`` for the contrastive head, the logit for the BCE head (L1 difference,
+  then one linear unit, as Koch et al.).
+  """
+
+  def __init__(self, head: str, encoder):
+    from siamjax import models
+    if head not in ("contrastive", "bce"):
+      raise ValueError(f"head must be 'contrastive' or 'bce', got {head!r}")
+    self.head = head
+    self.net = models.SiameseNet(encoder=encoder) if head == "bce" else encoder
+
+  def init(self, key, a, b):
+    return self.net.init(key, a, b) if self.head == "bce" else self.net.init(key, a)
+
+  def scores(self, params, a, b, *, train=False, key=None):
+    rngs = {"dropout": key} if train else None
+    if self.head == "bce":
+      return self.net.apply(params, a, b, train=train, rngs=rngs)
+    h = self.net.apply(params, jnp.concatenate([a, b], axis=0), train=train, rngs=rngs)
+    return -distances.euclidean(h[:a.shape[0]], h[a.shape[0]:])
+
+  def loss(self, scores, similar, margin):
+    if self.head == "bce":
+      return losses.pair_bce_loss(scores, similar)
+    return losses.contrastive_loss(-scores, similar, margin=margin)
+
+
+def vector_pairs(
+    left: np.ndarray,
+    right: np.ndarray,
+    similar: np.ndarray,
+    *,
+    head: str = "contrastive",
+    hidden: tuple[int, ...] = (128, 128, 64),
+    dropout_rate: float = 0.1,
+    epochs: int = 100,
+    patience: int = 5,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    margin: float = 1.0,
+    fractions: tuple[float, float] = (0.7, 0.15),
+    seed: int = 0,
+    log: Callable | None = None,
+) -> tuple[dict, Any]:
+  """A Siamese network over pairs of feature vectors, with early stopping.
+
+  Rows are split into train / validation / test (``fractions``, rest to test);
+  features are standardised with the training rows' mean and deviation. Both vectors
+  go through one shared MLP (:class:`siamjax.encoders.MLP`; left and right must have
+  the same width). Heads:
+
+  * ``"contrastive"``: Euclidean distance, contrastive loss with ``margin``;
+  * ``"bce"``: ``|h1 - h2|``, one linear unit, sigmoid cross-entropy on the logit.
+
+  Adam; each epoch is one pass over the shuffled training rows in one jitted scan;
+  training stops after ``patience`` epochs without a lower validation loss and keeps
+  the best parameters. The accept threshold is the best-accuracy threshold on the
+  validation pairs, then applied to the test pairs.
+
+  Args:
+    left, right: ``[P, D]`` feature vectors.
+    similar: ``[P]`` 0/1 labels (1 = same class).
+    head: ``"contrastive"`` or ``"bce"``.
+    hidden: MLP widths (the last one is the embedding size).
+    dropout_rate, epochs, patience, batch_size, learning_rate, margin: training settings.
+    fractions: train and validation fractions of the rows.
+    seed: root seed (split, init, shuffles, dropout).
+    log: called with each epoch's metrics.
+
+  Returns:
+    ``(results, params)``; ``results`` holds ``val_best_accuracy``,
+    ``val_best_threshold`` (a score: distance thresholds are negated, logits as is),
+    ``test_accuracy`` at that threshold, ``test_verification``, ``history``,
+    ``epochs_run``, ``best_epoch`` and ``_roc_curves`` (pop before writing JSON).
+  """
+  left = np.asarray(left, np.float32)
+  right = np.asarray(right, np.float32)
+  similar = np.asarray(similar, np.int32)
+  if left.ndim != 2 or left.shape != right.shape:
+    raise ValueError(f"left and right must be [P, D] with the same shape (one shared "
+                     f"encoder), got {left.shape} and {right.shape}")
+  if similar.shape != (left.shape[0],):
+    raise ValueError(f"similar must be [P] = [{left.shape[0]}], got {similar.shape}")
+  tr, va, te = split_indices(left.shape[0], fractions, seed)
+  if tr.size < batch_size:
+    raise ValueError(f"batch_size {batch_size} exceeds the {tr.size} training rows")
+  both = np.concatenate([left[tr], right[tr]])
+  mean, std = both.mean(0), both.std(0) + 1e-6
+  norm = lambda v: jnp.asarray((v - mean) / std)  # noqa: E731
+  data = {"a": norm(left[tr]), "b": norm(right[tr]), "similar": jnp.asarray(similar[tr])}
+  val = {"a": norm(left[va]), "b": norm(right[va]), "similar": jnp.asarray(similar[va])}
+  test = {"a": norm(left[te]), "b": norm(right[te]), "similar": jnp.asarray(similar[te])}
+
+  model = _PairScorer(head, encoders.MLP(features=tuple(hidden), dropout_rate=dropout_rate))
+  optimizer = optax.adam(learning_rate)
+  key = jax.random.key(seed)
+  k_init, k_fit = jax.random.split(key)
+
+  def init(k, a, b):
+    params = model.init(k, a, b)
+    return TrainState(params, optimizer.init(params))
+
+  state = jax.jit(init)(k_init, data["a"][:1], data["b"][:1])
+  steps = tr.size // batch_size
+
+  def prepare(k, data):
+    order = jax.random.permutation(k, data["a"].shape[0])[:steps * batch_size]
+    return {**data, "order": order.reshape(steps, batch_size)}
+
+  def sample(k, data, step):
+    idx = data["order"][step]
+    return {"a": data["a"][idx], "b": data["b"][idx], "similar": data["similar"][idx]}
+
+  def loss_fn(params, batch, dropout_key):
+    s = model.scores(params, batch["a"], batch["b"], train=True, key=dropout_key)
+    return jnp.mean(model.loss(s, batch["similar"], margin)), {}
+
+  @jax.jit
+  def eval_scores(params, split):
+    return model.scores(params, split["a"], split["b"])
+
+  @jax.jit
+  def val_loss(params, split):
+    return jnp.mean(model.loss(model.scores(params, split["a"], split["b"]), split["similar"],
+                               margin))
+
+  epoch_fn = make_train_epoch(loss_fn, optimizer, steps=steps, sample=sample, prepare=prepare)
+  t0 = time.perf_counter()
+  state, history = fit(epoch_fn, state, k_fit, data, epochs=epochs,
+                       val_loss=lambda p: val_loss(p, val), patience=patience, log=log)
+  train_time = time.perf_counter() - t0
+  s_val = np.asarray(eval_scores(state.params, val))
+  s_te = np.asarray(eval_scores(state.params, test))
+  val_acc, val_t = verification.best_threshold_accuracy(s_val, similar[va])
+  best_epoch = int(np.argmin([h["val_loss"] for h in history])) + 1
+  results = {
+      "head": head,
+      "val_best_accuracy": val_acc,
+      "val_best_threshold": val_t,
+      "test_accuracy": verification.accuracy_at(s_te, similar[te], val_t),
+      "test_verification": verification.verification_report(-s_te, similar[te]),
+      "rows": {"train": int(tr.size), "val": int(va.size), "test": int(te.size)},
+      "epochs_run": len(history),
+      "best_epoch": best_epoch,
+      "train_time_s": train_time,
+      "history": history,
+      "_roc_curves": {f"{head} (test)": (-s_te, similar[te])},
   }
   return results, state.params
