@@ -32,7 +32,8 @@ from siamjax.evaluation import verification
 __all__ = [
     "TrainState", "class_index_table", "keras_pairs", "random_pairs", "make_train_epoch", "fit",
     "machine_info", "mnist_contrastive", "split_indices", "vector_pairs", "pk_batch",
-    "mnist_triplet", "MINING",
+    "mnist_triplet", "MINING", "split_per_class", "sample_pairs", "image_folder",
+    "contact_sheet",
 ]
 
 
@@ -776,3 +777,265 @@ def mnist_triplet(
       "_roc_curves": {mining: (d_te, similar_te)},
   }
   return results, state.params
+
+
+# ---------------------------------------------------------------------------------
+# Image folders: SmallCNN pairs, N-way one-shot on held-out images, hardest mistakes
+# ---------------------------------------------------------------------------------
+
+
+def split_per_class(labels: np.ndarray, val_fraction: float, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Splits images by image, class by class: about ``val_fraction`` of each class held out.
+
+  Every class keeps at least one training and one held-out image (classes need two).
+
+  >>> tr, va = split_per_class(np.array([0, 0, 0, 0, 1, 1]), 0.5, seed=0)
+  >>> sorted(tr.tolist() + va.tolist()), len(va)
+  ([0, 1, 2, 3, 4, 5], 3)
+  """
+  if not 0 < val_fraction < 1:
+    raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  train, val = [], []
+  for c in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    if members.size < 2:
+      raise ValueError(f"labels: class {int(c)} has {members.size} image; each class needs two")
+    k = min(max(1, int(round(val_fraction * members.size))), members.size - 1)
+    val.append(members[:k])
+    train.append(members[k:])
+  return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def sample_pairs(key: jax.Array, table: jax.Array, counts: jax.Array, n_pairs: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """``n_pairs`` random pairs, alternating same-class and different-class, on the device.
+
+  Anchor classes are uniform; members uniform within a class; a positive is another
+  member of the anchor's class (classes need two members).
+
+  Args:
+    key: a ``jax.random`` key.
+    table, counts: from :func:`class_index_table`.
+    n_pairs: number of pairs (even).
+
+  Returns:
+    ``(pairs [n_pairs, 2] int32, similar [n_pairs] int32)``.
+  """
+  if n_pairs < 2 or n_pairs % 2:
+    raise ValueError(f"n_pairs must be an even number >= 2, got {n_pairs}")
+  table = jnp.asarray(table)
+  counts = jnp.asarray(counts)
+  c = table.shape[0]
+  h = n_pairs // 2
+  k_d, k_a, k_p, k_o, k_n = jax.random.split(key, 5)
+  d_H = jax.random.randint(k_d, (h,), 0, c)
+  a_H = jax.random.randint(k_a, (h,), 0, counts[d_H])
+  p_H = (a_H + jax.random.randint(k_p, (h,), 1, jnp.maximum(counts[d_H], 2))) % counts[d_H]
+  o_H = (d_H + jax.random.randint(k_o, (h,), 1, c)) % c
+  n_H = jax.random.randint(k_n, (h,), 0, counts[o_H])
+  anchor = table[d_H, a_H]
+  pos = jnp.stack([anchor, table[d_H, p_H]], axis=-1)
+  neg = jnp.stack([anchor, table[o_H, n_H]], axis=-1)
+  pairs = jnp.stack([pos, neg], axis=1).reshape(-1, 2)
+  return pairs.astype(jnp.int32), jnp.tile(jnp.array([1, 0], jnp.int32), h)
+
+
+def _one_shot_trials(key, y_query, table_sup, counts_sup, n_way):
+  """Per query: its class and ``n_way - 1`` other classes, one support member each.
+
+  Returns ``support [Q, n_way]`` positions (column 0 is the true class).
+  """
+  c = table_sup.shape[0]
+  k_cls, k_mem = jax.random.split(key)
+  noise_QxC = jax.random.uniform(k_cls, (y_query.shape[0], c))
+  noise_QxC = jnp.where(jnp.arange(c)[None, :] == y_query[:, None], jnp.inf, noise_QxC)
+  others = jnp.argsort(noise_QxC, axis=1)[:, :n_way - 1]
+  classes_QxN = jnp.concatenate([y_query[:, None], others], axis=1)
+  members = jax.random.randint(k_mem, classes_QxN.shape, 0, counts_sup[classes_QxN])
+  return table_sup[classes_QxN, members]
+
+
+def image_folder(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    val_fraction: float = 0.3,
+    epochs: int = 10,
+    steps_per_epoch: int = 100,
+    batch_pairs: int = 32,
+    learning_rate: float = 1e-3,
+    n_way: int = 5,
+    eval_pairs: int = 2000,
+    seed: int = 0,
+    log: Callable | None = None,
+) -> tuple[dict, Any]:
+  """A Siamese SmallCNN on a folder of class-named images, split by image.
+
+  :class:`siamjax.encoders.SmallCNN` towers sharing weights, the weighted-L1 logit head
+  of :class:`siamjax.models.SiameseNet`, sigmoid cross-entropy, Adam. Each step draws
+  ``batch_pairs`` balanced pairs among the training images on the device
+  (:func:`sample_pairs`). Evaluation on held-out images, each encoded once:
+
+  * pair accuracy at logit 0 (probability 0.5) over ``eval_pairs`` pairs whose first
+    image is held out and whose second is any other image;
+  * ``n_way``-way one-shot accuracy: each held-out image against one training image
+    of its class and of ``n_way - 1`` other classes;
+  * the hardest mistakes (highest-loss wrong pairs) for a contact sheet.
+
+  Args:
+    images: ``[N, H, W, C]`` uint8 images (scaled to [0, 1] on the device).
+    labels: ``[N]`` integer classes (each with at least two images).
+    val_fraction: held-out fraction of each class.
+    epochs, steps_per_epoch, batch_pairs, learning_rate: training settings.
+    n_way: classes per one-shot trial (capped at the number of classes).
+    eval_pairs: held-out pairs to score.
+    seed: root seed (split, init, pairs, dropout).
+    log: called with each epoch's metrics.
+
+  Returns:
+    ``(results, params)``: ``val_pair_accuracy``, ``val_one_shot_accuracy``, ``n_way``,
+    ``val_verification``, ``history``, ``train_time_s``, the split sizes, and
+    ``_mistakes`` (``[(left position, right position, similar, probability)]``, worst
+    first) and ``_roc_curves`` for the script (pop both before writing JSON).
+  """
+  from siamjax import models
+
+  images = np.asarray(images)
+  labels = np.asarray(labels, np.int32)
+  if images.ndim != 4 or images.shape[0] != labels.shape[0]:
+    raise ValueError(f"images must be [N, H, W, C] with N = labels' length, got "
+                     f"{images.shape} and {labels.shape}")
+  tr, va = split_per_class(labels, val_fraction, seed)
+  c = int(labels.max()) + 1
+  n_way = min(n_way, c)
+  table_tr, counts_tr = class_index_table(labels[tr], c)
+  table_all, counts_all = class_index_table(labels, c)
+  x = jnp.asarray(images)
+  net = models.SiameseNet(encoder=encoders.SmallCNN())
+  optimizer = optax.adam(learning_rate)
+  key = jax.random.key(seed)
+  k_init, k_fit, k_eval_pairs, k_shot = jax.random.split(key, 4)
+  scale = lambda u8: u8.astype(jnp.float32) / 255.0  # noqa: E731
+
+  def init(k, x1):
+    params = net.init(k, x1, x1)
+    return TrainState(params, optimizer.init(params))
+
+  state = jax.jit(init)(k_init, scale(x[:1]))
+  data = {"x": x, "train": jnp.asarray(tr, jnp.int32), "table": jnp.asarray(table_tr),
+          "counts": jnp.asarray(counts_tr)}
+
+  def sample(key, data, step):
+    del step
+    pairs, similar = sample_pairs(key, data["table"], data["counts"], batch_pairs)
+    pos = data["train"][pairs]  # table positions index the training subset
+    return {"x1": scale(data["x"][pos[:, 0]]), "x2": scale(data["x"][pos[:, 1]]),
+            "similar": similar}
+
+  def loss_fn(params, batch, dropout_key):
+    logits = net.apply(params, batch["x1"], batch["x2"], train=True,
+                       rngs={"dropout": dropout_key})
+    acc = jnp.mean(((logits > 0).astype(jnp.int32) == batch["similar"]).astype(jnp.float32))
+    return jnp.mean(losses.pair_bce_loss(logits, batch["similar"])), {"accuracy": acc}
+
+  epoch_fn = make_train_epoch(loss_fn, optimizer, steps=steps_per_epoch, sample=sample)
+  t0 = time.perf_counter()
+  state, history = fit(epoch_fn, state, k_fit, data, epochs=epochs, log=log)
+  jax.block_until_ready(state)
+  train_time = time.perf_counter() - t0
+
+  # Held-out pairs: first image held out, second any other image of the same / another class.
+  n_pairs = max(2, eval_pairs - eval_pairs % 2)
+  va_dev = jnp.asarray(va, jnp.int32)
+
+  @jax.jit
+  def evaluate(params, x, key_pairs, key_shot):
+    emb = net.apply(params, scale(x), method=net.embed)  # every image once
+    k_q, k_p, k_o, k_n = jax.random.split(key_pairs, 4)
+    h = n_pairs // 2
+    q = va_dev[jax.random.randint(k_q, (h,), 0, va_dev.shape[0])]
+    yq = jnp.asarray(labels)[q]
+    cnt = jnp.asarray(counts_all)
+    tab = jnp.asarray(table_all)
+    # a positive partner other than q itself: draw among the class's other members
+    rank_q = jnp.argmax(tab[yq] == q[:, None], axis=1)
+    p_rank = (rank_q + jax.random.randint(k_p, (h,), 1, cnt[yq])) % cnt[yq]
+    other = (yq + jax.random.randint(k_o, (h,), 1, c)) % c
+    n_rank = jax.random.randint(k_n, (h,), 0, cnt[other])
+    right = jnp.stack([tab[yq, p_rank], tab[other, n_rank]], axis=1).reshape(-1)
+    left = jnp.repeat(q, 2)
+    similar = jnp.tile(jnp.array([1, 0], jnp.int32), h)
+    logits = net.apply(params, emb[left], emb[right], method=net.head)
+    # One-shot: held-out queries against one training image per class.
+    support = _one_shot_trials(key_shot, jnp.asarray(labels)[va_dev], jnp.asarray(table_tr),
+                               jnp.asarray(counts_tr), n_way)
+    support = data["train"][support]
+    shot_logits = net.apply(params, emb[va_dev][:, None, :], emb[support], method=net.head)
+    shot_acc = jnp.mean((jnp.argmax(shot_logits, axis=1) == 0).astype(jnp.float32))
+    return left, right, similar, logits, shot_acc
+
+  left, right, similar, logits, shot_acc = jax.device_get(
+      evaluate(state.params, x, k_eval_pairs, k_shot))
+  prob = 1.0 / (1.0 + np.exp(-logits))
+  wrong = np.flatnonzero((logits > 0).astype(np.int32) != similar)
+  pair_loss = np.asarray(losses.pair_bce_loss(jnp.asarray(logits), jnp.asarray(similar)))
+  worst = wrong[np.argsort(-pair_loss[wrong])]
+  results = {
+      "val_pair_accuracy": float(np.mean((logits > 0).astype(np.int32) == similar)),
+      "val_one_shot_accuracy": float(shot_acc),
+      "n_way": n_way,
+      "val_verification": verification.verification_report(-logits, similar),
+      "images": {"train": int(tr.size), "val": int(va.size), "classes": c},
+      "image_shape": list(images.shape[1:]),
+      "epochs": len(history),
+      "steps_per_epoch": steps_per_epoch,
+      "batch_pairs": batch_pairs,
+      "train_time_s": train_time,
+      "history": history,
+      "_mistakes": [(int(left[i]), int(right[i]), int(similar[i]), float(prob[i]))
+                    for i in worst],
+      "_roc_curves": {"held-out pairs": (-logits, similar)},
+  }
+  return results, state.params
+
+
+def contact_sheet(path: str | os.PathLike, images: np.ndarray, mistakes: list, *,
+                  class_names: list[str] | None = None, labels: np.ndarray | None = None,
+                  max_pairs: int = 12, cell: int = 64) -> int:
+  """Writes a PNG of mistaken pairs, one row per pair: left, right, and a caption.
+
+  Args:
+    path: the PNG to write.
+    images: ``[N, H, W, C]`` uint8 images.
+    mistakes: ``(left, right, similar, probability)`` tuples, worst first
+      (``results["_mistakes"]`` of :func:`image_folder`).
+    class_names, labels: to caption each image with its class.
+    max_pairs: rows in the sheet.
+    cell: pixel size of each image in the sheet.
+
+  Returns:
+    The number of pairs drawn.
+  """
+  from PIL import Image, ImageDraw
+
+  rows = mistakes[:max_pairs]
+  text_w = 190
+  sheet = Image.new("RGB", (2 * cell + text_w, max(1, len(rows)) * cell), "white")
+  draw = ImageDraw.Draw(sheet)
+  if not rows:
+    draw.text((4, 4), "no mistakes", fill="black")
+  for r, (i, j, same, p) in enumerate(rows):
+    for k, idx in enumerate((i, j)):
+      im = images[idx]
+      im = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).convert("RGB")
+      sheet.paste(im.resize((cell, cell)), (k * cell, r * cell))
+    name = (lambda idx: class_names[labels[idx]] if class_names is not None
+            and labels is not None else "")
+    caption = (f"{'same' if same else 'different'}, p(same)={p:.2f}\n"
+               f"{name(i)[:14]} | {name(j)[:14]}")
+    draw.text((2 * cell + 6, r * cell + 6), caption, fill="black")
+  sheet.save(path)
+  return len(rows)

@@ -18,7 +18,7 @@ import pathlib
 import numpy as np
 
 __all__ = ["IMAGE_SUFFIXES", "load_image_folder", "load_vector_pairs_csv",
-           "write_synthetic_vector_pairs_csv"]
+           "write_synthetic_vector_pairs_csv", "write_synthetic_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -225,3 +225,31 @@ def load_image_folder(
   if grayscale:
     x = x[..., None]
   return x, np.asarray(labels, np.int32), [d.name for d in class_dirs], paths
+
+
+def write_synthetic_image_folder(root: str | os.PathLike, *, classes: int = 4,
+                                 per_class: int = 10, seed: int = 0) -> None:
+  """Writes ``root/class_k/img_j.png``: per class a coloured shape, at random sizes and spots.
+
+  Images have random sizes (20 to 40 pixels a side) so loaders must resize. For tests,
+  smoke runs and demos.
+  """
+  from PIL import Image, ImageDraw
+
+  rng = np.random.default_rng(seed)
+  root = pathlib.Path(root)
+  colours = rng.integers(40, 256, (classes, 3))
+  for c in range(classes):
+    folder = root / f"class_{c:02d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for j in range(per_class):
+      w, h = (int(v) for v in rng.integers(20, 41, 2))
+      pixels = rng.integers(0, 40, (h, w, 3)).astype(np.uint8)
+      im = Image.fromarray(pixels)
+      draw = ImageDraw.Draw(im)
+      box = (w * 0.2 + rng.uniform(-2, 2), h * 0.2 + rng.uniform(-2, 2), w * 0.8, h * 0.8)
+      shape = [draw.rectangle, draw.ellipse][c % 2]
+      shape(box, fill=tuple(int(v) for v in colours[c]))
+      if c % 3 == 2:
+        draw.line((0, 0, w, h), fill=(255, 255, 255), width=2)
+      im.save(folder / f"img_{j:03d}.png")
