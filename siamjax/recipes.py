@@ -684,6 +684,7 @@ def mnist_triplet(
     steps_per_epoch: int | None = None,
     learning_rate: float = 1e-3,
     margin: float = 1.0,
+    normalize: bool = False,
     seed: int = 0,
     log: Callable | None = None,
 ) -> tuple[dict, Any]:
@@ -706,6 +707,10 @@ def mnist_triplet(
     classes_per_batch, per_class: P and K.
     steps_per_epoch: default ``N // (P K)`` (one epoch sees about N images).
     learning_rate, margin, seed: training settings.
+    normalize: scale embeddings to unit length before the loss and at evaluation. The
+      tower ends in a ReLU, so an unnormalised embedding can collapse to 0, a fixed
+      point with zero gradient; batch-hard mining falls into it on MNIST (use
+      ``normalize=True`` with a margin of about 0.2 there).
     log: called with each epoch's metrics.
 
   Returns:
@@ -735,8 +740,15 @@ def mnist_triplet(
     positions, labels = pk_batch(key, data["table"], data["counts"], classes_per_batch, per_class)
     return {"x": data["x"][positions], "labels": labels}
 
+  def embed(params, x, **kwargs):
+    emb = net.apply(params, x, **kwargs)
+    if normalize:
+      emb = emb / jnp.maximum(distances.safe_sqrt(jnp.sum(jnp.square(emb), -1, keepdims=True)),
+                              1e-6)
+    return emb
+
   def loss_fn(params, batch, dropout_key):
-    emb = net.apply(params, batch["x"], train=True, rngs={"dropout": dropout_key})
+    emb = embed(params, batch["x"], train=True, rngs={"dropout": dropout_key})
     per_anchor = loss_per_anchor(emb, batch["labels"], margin=margin)
     active = jnp.mean((per_anchor > 0).astype(jnp.float32))
     return jnp.mean(per_anchor), {"active_anchors": active}
@@ -752,7 +764,7 @@ def mnist_triplet(
 
   @jax.jit
   def evaluate(params, x_tr, x_te, pairs_tr, pairs_te, y_te):
-    emb_tr, emb_te = net.apply(params, x_tr), net.apply(params, x_te)
+    emb_tr, emb_te = embed(params, x_tr), embed(params, x_te)
     return (_pair_distances(emb_tr, pairs_tr), _pair_distances(emb_te, pairs_te),
             verification.recall_at_1(emb_te, y_te))
 
@@ -772,6 +784,8 @@ def mnist_triplet(
       "steps_per_epoch": steps,
       "epochs": len(history),
       "margin": margin,
+      "normalize": normalize,
+      "learning_rate": learning_rate,
       "train_time_s": train_time,
       "history": history,
       "_roc_curves": {mining: (d_te, similar_te)},
