@@ -127,3 +127,18 @@ def test_mnist_contrastive_learns_synthetic_digits():
   assert results["test_verification"]["auc"] > 0.95
   assert results["test_recall_at_1"] > 0.9
   assert len(results["history"]) == 2
+
+
+def test_python_loop_matches_scan():
+  data, sample, loss_fn = _toy_problem()
+  opt = optax.adam(0.1)
+  out = {}
+  for loop in ("scan", "python"):
+    epoch = recipes.make_train_epoch(loss_fn, opt, steps=7, sample=sample, loop=loop)
+    state = recipes.TrainState(jnp.zeros(3), opt.init(jnp.zeros(3)))
+    out[loop] = recipes.fit(epoch, state, jax.random.key(1), data, epochs=2)
+  np.testing.assert_allclose(out["scan"][0].params, out["python"][0].params, rtol=1e-5)
+  for a, b in zip(out["scan"][1], out["python"][1]):
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+  with pytest.raises(ValueError, match="loop"):
+    recipes.make_train_epoch(loss_fn, opt, steps=1, sample=sample, loop="while")
