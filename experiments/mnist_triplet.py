@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _common  # noqa: E402
+import _recipe_io as _common  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
