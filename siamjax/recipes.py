@@ -241,19 +241,14 @@ def make_train_epoch(
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step_and_sum(state, sums, s, key, epoch_data):
     state, metrics = step(state, key, epoch_data, s)
-    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    return state, sums, s + 1
-
-  @jax.jit
-  def first_step(state, s, key, epoch_data):
-    state, metrics = step(state, key, epoch_data, s)
-    return state, metrics, s + 1
+    return state, jax.tree.map(jnp.add, sums, metrics), s + 1
 
   def epoch(state: TrainState, key: jax.Array, data: Any):
     key, epoch_data = start_jit(key, data)
     s = jnp.zeros((), jnp.int32)
-    state, sums, s = first_step(state, s, key, epoch_data)
-    for _ in range(steps - 1):
+    shapes = jax.eval_shape(step, state, key, epoch_data, s)[1]
+    sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    for _ in range(steps):
       state, sums, s = step_and_sum(state, sums, s, key, epoch_data)
     return state, jax.tree.map(lambda v: v / steps, sums)
 

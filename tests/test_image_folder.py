@@ -63,8 +63,8 @@ def test_sample_pairs_alternate_and_respect_classes():
 
 @pytest.mark.slow
 def test_image_folder_learns_and_draws_mistakes(folder, tmp_path):
-  x, y, names, _ = folders.load_image_folder(folder, size=(24, 24))
-  results, _ = recipes.image_folder(x, y, epochs=3, steps_per_epoch=20, batch_pairs=16,
+  x, y, names, _ = folders.load_image_folder(folder, size=(20, 20))
+  results, _ = recipes.image_folder(x, y, epochs=2, steps_per_epoch=20, batch_pairs=16,
                                     n_way=4, eval_pairs=200)
   assert results["images"] == {"train": 24, "val": 8, "classes": 4}
   assert results["val_pair_accuracy"] > 0.75
