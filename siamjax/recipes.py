@@ -315,8 +315,9 @@ def fit(
 
 
 def machine_info() -> dict:
-  """The machine a result was measured on: processor, cores, JAX devices, versions."""
+  """The machine a result was measured on: processor, cores, load, JAX devices, versions."""
   return {
+      "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
       "platform": platform.platform(),
       "processor": platform.processor() or platform.machine(),
       "nproc": os.cpu_count(),
