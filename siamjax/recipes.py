@@ -236,21 +236,25 @@ def make_train_epoch(
 
     return jax.jit(epoch, donate_argnums=0)
 
-  start_jit = jax.jit(start)
+  @jax.jit
+  def begin(state, key, data):
+    key, epoch_data = start(key, data)
+    s = jnp.zeros((), jnp.int32)
+    shapes = jax.eval_shape(step, state, key, epoch_data, s)[1]
+    return key, epoch_data, s, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step_and_sum(state, sums, s, key, epoch_data):
     state, metrics = step(state, key, epoch_data, s)
     return state, jax.tree.map(jnp.add, sums, metrics), s + 1
 
+  mean = jax.jit(lambda sums: jax.tree.map(lambda v: v / steps, sums))
+
   def epoch(state: TrainState, key: jax.Array, data: Any):
-    key, epoch_data = start_jit(key, data)
-    s = jnp.zeros((), jnp.int32)
-    shapes = jax.eval_shape(step, state, key, epoch_data, s)[1]
-    sums = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    key, epoch_data, s, sums = begin(state, key, data)
     for _ in range(steps):
       state, sums, s = step_and_sum(state, sums, s, key, epoch_data)
-    return state, jax.tree.map(lambda v: v / steps, sums)
+    return state, mean(sums)
 
   return epoch
 

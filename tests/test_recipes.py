@@ -142,3 +142,16 @@ def test_python_loop_matches_scan():
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
   with pytest.raises(ValueError, match="loop"):
     recipes.make_train_epoch(loss_fn, opt, steps=1, sample=sample, loop="while")
+
+
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_epoch_moves_nothing_between_host_and_device(loop):
+  data, sample, loss_fn = _toy_problem()
+  opt = optax.adam(0.1)
+  epoch = recipes.make_train_epoch(loss_fn, opt, steps=5, sample=sample, loop=loop)
+  state = recipes.TrainState(jnp.zeros(3), opt.init(jnp.zeros(3)))
+  key = jax.random.key(0)
+  state, _ = epoch(state, key, data)  # compile outside the guard
+  with jax.transfer_guard("disallow"):
+    state, metrics = epoch(state, key, data)
+    jax.block_until_ready((state, metrics))
