@@ -657,6 +657,8 @@ def vector_pairs(
       "val_best_threshold": val_t,
       "test_accuracy": verification.accuracy_at(s_te, similar[te], val_t),
       "test_verification": verification.verification_report(-s_te, similar[te]),
+      "threshold_units": ("distance (same when <= threshold)" if head == "contrastive" else
+                          "negated logit (same when -logit <= threshold)"),
       "rows": {"train": int(tr.size), "val": int(va.size), "test": int(te.size)},
       "epochs_run": len(history),
       "best_epoch": best_epoch,
@@ -1041,6 +1043,7 @@ def image_folder(
       "val_one_shot_accuracy": float(shot_acc),
       "n_way": n_way,
       "val_verification": verification.verification_report(-logits, similar),
+      "threshold_units": "negated logit (same when -logit <= threshold)",
       "images": {"train": int(tr.size), "val": int(va.size), "classes": c},
       "image_shape": list(images.shape[1:]),
       "epochs": len(history),
