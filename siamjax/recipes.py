@@ -1051,11 +1051,22 @@ def image_folder(
       "batch_pairs": batch_pairs,
       "train_time_s": train_time,
       "history": history,
-      "_mistakes": [(int(left[i]), int(right[i]), int(similar[i]), float(prob[i]))
-                    for i in worst],
+      "_mistakes": _unique_pairs([(int(left[i]), int(right[i]), int(similar[i]),
+                                   float(prob[i])) for i in worst]),
       "_roc_curves": {"held-out pairs": (-logits, similar)},
   }
   return results, state.params
+
+
+def _unique_pairs(mistakes: list) -> list:
+  """Keeps the first occurrence of each unordered image pair (eval pairs may repeat)."""
+  seen, out = set(), []
+  for m in mistakes:
+    key = (min(m[0], m[1]), max(m[0], m[1]))
+    if key not in seen:
+      seen.add(key)
+      out.append(m)
+  return out
 
 
 def contact_sheet(path: str | os.PathLike, images: np.ndarray, mistakes: list, *,
