@@ -1,0 +1,279 @@
+"""Verification metrics: accept or reject a pair by thresholding its score.
+
+A verification system says "same" when a pair's *score* is at least a threshold
+(higher = more similar). For distances pass ``-distance`` as the score, or use
+:func:`verification_report`, which takes distances and reports thresholds in distance
+units ("same" when ``distance <= threshold``).
+
+* :func:`roc_curve` (false-accept rate, true-accept rate, thresholds), :func:`auc`;
+* :func:`equal_error_rate`: where false accepts equal false rejects;
+* :func:`threshold_at_far`: the threshold for a target false-accept rate;
+* :func:`best_threshold_accuracy`: the threshold with the highest pair accuracy (choose
+  it on validation pairs, then apply it to test pairs with :func:`accuracy_at`);
+* :func:`save_roc_png`: the ROC curve as a small PNG;
+* :func:`recall_at_1`: does each embedding's nearest neighbour share its label?
+
+These run once after training, on the host in NumPy (the ROC needs one sort); only
+:func:`recall_at_1`, which needs all distances between embeddings, runs in JAX.
+Labels: ``similar = 1`` for a same-class pair, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from siamjax import distances as _distances
+
+__all__ = [
+    "roc_curve", "auc", "equal_error_rate", "threshold_at_far", "best_threshold_accuracy",
+    "accuracy_at", "verification_report", "save_roc_png", "recall_at_1",
+]
+
+
+def _scores_labels(scores, similar) -> tuple[np.ndarray, np.ndarray]:
+  scores = np.asarray(scores, dtype=np.float64)
+  similar = np.asarray(similar)
+  if scores.ndim != 1 or scores.size == 0:
+    raise ValueError(f"scores must be a non-empty [P] array, got shape {scores.shape}")
+  if similar.shape != scores.shape:
+    raise ValueError(f"similar must have the shape of scores {scores.shape}, got {similar.shape}")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("scores must be finite (found NaN or inf)")
+  bad = np.setdiff1d(np.unique(similar), [0, 1])
+  if bad.size:
+    raise ValueError(f"similar must hold only 0 and 1 (1 = same class), found {bad[:5].tolist()}")
+  similar = similar.astype(bool)
+  if similar.all() or not similar.any():
+    raise ValueError("similar must contain both same (1) and different (0) pairs")
+  return scores, similar
+
+
+def roc_curve(scores, similar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """ROC curve of pair scores: one point per distinct score, plus the origin.
+
+  Args:
+    scores: ``[P]`` pair scores, higher = more similar (e.g. ``-distance`` or a logit).
+    similar: ``[P]`` 0/1 labels, 1 for a same-class pair.
+
+  Returns:
+    ``(far [T], tar [T], thresholds [T])``: at threshold ``t`` (predict "same" when
+    ``score >= t``), ``far`` is the false-accept rate (false positive rate) and ``tar``
+    the true-accept rate (recall). The first threshold is ``+inf`` (accept nothing).
+    Equal to ``sklearn.metrics.roc_curve(similar, scores, drop_intermediate=False)``.
+
+  >>> far, tar, t = roc_curve([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])
+  >>> far.tolist(), tar.tolist(), t[1:].tolist()
+  ([0.0, 0.0, 0.5, 0.5, 1.0], [0.0, 0.5, 0.5, 1.0, 1.0], [0.9, 0.8, 0.3, 0.1])
+  """
+  scores, similar = _scores_labels(scores, similar)
+  order = np.argsort(-scores, kind="stable")
+  s = scores[order]
+  y = similar[order]
+  last_of_value = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
+  tps = np.cumsum(y)[last_of_value]
+  fps = (last_of_value + 1) - tps
+  far = np.r_[0.0, fps / (~similar).sum()]
+  tar = np.r_[0.0, tps / similar.sum()]
+  return far, tar, np.r_[np.inf, s[last_of_value]]
+
+
+def auc(far: np.ndarray, tar: np.ndarray) -> float:
+  """Area under a ROC curve (trapezoids), from :func:`roc_curve`'s ``far, tar``.
+
+  >>> auc(*roc_curve([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])[:2])
+  0.75
+  """
+  far = np.asarray(far, np.float64)
+  tar = np.asarray(tar, np.float64)
+  return float(np.sum(np.diff(far) * (tar[1:] + tar[:-1]) / 2.0))
+
+
+def equal_error_rate(far, tar, thresholds) -> tuple[float, float]:
+  """Equal error rate: where the false-accept rate equals the false-reject rate ``1 - tar``.
+
+  Interpolates linearly between the two ROC points around the crossing.
+
+  Args:
+    far, tar, thresholds: from :func:`roc_curve`.
+
+  Returns:
+    ``(eer, threshold)``: the rate, and the score threshold of the first ROC point at
+    or past the crossing.
+
+  >>> far, tar, t = roc_curve([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])
+  >>> equal_error_rate(far, tar, t)
+  (0.5, 0.8)
+  """
+  far = np.asarray(far, np.float64)
+  frr = 1.0 - np.asarray(tar, np.float64)
+  gap = far - frr  # increases from -1 to +1 along the curve
+  i = int(np.argmax(gap >= 0))
+  if i == 0:
+    return float(far[0]), float(thresholds[0])
+  g0, g1 = gap[i - 1], gap[i]
+  w = g0 / (g0 - g1) if g1 != g0 else 0.0
+  eer = far[i - 1] + w * (far[i] - far[i - 1])
+  return float(eer), float(thresholds[i])
+
+
+def threshold_at_far(far, tar, thresholds, target_far: float) -> dict:
+  """The threshold with the highest true-accept rate whose false-accept rate is ``<= target_far``.
+
+  Args:
+    far, tar, thresholds: from :func:`roc_curve`.
+    target_far: the largest acceptable false-accept rate, in ``[0, 1]``.
+
+  Returns:
+    ``{"target_far", "threshold", "far", "tar"}`` (``threshold`` is a score; ``+inf``
+    when even the strictest finite threshold accepts too many impostors).
+
+  >>> far, tar, t = roc_curve([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])
+  >>> threshold_at_far(far, tar, t, 0.0)
+  {'target_far': 0.0, 'threshold': 0.9, 'far': 0.0, 'tar': 0.5}
+  """
+  if not 0.0 <= float(target_far) <= 1.0:
+    raise ValueError(f"target_far must be in [0, 1], got {target_far}")
+  far = np.asarray(far, np.float64)
+  i = int(np.flatnonzero(far <= target_far)[-1])
+  return {"target_far": float(target_far), "threshold": float(thresholds[i]),
+          "far": float(far[i]), "tar": float(tar[i])}
+
+
+def best_threshold_accuracy(scores, similar) -> tuple[float, float]:
+  """The score threshold with the highest pair accuracy on these pairs.
+
+  Args:
+    scores: ``[P]`` pair scores, higher = more similar.
+    similar: ``[P]`` 0/1 labels.
+
+  Returns:
+    ``(accuracy, threshold)``: predict "same" when ``score >= threshold``. Pick the
+    threshold on validation pairs; accuracy on the same pairs is optimistic.
+
+  >>> best_threshold_accuracy([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0])
+  (1.0, 0.8)
+  """
+  scores, y = _scores_labels(scores, similar)
+  far, tar, thresholds = roc_curve(scores, y)
+  n_pos, n_neg = y.sum(), (~y).sum()
+  acc = (tar * n_pos + (1.0 - far) * n_neg) / y.size
+  i = int(np.argmax(acc))
+  return float(acc[i]), float(thresholds[i])
+
+
+def accuracy_at(scores, similar, threshold: float) -> float:
+  """Pair accuracy when "same" means ``score >= threshold``.
+
+  >>> accuracy_at([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0], 0.5)
+  0.5
+  """
+  scores, y = _scores_labels(scores, similar)
+  return float(np.mean((scores >= threshold) == y))
+
+
+def verification_report(distance, similar, *, target_fars=(1e-1, 1e-2, 1e-3),
+                        roc_points: int = 0) -> dict:
+  """ROC-AUC, EER and thresholds of pairs scored by a *distance* (smaller = more similar).
+
+  Args:
+    distance: ``[P]`` pair distances.
+    similar: ``[P]`` 0/1 labels, 1 for a same-class pair.
+    target_fars: false-accept rates for which to report the threshold and accept rate.
+    roc_points: when > 0, also return the ROC subsampled to about this many points
+      (``roc_far``, ``roc_tar``) for plotting later.
+
+  Returns:
+    A JSON-ready dict: ``auc``, ``eer``, ``eer_threshold``, ``best_accuracy``,
+    ``best_threshold``, and ``at_far`` (one entry per target); every threshold is a
+    distance: predict "same" when ``distance <= threshold``.
+
+  >>> r = verification_report([0.1, 0.2, 0.7, 0.9], [1, 1, 0, 0])
+  >>> r["auc"], r["eer"], r["best_accuracy"], r["best_threshold"]
+  (1.0, 0.0, 1.0, 0.2)
+  """
+  scores = -np.asarray(distance, np.float64)
+  far, tar, thresholds = roc_curve(scores, similar)
+  eer, eer_t = equal_error_rate(far, tar, thresholds)
+  best_acc, best_t = best_threshold_accuracy(scores, similar)
+  at_far = []
+  for target in target_fars:
+    r = threshold_at_far(far, tar, thresholds, target)
+    r["threshold"] = -r["threshold"]
+    at_far.append(r)
+  report = {"auc": auc(far, tar), "eer": eer, "eer_threshold": -eer_t,
+            "best_accuracy": best_acc, "best_threshold": -best_t, "at_far": at_far,
+            "pairs": int(scores.size)}
+  if roc_points > 0:
+    keep = np.unique(np.linspace(0, far.size - 1, roc_points).astype(int))
+    report["roc_far"] = far[keep].tolist()
+    report["roc_tar"] = tar[keep].tolist()
+  return report
+
+
+def save_roc_png(path: str | os.PathLike, curves: dict, *, title: str = "ROC") -> None:
+  """Writes ROC curves to a small PNG (matplotlib, Agg backend).
+
+  Args:
+    path: the ``.png`` file to write.
+    curves: ``label -> (distance [P], similar [P])``; each curve's legend shows its AUC
+      and EER, and its EER point is marked.
+    title: the figure title.
+  """
+  import matplotlib  # optional: only needed for plots
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  if not curves:
+    raise ValueError("curves must name at least one (distance, similar) pair")
+  fig, ax = plt.subplots(figsize=(4.5, 4.0), dpi=90)
+  for label, (dist, similar) in curves.items():
+    far, tar, thresholds = roc_curve(-np.asarray(dist, np.float64), similar)
+    eer, _ = equal_error_rate(far, tar, thresholds)
+    ax.plot(far, tar, lw=1.5, label=f"{label} (AUC {auc(far, tar):.4f}, EER {eer:.3f})")
+    ax.plot([eer], [1.0 - eer], "o", ms=4, color=ax.lines[-1].get_color())
+  ax.plot([0, 1], [1, 0], ":", lw=0.8, color="grey")
+  ax.set_xlabel("false-accept rate")
+  ax.set_ylabel("true-accept rate")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.set_title(title)
+  ax.legend(loc="lower right", fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def recall_at_1(embeddings: jax.Array, labels: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
+  """Fraction of embeddings whose nearest other embedding (Euclidean) has the same label.
+
+  Args:
+    embeddings: ``[N, D]`` floating embeddings.
+    labels: ``[N]`` integer labels.
+    chunk_size: rows per distance block (memory ``O(chunk_size * N)``).
+
+  Returns:
+    A scalar in ``[0, 1]``.
+
+  >>> import jax.numpy as jnp
+  >>> float(recall_at_1(jnp.array([[0.0], [0.1], [1.0], [5.0]]), jnp.array([0, 0, 1, 1])))
+  0.75
+  """
+  emb = jnp.asarray(embeddings)
+  labels = jnp.asarray(labels)
+  if emb.ndim != 2 or emb.shape[0] < 2:
+    raise ValueError(f"embeddings must be [N, D] with N >= 2, got shape {emb.shape}")
+  if labels.shape != (emb.shape[0],):
+    raise ValueError(f"labels must be [N] = [{emb.shape[0]}], got shape {labels.shape}")
+  n = emb.shape[0]
+  hits = []
+  for start in range(0, n, chunk_size):
+    rows = jnp.arange(start, min(start + chunk_size, n))
+    d = _distances.pairwise_distances(emb[rows], emb, distance="squared_euclidean")
+    d = jnp.where(rows[:, None] == jnp.arange(n)[None, :], jnp.inf, d)
+    hits.append(labels[jnp.argmin(d, axis=1)] == labels[rows])
+  return jnp.mean(jnp.concatenate(hits).astype(jnp.float32))
