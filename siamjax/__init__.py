@@ -7,9 +7,14 @@ Modules (one concept each):
 * :mod:`siamjax.encoders`: Flax encoders (Koch 2015 convnet, MLP, SmallCNN, TextCNN).
 * :mod:`siamjax.models`: Siamese networks built from an encoder and a pair head.
 * :mod:`siamjax.parallel`: data-parallel meshes, shardings and cross-device losses.
+* :mod:`siamjax.sampling`: on-device pair/group sampling and Koch's affine distortions.
+* :mod:`siamjax.train`: the fused, jitted train step and the resumable training loop.
+* :mod:`siamjax.evaluation`: one-shot tasks and verification metrics.
+* :mod:`siamjax.data`, :mod:`siamjax.recipes`, :mod:`siamjax.fewshot`: datasets,
+  end-to-end recipes and few-shot text classification (import them explicitly).
 """
 
-from siamjax import distances, encoders, losses, models, parallel
+from siamjax import distances, encoders, evaluation, losses, models, parallel, sampling, train
 from siamjax.distances import (
     cosine_distance,
     cosine_similarity,
@@ -38,7 +43,7 @@ from siamjax.models import SiameseNet, koch_siamese
 __version__ = "0.1.0"
 
 __all__ = [
-    "distances", "encoders", "losses", "models", "parallel",
+    "distances", "encoders", "evaluation", "losses", "models", "parallel", "sampling", "train",
     "l1", "euclidean", "squared_euclidean", "cosine_similarity", "cosine_distance",
     "inverse_distance_similarity", "exp_similarity", "pairwise_distances",
     "contrastive_loss", "pair_bce_loss", "triplet_margin_loss", "batch_all_triplet_loss",

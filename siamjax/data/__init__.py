@@ -1,4 +1,10 @@
-"""Datasets loaded into arrays (one module per dataset)."""
+"""Datasets loaded into arrays (one module per dataset).
+
+* :mod:`siamjax.data.omniglot`: Lake's Omniglot zips, the 20 one-shot runs, tfds source.
+* :mod:`siamjax.data.mnist`: MNIST IDX files or tfds.
+* :mod:`siamjax.data.folders`: folders of class-named image subfolders; vector-pair CSVs.
+* :mod:`siamjax.data.thucnews`: THUCNews titles for few-shot text classification.
+"""
 
 from siamjax.data.omniglot import (
     LakeRuns,

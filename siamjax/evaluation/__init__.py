@@ -1,4 +1,10 @@
-"""Evaluation: N-way one-shot tasks (Lake's runs, random tasks) scored on the device."""
+"""Evaluation on the device: N-way one-shot tasks and pair verification.
+
+* :mod:`siamjax.evaluation.oneshot`: Lake's 20-way runs and random N-way tasks, scored
+  in one jitted call, with a 95% interval.
+* :mod:`siamjax.evaluation.verification`: ROC, AUC, EER, the threshold for a target
+  false-accept rate, best-threshold accuracy, recall@1, ROC plots.
+"""
 
 from siamjax.evaluation.oneshot import (
     LAKE_PROTOCOL,
@@ -11,5 +17,19 @@ from siamjax.evaluation.oneshot import (
     sample_oneshot_tasks,
 )
 
-__all__ = ["LAKE_PROTOCOL", "OneShotResult", "accuracy_interval", "evaluate_oneshot",
+from siamjax.evaluation.verification import (
+    accuracy_at,
+    auc,
+    best_threshold_accuracy,
+    equal_error_rate,
+    recall_at_1,
+    roc_curve,
+    save_roc_png,
+    threshold_at_far,
+    verification_report,
+)
+
+__all__ = ["accuracy_at", "auc", "best_threshold_accuracy", "equal_error_rate", "recall_at_1",
+           "roc_curve", "save_roc_png", "threshold_at_far", "verification_report",
+           "LAKE_PROTOCOL", "OneShotResult", "accuracy_interval", "evaluate_oneshot",
            "neg_squared_euclidean", "oneshot_predictions", "pixel_embed", "sample_oneshot_tasks"]
