@@ -5,8 +5,9 @@
   python experiments/omniglot_koch.py --preset quick --num-steps 2000   # any Config knob
   python experiments/omniglot_koch.py --eval-only --baseline pixels --workdir /tmp/px
 
-Data: --data-dir, else $SIAMJAX_DATA_DIR (a folder with omniglot/*.zip); --download fetches
-Lake's zips with checksum verification. Re-running a command resumes from --workdir.
+Data: --data-dir, else $SIAMJAX_DATA_DIR (a folder with omniglot/*.zip); a missing zip is
+downloaded from Lake's repository into it (or into ~/.cache/siamjax) with SHA-256
+verification (--download False to refuse). Re-running a command resumes from --workdir.
 """
 
 from __future__ import annotations
@@ -67,6 +68,21 @@ def _cpu_conv_flag() -> None:
         f"SIAMJAX_NO_XLA_FLAGS=1 to skip)", file=sys.stderr)
 
 
+def _run(p, args, cfg, preset, workdir, command):
+  from siamjax.recipes import omniglot_koch
+  if args.baseline == "pixels":
+    return omniglot_koch.pixel_baseline(cfg, workdir, command=command)
+  if args.eval_only:
+    if not (workdir / "checkpoints").is_dir():
+      p.error(f"--eval-only needs a trained --workdir (no checkpoints in {workdir})")
+    return omniglot_koch.train_and_evaluate(cfg, workdir, command=command, progress=False,
+                                           eval_only=True)
+  print(f"preset {preset}: {cfg.model} / {cfg.loss}, {cfg.num_steps} steps -> {workdir}",
+        file=sys.stderr)
+  return omniglot_koch.train_and_evaluate(cfg, workdir, command=command,
+                                         progress=not args.no_progress)
+
+
 def main(argv=None) -> int:
   _cpu_conv_flag()
   from siamjax.recipes.omniglot_koch import Config
@@ -88,7 +104,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   import jax
-  from siamjax.recipes import omniglot_koch
+  from siamjax.data import omniglot
   preset = args.preset
   if preset is None:
     platform = jax.devices()[0].platform
@@ -101,18 +117,11 @@ def main(argv=None) -> int:
   workdir = Path(args.workdir or f"runs/omniglot_koch_{preset}")
   command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + list(
       sys.argv[1:] if argv is None else argv))
-  if args.baseline == "pixels":
-    res = omniglot_koch.pixel_baseline(cfg, workdir, command=command)
-  elif args.eval_only:
-    if not (workdir / "checkpoints").is_dir():
-      p.error(f"--eval-only needs a trained --workdir (no checkpoints in {workdir})")
-    res = omniglot_koch.train_and_evaluate(cfg, workdir, command=command, progress=False,
-                                           eval_only=True)
-  else:
-    print(f"preset {preset}: {cfg.model} / {cfg.loss}, {cfg.num_steps} steps -> {workdir}",
-          file=sys.stderr)
-    res = omniglot_koch.train_and_evaluate(cfg, workdir, command=command,
-                                           progress=not args.no_progress)
+  try:
+    res = _run(p, args, cfg, preset, workdir, command)
+  except omniglot.OmniglotDataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   lo, hi = res["lake_20way_ci95"]
   print(json.dumps({"preset": res["preset"], "lake_20way_accuracy": res["lake_20way_accuracy"],
                     "ci95": [round(lo, 4), round(hi, 4)], "lake_trials": res["lake_trials"],

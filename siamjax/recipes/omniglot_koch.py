@@ -99,7 +99,7 @@ class Config:
   # Data.
   data_dir: str | None = None
   cache_dir: str | None = None
-  download: bool = False
+  download: bool = True  # fetch a missing zip from Lake's repository (SHA-256 checked)
   source: str = "zip"
 
   def replace(self, **kw) -> "Config":
