@@ -85,6 +85,8 @@ def _run(p, args, cfg, preset, workdir, command):
 
 def main(argv=None) -> int:
   _cpu_conv_flag()
+  from siamjax import parallel
+  parallel.initialize_distributed()  # multi-host: before any other JAX call; else no-op
   from siamjax.recipes.omniglot_koch import Config
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)

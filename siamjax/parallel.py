@@ -233,9 +233,10 @@ def initialize_distributed(*, force: bool = False) -> bool:
   """Starts multi-host JAX (``jax.distributed.initialize()``) when running on a cluster.
 
   Call it once per process before any other JAX call. It runs when ``force`` is set, or
-  when the environment names a coordinator (``JAX_COORDINATOR_ADDRESS``) or a launcher
-  whose variables JAX detects itself (SLURM with more than one task, Open MPI, Cloud
-  TPU pods). On a single machine it does nothing.
+  when the environment names a coordinator (``JAX_COORDINATOR_ADDRESS``, with
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` for a hand-made launch) or a launcher
+  whose variables JAX detects itself (SLURM with more than one task, Open MPI). On a
+  single machine it does nothing.
 
   Args:
     force: call ``jax.distributed.initialize()`` even when no cluster is detected
@@ -258,5 +259,9 @@ def initialize_distributed(*, force: bool = False) -> bool:
   )
   if not (force or cluster):
     return False
-  jax.distributed.initialize()
+  kwargs = {}
+  for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if var in env:
+      kwargs[arg] = int(env[var])
+  jax.distributed.initialize(**kwargs)
   return True
