@@ -16,7 +16,7 @@ of pairs) and ``lake`` (time of Lake's 20 runs x 20 trials = 400 one-shot trials
 image encoded once, all 20x20 scores of a run from the embeddings). Warm-up (and
 compile) time is reported apart; each repeat is clocked between device syncs.
 
-FLOPs are counted from the layer shapes (:func:`koch_forward_flops`, 1.819 GFLOP per
+FLOPs are counted from the layer shapes (:func:`koch_forward_flops`, 1.817 GFLOP per
 105x105 image forward) and cross-checked against XLA's cost analysis.
 """
 
@@ -60,7 +60,7 @@ def koch_forward_flops() -> dict[str, int]:
     (under 0.1%).
 
   >>> f = koch_forward_flops(); f["total"]
-  1819247616
+  1817247744
   """
   out = {name: 2 * hw * hw * c * k for name, hw, c, k in _LAYERS}
   out["total"] = sum(out.values())
@@ -72,7 +72,7 @@ def koch_flops_per_pair() -> dict[str, int]:
   weight gradients; conv1 needs no input gradient).
 
   >>> koch_flops_per_pair()["train"]
-  10679496704
+  10667556864
   """
   f = koch_forward_flops()
   return {"infer": 2 * f["total"], "train": 2 * (3 * f["total"] - f["conv1"])}
@@ -459,7 +459,8 @@ def plot(rows: list, path: str, title: str) -> None:
     ax.set_ylabel("pairs/s (median)")
     ax.set_title(f"{mode}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if series:
+      ax.legend(fontsize=7)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
