@@ -383,6 +383,7 @@ def machine() -> dict:
       "jax": jax.__version__, "siamjax": siamjax.__version__,
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
       "siamjax_fast_cpu_flags": sxla.fast_cpu_enabled(),
+      "loadavg_at_start": os.getloadavg(),
   }
   try:
     import torch
@@ -469,7 +470,7 @@ def plot(rows: list, path: str, title: str) -> None:
 
 @dataclasses.dataclass
 class Config:
-  batches: tuple = (32, 128)
+  batches: tuple = (32, 64)
   repeats: int = 3
   steps: int = 1
   modes: tuple = ("train", "infer", "lake")
@@ -547,6 +548,7 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
           "fraction_of_peak: TFLOP/s over the best measured matmul TFLOP/s of that dtype.",
       ],
       "rows": rows,
+      "loadavg_at_end": os.getloadavg(),
       "wall_s": time.time() - t_start,
   }
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

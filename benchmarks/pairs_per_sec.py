@@ -28,7 +28,7 @@ def main(argv=None) -> None:
   p.add_argument("--out", help="JSON path (default benchmarks/results/<device-slug>.json)")
   p.add_argument("--png", help="plot path (default: --out with .png; none with --smoke)")
   p.add_argument("--batches", type=int, nargs="+", help="batch sizes in pairs "
-                 "(default 32 128 on a CPU, 32 128 512 on a GPU)")
+                 "(default 32 64 on a CPU, 32 128 512 on a GPU)")
   p.add_argument("--repeats", type=int, help="timed repeats per row (default 3 CPU, 10 GPU)")
   p.add_argument("--steps", type=int, help="steps per timed repeat (default 1 CPU, 10 GPU)")
   p.add_argument("--modes", nargs="+", choices=["train", "infer", "lake"])
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
   on_cpu = jax.default_backend() == "cpu"
   cfg = harness.Config()
   if on_cpu:
-    cfg.batches, cfg.repeats, cfg.steps = (32, 128), 3, 1
+    cfg.batches, cfg.repeats, cfg.steps = (32, 64), 3, 1
   else:
     cfg.batches, cfg.repeats, cfg.steps = (32, 128, 512), 10, 10
   if args.smoke:
