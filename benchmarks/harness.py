@@ -558,7 +558,11 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
   print(f"matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in peak.items()))
   print(f"parameter check: {params} -> {'ok' if not bad else 'MISMATCH'}")
   if png:
-    plot(timed, png, f"Koch Siamese net, {info['device_kind']} / {info['cpu_model']}")
+    try:
+      plot(timed, png, f"Koch Siamese net, {info['device_kind']} / {info['cpu_model']}")
+    except ImportError:
+      print("matplotlib not installed (pip install '.[bench]'): no PNG written")
+      png = None
   print(f"wrote {out}" + (f" and {png}" if png else "") + f" in {record['wall_s']:.0f}s")
   return record
 

@@ -1,5 +1,6 @@
 """Tests of benchmarks/pairs_per_sec.py's parts and of siamjax.xla (no timing asserts)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -155,4 +156,5 @@ def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
     sj = next(r for r in rows if r["impl"] == "siamjax" and r["mode"] == "train")
     assert sj["vs_torch_eager"] > 0
   assert rec["machine"]["nproc"] >= 1 and rec["command"] == "pytest"
-  assert (tmp_path / "bench.png").stat().st_size > 0
+  if importlib.util.find_spec("matplotlib") is not None:
+    assert (tmp_path / "bench.png").stat().st_size > 0
