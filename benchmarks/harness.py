@@ -12,8 +12,8 @@ parameters, checked) on one device, side by side in one process:
 * ``keras``: skipped (no Keras reference is written; the run says so).
 
 Modes: ``train`` (forward, backward, SGD-momentum update), ``infer`` (logits of a batch
-of pairs) and ``lake`` (time of Lake's 20 runs x 20 trials = 400 one-shot trials: each
-image encoded once, all 20x20 scores of a run from the embeddings). Warm-up (and
+of pairs) and ``lake`` (time of Lake's 20 runs x 20 trials = 400 one-shot trials: all 800
+images encoded once in one batch, every run's 20x20 scores from the embeddings). Warm-up (and
 compile) time is reported apart; each repeat is clocked between device syncs.
 
 FLOPs are counted from the layer shapes (:func:`koch_forward_flops`, 1.817 GFLOP per
@@ -164,16 +164,18 @@ def siamjax_train_step(net, batch: int):
 
 
 def siamjax_lake(net):
-  """Jitted Lake evaluation: ``(params, test [R,20,...], train [R,20,...]) -> correct [R,20]``."""
+  """Jitted Lake evaluation: ``(params, test [R,20,...], train [R,20,...]) -> correct [R,20]``.
 
-  def one_run(params, test, train):
-    h = net.apply(params, jnp.concatenate([test, train], 0), method=net.embed)
-    n = test.shape[0]
-    scores = net.apply(params, h[:n, None, :], h[None, n:, :], method=net.head)  # [20, 20]
-    return jnp.argmax(scores, axis=1) == jnp.arange(n)
+  Every image is encoded once, all ``R x 40`` in one batch; each run's 20x20 scores come
+  from the embeddings through the pair head.
+  """
 
   def lake(params, test, train):
-    return jax.lax.map(lambda tt: one_run(params, *tt), (test, train))
+    runs, n = test.shape[:2]
+    images = jnp.concatenate([test, train], 1).reshape(runs * 2 * n, *test.shape[2:])
+    h = net.apply(params, images, method=net.embed).reshape(runs, 2 * n, -1)
+    scores = net.apply(params, h[:, :n, None, :], h[:, None, n:, :], method=net.head)
+    return jnp.argmax(scores, axis=2) == jnp.arange(n)[None, :]  # [R, 20]
 
   return jax.jit(lake)
 
@@ -298,14 +300,12 @@ def bench_torch(cfg, dtype_name: str, compiled: bool, results: list, log):
     test, train = (torch.from_numpy(a).permute(0, 1, 4, 2, 3).to(dev) for a in _lake_images(cfg))
 
     def run_lake():
-      correct = []
+      runs, n = test.shape[:2]
       with torch.inference_mode(), ac():
-        for r in range(test.shape[0]):
-          x = torch.cat([test[r], train[r]], 0).contiguous(memory_format=fmt_infer)
-          h = embed(x).float()
-          scores = model.score(h[:20, None, :], h[None, 20:, :])
-          correct.append(scores.argmax(1) == torch.arange(20, device=dev))
-      return correct
+        x = torch.cat([test, train], 1).reshape(runs * 2 * n, 1, 105, 105)
+        h = embed(x.contiguous(memory_format=fmt_infer)).float().reshape(runs, 2 * n, -1)
+        scores = model.score(h[:, :n, None, :], h[:, None, n:, :])
+        return scores.argmax(2) == torch.arange(n, device=dev)[None, :]
 
     t = _clock(run_lake, sync, cfg.repeats)
     results.append(_row(common, "lake", cfg.lake_runs * 20, 1, t))

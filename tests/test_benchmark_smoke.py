@@ -158,3 +158,16 @@ def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
   assert rec["machine"]["nproc"] >= 1 and rec["command"] == "pytest"
   if importlib.util.find_spec("matplotlib") is not None:
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_siamjax_lake_finds_the_identical_image():
+  net = koch_siamese()
+  x = jnp.zeros((1, 105, 105, 1))
+  params = net.init(jax.random.key(0), x, x)
+  # A head that scores smaller L1 distances higher: an identical image must win.
+  params["params"]["head"]["kernel"] = -jnp.abs(params["params"]["head"]["kernel"])
+  test = jax.random.uniform(jax.random.key(1), (1, 20, 105, 105, 1))
+  correct = harness.siamjax_lake(net)(params, test, test)
+  assert correct.shape == (1, 20) and bool(jnp.all(correct))
+  shuffled = test[:, ::-1]
+  assert not bool(jnp.any(harness.siamjax_lake(net)(params, test, shuffled)))
