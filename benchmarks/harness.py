@@ -1,0 +1,589 @@
+"""Measurement code behind ``benchmarks/pairs_per_sec.py`` (siamjax vs reference Koch nets).
+
+Every implementation runs the Koch et al. (2015) Siamese network (38,951,745
+parameters, checked) on one device, side by side in one process:
+
+* ``siamjax``: :func:`siamjax.models.koch_siamese`, float32 and bf16 compute (float32
+  parameters). Its training step samples the pairs on the device from a uint8 image bank
+  (gather + cast inside the jitted step, keys from ``fold_in(key, step)``); Koch's affine
+  augmentation is NOT in the step yet.
+* ``torch``: the reference in :mod:`torch_koch`, eager and ``torch.compile``, float32 and
+  autocast bf16. It receives ready-made device batches, which favours it.
+* ``keras``: skipped (no Keras reference is written; the run says so).
+
+Modes: ``train`` (forward, backward, SGD-momentum update), ``infer`` (logits of a batch
+of pairs) and ``lake`` (time of Lake's 20 runs x 20 trials = 400 one-shot trials: all 800
+images encoded once in one batch, every run's 20x20 scores from the embeddings). Warm-up (and
+compile) time is reported apart; each repeat is clocked between device syncs.
+
+FLOPs are counted from the layer shapes (:func:`koch_forward_flops`, 1.817 GFLOP per
+105x105 image forward) and cross-checked against XLA's cost analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import siamjax
+from siamjax import losses, models
+from siamjax import xla as sxla
+
+KOCH_PARAMS = 38_951_745
+_LAYERS = (  # (output H=W, out channels, kernel H*W*in channels) of each matmul-like layer
+    ("conv1", 96, 64, 10 * 10 * 1),
+    ("conv2", 42, 128, 7 * 7 * 64),
+    ("conv3", 18, 128, 4 * 4 * 128),
+    ("conv4", 6, 256, 4 * 4 * 128),
+    ("dense", 1, 4096, 9216),
+)
+
+
+def koch_forward_flops() -> dict[str, int]:
+  """FLOPs (2 x multiply-adds) of one 105x105 image through the Koch tower, per layer.
+
+  Returns:
+    ``{layer: flops}`` plus ``"total"``; bias, ReLU, pooling and sigmoid are left out
+    (under 0.1%).
+
+  >>> f = koch_forward_flops(); f["total"]
+  1817247744
+  """
+  out = {name: 2 * hw * hw * c * k for name, hw, c, k in _LAYERS}
+  out["total"] = sum(out.values())
+  return out
+
+
+def koch_flops_per_pair() -> dict[str, int]:
+  """Counted FLOPs per pair: ``infer`` (2 images forward) and ``train`` (forward, input and
+  weight gradients; conv1 needs no input gradient).
+
+  >>> koch_flops_per_pair()["train"]
+  10667556864
+  """
+  f = koch_forward_flops()
+  return {"infer": 2 * f["total"], "train": 2 * (3 * f["total"] - f["conv1"])}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Timing:
+  compile_s: float
+  times_s: list[float]
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.times_s)
+
+
+def _clock(run: Callable[[], Any], sync: Callable[[Any], None], repeats: int,
+           warmup: int = 1) -> Timing:
+  t0 = time.perf_counter()
+  sync(run())
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup - 1):
+    sync(run())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    sync(run())
+    times.append(time.perf_counter() - t0)
+  return Timing(compile_s, times)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def synthetic_bank(key: jax.Array, classes: int, drawers: int) -> jax.Array:
+  """A ``[classes, drawers, 105, 105]`` uint8 bank of stroke-like binary images.
+
+  Each class is a random low-resolution template upsampled to 105x105; each drawer adds
+  its own noise before thresholding, so drawings of one class look alike.
+  """
+  k1, k2 = jax.random.split(key)
+  template = jax.random.normal(k1, (classes, 1, 15, 15))
+  template = jax.image.resize(template, (classes, 1, 105, 105), "bilinear")
+  noise = jax.random.normal(k2, (classes, drawers, 105, 105))
+  return jnp.where(template + 0.3 * noise > 1.0, 255, 0).astype(jnp.uint8)
+
+
+def sample_pairs(bank: jax.Array, key: jax.Array, batch: int):
+  """Half same-class, half different-class pairs from ``bank`` (on the device).
+
+  Returns ``x1, x2`` float32 ``[batch, 105, 105, 1]`` in [0, 1] and ``similar`` [batch].
+  """
+  classes, drawers = bank.shape[:2]
+  kc, ks, ko, kd = jax.random.split(key, 4)
+  c1 = jax.random.randint(kc, (batch,), 0, classes)
+  similar = jax.random.bernoulli(ks, 0.5, (batch,))
+  c2 = jnp.where(similar, c1, (c1 + jax.random.randint(ko, (batch,), 1, classes)) % classes)
+  d = jax.random.randint(kd, (2, batch), 0, drawers)
+  x1 = bank[c1, d[0]].astype(jnp.float32)[..., None] / 255.0
+  x2 = bank[c2, d[1]].astype(jnp.float32)[..., None] / 255.0
+  return x1, x2, similar.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- siamjax
+
+
+def _optimizer():
+  return optax.sgd(1e-3, momentum=0.9)
+
+
+def siamjax_train_step(net, batch: int):
+  """The jitted siamjax step: sample pairs from the bank, loss, grad, SGD update."""
+  opt = _optimizer()
+
+  def step(state, bank, key):
+    params, opt_state, i = state
+    x1, x2, similar = sample_pairs(bank, jax.random.fold_in(key, i), batch)
+
+    def loss_fn(p):
+      return jnp.mean(losses.pair_bce_loss(net.apply(p, x1, x2), similar))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, i + 1), loss
+
+  return jax.jit(step, donate_argnums=0), opt
+
+
+def siamjax_lake(net):
+  """Jitted Lake evaluation: ``(params, test [R,20,...], train [R,20,...]) -> correct [R,20]``.
+
+  Every image is encoded once, all ``R x 40`` in one batch; each run's 20x20 scores come
+  from the embeddings through the pair head.
+  """
+
+  def lake(params, test, train):
+    runs, n = test.shape[:2]
+    images = jnp.concatenate([test, train], 1).reshape(runs * 2 * n, *test.shape[2:])
+    h = net.apply(params, images, method=net.embed).reshape(runs, 2 * n, -1)
+    scores = net.apply(params, h[:, :n, None, :], h[:, None, n:, :], method=net.head)
+    return jnp.argmax(scores, axis=2) == jnp.arange(n)[None, :]  # [R, 20]
+
+  return jax.jit(lake)
+
+
+def bench_siamjax(cfg, dtype_name: str, results: list, log):
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+  net = models.koch_siamese(dtype=dtype)
+  key = jax.random.key(cfg.seed)
+  x0 = jnp.zeros((1, 105, 105, 1))
+  bank = synthetic_bank(jax.random.fold_in(key, 1), cfg.bank_classes, cfg.bank_drawers)
+  sync = jax.block_until_ready
+  params0 = net.init(key, x0, x0)
+  n_params = sum(p.size for p in jax.tree.leaves(params0))
+  common = {"impl": "siamjax", "variant": "jit", "dtype": dtype_name, "params": int(n_params)}
+  for batch in cfg.batches:
+    if "train" in cfg.modes:
+      step, opt = siamjax_train_step(net, batch)
+      state = [(jax.tree.map(jnp.copy, params0), opt.init(params0), jnp.int32(0))]
+      skey = jax.random.fold_in(key, 2)
+
+      def run_train(step=step, state=state, skey=skey):
+        loss = None
+        for _ in range(cfg.steps):
+          state[0], loss = step(state[0], bank, skey)
+        return loss
+
+      t = _clock(run_train, sync, cfg.repeats)
+      results.append(_row(common, "train", batch, cfg.steps, t))
+      log(results[-1])
+      del state
+    if "infer" in cfg.modes:
+      k1, k2 = jax.random.split(jax.random.fold_in(key, 3))
+      x1 = jax.random.uniform(k1, (batch, 105, 105, 1))
+      x2 = jax.random.uniform(k2, (batch, 105, 105, 1))
+      infer = jax.jit(net.apply)
+      t = _clock(lambda: [infer(params0, x1, x2) for _ in range(cfg.steps)][-1], sync,
+                 cfg.repeats)
+      results.append(_row(common, "infer", batch, cfg.steps, t))
+      log(results[-1])
+  if "lake" in cfg.modes:
+    test, train = _lake_images(cfg)
+    test, train = jnp.asarray(test), jnp.asarray(train)
+    lake = siamjax_lake(net)
+    t = _clock(lambda: lake(params0, test, train), sync, cfg.repeats)
+    results.append(_row(common, "lake", cfg.lake_runs * 20, 1, t))
+    log(results[-1])
+  return n_params
+
+
+def _lake_images(cfg):
+  rng = np.random.default_rng(cfg.seed)
+  shape = (cfg.lake_runs, 20, 105, 105, 1)
+  return (rng.random(shape, dtype=np.float32), rng.random(shape, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+def bench_torch(cfg, dtype_name: str, compiled: bool, results: list, log):
+  import torch
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import torch_koch
+
+  torch.manual_seed(cfg.seed)
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  on_gpu = dev.type == "cuda"
+
+  def sync(_):
+    if on_gpu:
+      torch.cuda.synchronize()
+
+  autocast = dtype_name == "bfloat16"
+  variant = "compile" if compiled else "eager"
+  model = torch_koch.KochSiamese().to(dev)
+  n_params = torch_koch.num_params(model)
+  common = {"impl": "torch", "variant": variant, "dtype": dtype_name, "params": int(n_params)}
+  # Channels-last where it helps: always on the GPU; on the CPU it helps inference only
+  # (training ran ~1.7x slower channels-last with torch 2.13 on a 2-core CPU).
+  fmt_train = torch.channels_last if on_gpu else torch.contiguous_format
+  fmt_infer = torch.channels_last
+  ac = lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast)  # noqa: E731
+  for batch in cfg.batches:
+    if "train" in cfg.modes:
+      model = model.to(memory_format=fmt_train)
+      opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+      fwd = torch.compile(model) if compiled else model
+      x1 = torch.rand(batch, 1, 105, 105, device=dev).to(memory_format=fmt_train)
+      x2 = torch.rand(batch, 1, 105, 105, device=dev).to(memory_format=fmt_train)
+      y = (torch.rand(batch, device=dev) > 0.5).float()
+
+      def run_train(fwd=fwd, opt=opt, x1=x1, x2=x2, y=y):
+        loss = None
+        for _ in range(cfg.steps):
+          opt.zero_grad(set_to_none=True)
+          with ac():
+            logits = fwd(x1, x2)
+          loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+          loss.backward()
+          opt.step()
+        return loss
+
+      t = _clock(run_train, sync, cfg.repeats)
+      results.append(_row(common, "train", batch, cfg.steps, t))
+      log(results[-1])
+    if "infer" in cfg.modes:
+      model = model.to(memory_format=fmt_infer)
+      fwd = torch.compile(model) if compiled else model
+      x1 = torch.rand(batch, 1, 105, 105, device=dev).to(memory_format=fmt_infer)
+      x2 = torch.rand(batch, 1, 105, 105, device=dev).to(memory_format=fmt_infer)
+
+      def run_infer(fwd=fwd, x1=x1, x2=x2):
+        with torch.inference_mode(), ac():
+          return [fwd(x1, x2) for _ in range(cfg.steps)][-1]
+
+      t = _clock(run_infer, sync, cfg.repeats)
+      results.append(_row(common, "infer", batch, cfg.steps, t))
+      log(results[-1])
+  if "lake" in cfg.modes:
+    model = model.to(memory_format=fmt_infer)
+    embed = torch.compile(model.embed) if compiled else model.embed
+    test, train = (torch.from_numpy(a).permute(0, 1, 4, 2, 3).to(dev) for a in _lake_images(cfg))
+
+    def run_lake():
+      runs, n = test.shape[:2]
+      with torch.inference_mode(), ac():
+        x = torch.cat([test, train], 1).reshape(runs * 2 * n, 1, 105, 105)
+        h = embed(x.contiguous(memory_format=fmt_infer)).float().reshape(runs, 2 * n, -1)
+        scores = model.score(h[:, :n, None, :], h[:, None, n:, :])
+        return scores.argmax(2) == torch.arange(n, device=dev)[None, :]
+
+    t = _clock(run_lake, sync, cfg.repeats)
+    results.append(_row(common, "lake", cfg.lake_runs * 20, 1, t))
+    log(results[-1])
+  return n_params
+
+
+# ----------------------------------------------------------------------------- peak
+
+
+def matmul_peak(n: int, repeats: int) -> dict[str, float]:
+  """Measured TFLOP/s of an ``n x n`` matmul in JAX (float32, bf16) and torch (float32)."""
+  out = {}
+  for name, dt in (("jax_float32", jnp.float32), ("jax_bfloat16", jnp.bfloat16)):
+    a = jax.random.normal(jax.random.key(0), (n, n), dt)
+    mm = jax.jit(jnp.matmul)
+    t = _clock(lambda a=a, mm=mm: mm(a, a), jax.block_until_ready, repeats)
+    out[name] = 2 * n**3 / t.median / 1e12
+  try:
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, dt in (("torch_float32", torch.float32), ("torch_bfloat16", torch.bfloat16)):
+      a = torch.randn(n, n, device=dev, dtype=dt)
+      sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
+      t = _clock(lambda a=a: a @ a, sync, repeats)
+      out[name] = 2 * n**3 / t.median / 1e12
+  except ImportError:
+    pass
+  return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _row(common: dict, mode: str, batch: int, steps: int, t: Timing) -> dict:
+  per_step = [s / steps for s in t.times_s]
+  step_s = statistics.median(per_step)
+  row = dict(common, mode=mode, batch=batch, steps_per_repeat=steps,
+             compile_and_first_s=t.compile_s, step_s=step_s, step_s_all=per_step,
+             step_s_min=min(per_step), step_s_max=max(per_step))
+  if mode == "lake":
+    row["trials"] = batch
+    row["eval_s"] = step_s
+  else:
+    row["pairs_per_s"] = batch / step_s
+    row["pairs_per_s_spread"] = [batch / max(per_step), batch / min(per_step)]
+    row["tflops"] = koch_flops_per_pair()[mode] * batch / step_s / 1e12
+  return row
+
+
+def _annotate(rows: list, peak: dict) -> None:
+  peaks = {"float32": max(v for k, v in peak.items() if k.endswith("float32")),
+           "bfloat16": max(v for k, v in peak.items() if k.endswith("bfloat16"))}
+  for r in rows:
+    if "tflops" in r:
+      r["fraction_of_peak"] = r["tflops"] / peaks[r["dtype"]]
+    if r["impl"] != "siamjax":
+      continue
+    for ref in rows:
+      if ref["impl"] == "siamjax" or (ref["mode"], ref["batch"], ref["dtype"]) != (
+          r["mode"], r["batch"], r["dtype"]):
+        continue
+      key = f"vs_{ref['impl']}_{ref['variant']}"
+      r[key] = ref["step_s"] / r["step_s"]  # > 1: siamjax faster
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  info = {
+      "platform": platform.platform(), "processor": platform.processor(),
+      "cpu_model": _cpu_model(), "nproc": os.cpu_count(),
+      "jax_devices": [str(d) for d in jax.devices()], "jax_backend": jax.default_backend(),
+      "device_kind": dev.device_kind, "python": platform.python_version(),
+      "jax": jax.__version__, "siamjax": siamjax.__version__,
+      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+      "siamjax_fast_cpu_flags": sxla.fast_cpu_enabled(),
+      "loadavg_at_start": os.getloadavg(),
+  }
+  try:
+    import torch
+
+    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                torch_cuda=torch.cuda.is_available())
+  except ImportError:
+    info["torch"] = None
+  return info
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
+
+
+def device_slug() -> str:
+  """``cpu-<model>-<n>core`` or ``gpu-<device kind>``, lower case, for the results file name."""
+  if jax.default_backend() == "cpu":
+    name = f"cpu-{_cpu_model()}-{os.cpu_count()}core"
+  else:
+    name = f"{jax.default_backend()}-{jax.devices()[0].device_kind}"
+  return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def format_table(rows: list) -> str:
+  head = (f"{'impl':8} {'variant':8} {'dtype':8} {'mode':5} {'batch':>5} {'pairs/s':>9} "
+          f"{'spread':>15} {'step s':>8} {'compile s':>9} {'TFLOP/s':>8} {'%peak':>6} "
+          f"{'vs eager':>8} {'vs compile':>10}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    if r.get("skipped"):
+      lines.append(f"{r['impl']:8} skipped: {r['skipped']}")
+      continue
+    if r["mode"] == "lake":
+      rate, spread = f"{r['eval_s']:.2f}s/400" if r["trials"] == 400 else f"{r['eval_s']:.2f}s", ""
+    else:
+      rate = f"{r['pairs_per_s']:.1f}"
+      spread = f"{r['pairs_per_s_spread'][0]:.1f}-{r['pairs_per_s_spread'][1]:.1f}"
+    tfl = f"{r['tflops']:.3f}" if "tflops" in r else ""
+    pk = f"{100 * r['fraction_of_peak']:.0f}" if "fraction_of_peak" in r else ""
+    ve = f"{r['vs_torch_eager']:.2f}x" if "vs_torch_eager" in r else ""
+    vc = f"{r['vs_torch_compile']:.2f}x" if "vs_torch_compile" in r else ""
+    lines.append(f"{r['impl']:8} {r['variant']:8} {r['dtype']:8} {r['mode']:5} {r['batch']:5d} "
+                 f"{rate:>9} {spread:>15} {r['step_s']:8.3f} {r['compile_and_first_s']:9.1f} "
+                 f"{tfl:>8} {pk:>6} {ve:>8} {vc:>10}")
+  return "\n".join(lines)
+
+
+def plot(rows: list, path: str, title: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  for ax, mode in zip(axes, ("train", "infer")):
+    series: dict[str, list] = {}
+    for r in rows:
+      if r.get("mode") == mode:
+        series.setdefault(f"{r['impl']} {r['variant']} {r['dtype']}", []).append(
+            (r["batch"], r["pairs_per_s"]))
+    for name, pts in sorted(series.items()):
+      pts.sort()
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (pairs)")
+    ax.set_ylabel("pairs/s (median)")
+    ax.set_title(f"{mode}")
+    ax.grid(alpha=0.3)
+    if series:
+      ax.legend(fontsize=7)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+@dataclasses.dataclass
+class Config:
+  batches: tuple = (32, 64)
+  repeats: int = 3
+  steps: int = 1
+  modes: tuple = ("train", "infer", "lake")
+  dtypes: tuple = ("float32", "bfloat16")
+  torch_compile: bool = True
+  lake_runs: int = 20
+  bank_classes: int = 100
+  bank_drawers: int = 20
+  matmul_n: int = 4096
+  seed: int = 0
+
+
+def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
+  """Runs every implementation, prints the table, writes the JSON (and PNG). Returns the record."""
+  log = lambda r: print(  # noqa: E731
+      f"  {r['impl']} {r['variant']} {r['dtype']} {r['mode']} b={r['batch']}: "
+      f"step {r['step_s']:.3f}s (first call {r['compile_and_first_s']:.1f}s)", flush=True)
+  t_start = time.time()
+  info = machine()
+  print(f"device: {info['jax_devices'][0]} ({info['device_kind']}); {info['cpu_model']}, "
+        f"{info['nproc']} cores; fast CPU flags: {info['siamjax_fast_cpu_flags']}", flush=True)
+  rows: list = []
+  params = {}
+  for dt in cfg.dtypes:
+    params[f"siamjax_{dt}"] = bench_siamjax(cfg, dt, rows, log)
+  try:
+    import torch  # noqa: F401
+
+    variants = [False, True] if cfg.torch_compile else [False]
+    for compiled in variants:
+      for dt in cfg.dtypes:
+        try:
+          params[f"torch_{'compile' if compiled else 'eager'}_{dt}"] = bench_torch(
+              cfg, dt, compiled, rows, log)
+        except Exception as e:  # torch.compile needs a C++ toolchain on the CPU
+          if not compiled:
+            raise
+          rows.append({"impl": "torch", "variant": "compile", "dtype": dt,
+                       "skipped": f"torch.compile failed: {type(e).__name__}: {e}"[:300]})
+  except ImportError:
+    rows.append({"impl": "torch", "skipped": "torch not installed (pip install '.[bench]')"})
+  try:
+    import keras  # noqa: F401
+
+    rows.append({"impl": "keras", "skipped": "Keras is installed but no Keras reference is "
+                 "written yet"})
+  except ImportError:
+    rows.append({"impl": "keras", "skipped": "keras not installed (optional)"})
+  peak = matmul_peak(cfg.matmul_n, cfg.repeats)
+  timed = [r for r in rows if not r.get("skipped")]
+  _annotate(timed, peak)
+  bad = {k: v for k, v in params.items() if v != KOCH_PARAMS}
+  if bad:
+    raise RuntimeError(f"parameter count differs from {KOCH_PARAMS}: {bad}")
+  record = {
+      "command": command,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "git_commit": _git_commit(),
+      "machine": info,
+      "config": dataclasses.asdict(cfg),
+      "param_check": {"expected": KOCH_PARAMS, "counted": params, "ok": not bad},
+      "flops": {"forward_per_image": koch_forward_flops(), "per_pair": koch_flops_per_pair(),
+                "xla_cost_analysis_forward_per_image": _xla_flops(),
+                "note": "2 x multiply-adds of convolutions and dense layers; train = forward + "
+                        "weight gradients + input gradients (none for conv1)"},
+      "matmul_peak_tflops": peak,
+      "notes": [
+          "siamjax samples pairs on the device inside its jitted train step (gather + cast "
+          "from a synthetic uint8 bank); Koch's affine augmentation is not in the step yet.",
+          "torch receives ready-made batches already on its device, which favours it.",
+          "Optimizer: SGD lr 1e-3 momentum 0.9 in both; loss: pair BCE on the logits.",
+          "lake: 20 runs x 20 one-shot trials, random images, each image encoded once.",
+          "vs_*: step-time ratio reference/siamjax (>1 means siamjax is faster), same "
+          "mode, batch and dtype.",
+          "fraction_of_peak: TFLOP/s over the best measured matmul TFLOP/s of that dtype.",
+      ],
+      "rows": rows,
+      "loadavg_at_end": os.getloadavg(),
+      "wall_s": time.time() - t_start,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(record, f, indent=1)
+  print(format_table(rows))
+  print(f"matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in peak.items()))
+  print(f"parameter check: {params} -> {'ok' if not bad else 'MISMATCH'}")
+  if png:
+    try:
+      plot(timed, png, f"Koch Siamese net, {info['device_kind']} / {info['cpu_model']}")
+    except ImportError:
+      print("matplotlib not installed (pip install '.[bench]'): no PNG written")
+      png = None
+  print(f"wrote {out}" + (f" and {png}" if png else "") + f" in {record['wall_s']:.0f}s")
+  return record
+
+
+def _xla_flops() -> float | None:
+  net = models.koch_siamese()
+  x = jnp.zeros((1, 105, 105, 1))
+  params = jax.eval_shape(lambda: net.init(jax.random.key(0), x, x))
+  try:
+    cost = jax.jit(lambda p, x: net.apply(p, x, method=net.embed)).lower(params, x).compile()
+    cost = cost.cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0]
+    return float(cost["flops"])
+  except Exception:  # cost analysis is best-effort and backend-dependent
+    return None
+
+
+def _git_commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None

@@ -1,0 +1,72 @@
+"""Training and inference pairs/s of the Koch Siamese net: siamjax vs PyTorch (and Keras).
+
+Full run on this machine's default JAX device (a GPU when jax[cuda] is installed, else
+the CPU), holding the shared CPU lock on the project's machines::
+
+    flock /tmp/siamjax-cpu.lock python benchmarks/pairs_per_sec.py
+
+writes ``benchmarks/results/<device-slug>.json`` and ``.png`` and prints the table.
+CI smoke run (under a minute on a CPU, no timing claims)::
+
+    python benchmarks/pairs_per_sec.py --smoke --out /tmp/bench_smoke.json
+
+The script enables siamjax's fast CPU path (:func:`siamjax.xla.enable_fast_cpu`) before
+JAX starts, unless ``--no-fast-cpu``. All measuring code is in ``benchmarks/harness.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--smoke", action="store_true", help="tiny run for CI: batch 2, float32, eager")
+  p.add_argument("--out", help="JSON path (default benchmarks/results/<device-slug>.json)")
+  p.add_argument("--png", help="plot path (default: --out with .png; none with --smoke)")
+  p.add_argument("--batches", type=int, nargs="+", help="batch sizes in pairs "
+                 "(default 32 64 on a CPU, 32 128 512 on a GPU)")
+  p.add_argument("--repeats", type=int, help="timed repeats per row (default 3 CPU, 10 GPU)")
+  p.add_argument("--steps", type=int, help="steps per timed repeat (default 1 CPU, 10 GPU)")
+  p.add_argument("--modes", nargs="+", choices=["train", "infer", "lake"])
+  p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"])
+  p.add_argument("--no-torch-compile", action="store_true")
+  p.add_argument("--no-fast-cpu", action="store_true",
+                 help="leave XLA_FLAGS alone (measures JAX's default CPU convolutions)")
+  args = p.parse_args(argv)
+
+  import siamjax.xla
+
+  if not args.no_fast_cpu:
+    siamjax.xla.enable_fast_cpu()
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import harness
+  import jax
+
+  on_cpu = jax.default_backend() == "cpu"
+  cfg = harness.Config()
+  if on_cpu:
+    cfg.batches, cfg.repeats, cfg.steps = (32, 64), 3, 1
+  else:
+    cfg.batches, cfg.repeats, cfg.steps = (32, 128, 512), 10, 10
+  if args.smoke:
+    cfg.batches, cfg.repeats, cfg.steps = (2,), 1, 1
+    cfg.dtypes, cfg.torch_compile, cfg.lake_runs, cfg.matmul_n = ("float32",), False, 1, 512
+  for name in ("batches", "repeats", "steps", "modes", "dtypes"):
+    if getattr(args, name) is not None:
+      setattr(cfg, name, tuple(getattr(args, name)) if name in ("batches", "modes", "dtypes")
+              else getattr(args, name))
+  if args.no_torch_compile:
+    cfg.torch_compile = False
+  here = os.path.dirname(os.path.abspath(__file__))
+  out = args.out or os.path.join(here, "results", harness.device_slug() + ".json")
+  png = args.png or (None if args.smoke else os.path.splitext(out)[0] + ".png")
+  command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
+  harness.run(cfg, out, png, command)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,173 @@
+"""Tests of benchmarks/pairs_per_sec.py's parts and of siamjax.xla (no timing asserts)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from siamjax import koch_siamese, losses
+from siamjax import xla as sxla
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import harness  # noqa: E402
+
+
+def test_flop_count_matches_layers_and_xla():
+  f = harness.koch_forward_flops()
+  assert f["total"] == 1_817_247_744  # the issue's "1.82 GFLOP per 105x105 image"
+  assert f["conv2"] == 2 * 42 * 42 * 128 * 7 * 7 * 64
+  xla = harness._xla_flops()
+  if xla is not None:  # XLA also counts bias, ReLU, pooling: a little more
+    assert f["total"] <= xla <= 1.01 * f["total"]
+  assert harness.koch_flops_per_pair()["train"] == 2 * (3 * f["total"] - f["conv1"])
+
+
+def test_sample_pairs_labels_match_classes():
+  classes, drawers = 5, 3
+  # Image value encodes the class, so a pair is same-class iff its two images are equal.
+  bank = jnp.broadcast_to(jnp.arange(classes, dtype=jnp.uint8)[:, None, None, None] * 50,
+                          (classes, drawers, 105, 105))
+  x1, x2, similar = jax.jit(harness.sample_pairs, static_argnums=2)(bank, jax.random.key(0), 64)
+  assert x1.shape == x2.shape == (64, 105, 105, 1) and x1.dtype == jnp.float32
+  same = jnp.all(x1 == x2, axis=(1, 2, 3)).astype(jnp.float32)
+  np.testing.assert_array_equal(same, similar)
+  assert 0 < float(similar.mean()) < 1
+
+
+def test_synthetic_bank_shape_and_dtype():
+  bank = harness.synthetic_bank(jax.random.key(0), 4, 2)
+  assert bank.shape == (4, 2, 105, 105) and bank.dtype == jnp.uint8
+  assert 0 < float(jnp.mean(bank > 0)) < 1
+
+
+# With the paper's init two things make gradients ill-conditioned in float32, so that
+# correct implementations differ by percent: the tower's sigmoid saturates (s * (1 - s)
+# loses its digits), and convolution outputs are all close to the 0.5 biases, so a
+# max-pool's argmax is decided by rounding. The comparisons widen the convolution
+# kernels and shrink the dense one (same network, well-conditioned gradients).
+_GRAD_SCRIPT = """
+import sys, numpy as np, jax, jax.numpy as jnp
+from siamjax import koch_siamese, losses
+net = koch_siamese()
+k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+x1 = jax.random.uniform(k1, (1, 105, 105, 1)); x2 = jax.random.uniform(k2, (1, 105, 105, 1))
+params = net.init(k3, x1, x2)
+enc = params["params"]["encoder"]
+for name in ("conv1", "conv2", "conv3", "conv4"):
+  enc[name]["kernel"] = enc[name]["kernel"] * 10.0
+enc["dense"]["kernel"] = enc["dense"]["kernel"] * 1e-4
+y = jnp.array([1.0])
+f = lambda p: jnp.mean(losses.pair_bce_loss(net.apply(p, x1, x2), y))
+loss, g = jax.jit(jax.value_and_grad(f))(params)
+out = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(g)}
+out.update(loss=np.asarray(loss), logits=np.asarray(jax.jit(net.apply)(params, x1, x2)))
+"""
+
+
+@pytest.fixture(scope="module")
+def default_path():
+  """Loss, logits and gradients with this process's (default, non-fast) XLA flags."""
+  scope = {}
+  exec(_GRAD_SCRIPT, scope)
+  return scope
+
+
+def _assert_close(actual, desired, name, rtol):
+  scale = float(np.max(np.abs(desired))) or 1.0
+  np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * 0.1 * scale, err_msg=name)
+
+
+@pytest.mark.slow
+def test_torch_reference_matches_flax_forward_and_grad(default_path):
+  torch = pytest.importorskip("torch")
+  import torch_koch
+
+  ref = default_path
+  model = torch_koch.load_flax_params(torch_koch.KochSiamese(), ref["params"])
+  assert torch_koch.num_params(model) == 38_951_745
+  to_t = lambda a: torch.from_numpy(np.array(a).transpose(0, 3, 1, 2).copy())  # noqa: E731
+  logits = model(to_t(ref["x1"]), to_t(ref["x2"]))
+  _assert_close(logits.detach().numpy(), ref["out"]["logits"], "logits", 1e-5)
+  loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.ones(1))
+  loss.backward()
+  _assert_close(loss.item(), ref["out"]["loss"], "loss", 1e-5)
+  for name in ("conv1", "conv2", "conv3", "conv4"):
+    conv = getattr(model.tower, name)
+    key = f"['params']['encoder']['{name}']"
+    _assert_close(conv.weight.grad.numpy().transpose(2, 3, 1, 0), ref["out"][key + "['kernel']"],
+                  name, 1e-3)
+    _assert_close(conv.bias.grad.numpy(), ref["out"][key + "['bias']"], name, 1e-3)
+
+
+@pytest.mark.slow
+def test_fast_cpu_flags_give_the_same_results(default_path, tmp_path):
+  """The fast CPU path gives the plain Flax forward and gradients (float tolerance)."""
+  env = dict(os.environ, XLA_FLAGS=sxla.FAST_CPU_FLAGS, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  path = tmp_path / "fast.npz"
+  script = _GRAD_SCRIPT + "np.savez(sys.argv[1], **out)\n"
+  subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True, cwd=ROOT,
+                 timeout=300)
+  fast = dict(np.load(path))
+  assert fast.keys() == default_path["out"].keys()
+  for k, ref in default_path["out"].items():
+    _assert_close(fast[k], ref, k, 1e-3)
+
+
+def test_fast_cpu_enabled_parses_flags():
+  assert sxla.fast_cpu_enabled(sxla.FAST_CPU_FLAGS)
+  assert sxla.fast_cpu_enabled("--a=1 " + sxla.FAST_CPU_FLAGS + " --b=2")
+  assert not sxla.fast_cpu_enabled("")
+  assert not sxla.fast_cpu_enabled("--xla_cpu_experimental_ynn_fusion_type=dot")
+  with pytest.raises(ValueError, match="xla_flags"):
+    sxla.fast_cpu_enabled(3)
+
+
+def test_enable_fast_cpu_after_backend_init(monkeypatch):
+  jax.devices()  # the backend is up, as in any process that already used JAX
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  with pytest.raises(RuntimeError, match="before any other JAX use"):
+    sxla.enable_fast_cpu()
+  monkeypatch.setenv("XLA_FLAGS", sxla.FAST_CPU_FLAGS)
+  assert sxla.enable_fast_cpu() is False  # already set: a no-op
+
+
+@pytest.mark.slow
+def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
+  cfg = harness.Config(batches=(1,), repeats=1, steps=1, modes=("train", "lake"),
+                       dtypes=("float32",), torch_compile=False, lake_runs=1, bank_classes=4,
+                       bank_drawers=2, matmul_n=256)
+  out = tmp_path / "bench.json"
+  harness.run(cfg, str(out), str(tmp_path / "bench.png"), "pytest")
+  rec = json.loads(out.read_text())
+  assert rec["param_check"]["ok"]
+  assert all(v == 38_951_745 for v in rec["param_check"]["counted"].values())
+  rows = [r for r in rec["rows"] if not r.get("skipped")]
+  modes = {(r["impl"], r["mode"]) for r in rows}
+  assert ("siamjax", "train") in modes and ("siamjax", "lake") in modes
+  if any(k.startswith("torch") for k in rec["param_check"]["counted"]):
+    assert ("torch", "train") in modes
+    sj = next(r for r in rows if r["impl"] == "siamjax" and r["mode"] == "train")
+    assert sj["vs_torch_eager"] > 0
+  assert rec["machine"]["nproc"] >= 1 and rec["command"] == "pytest"
+  if importlib.util.find_spec("matplotlib") is not None:
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_siamjax_lake_finds_the_identical_image():
+  net = koch_siamese()
+  x = jnp.zeros((1, 105, 105, 1))
+  params = net.init(jax.random.key(0), x, x)
+  # A head that scores smaller L1 distances higher: an identical image must win.
+  params["params"]["head"]["kernel"] = -jnp.abs(params["params"]["head"]["kernel"])
+  test = jax.random.uniform(jax.random.key(1), (1, 20, 105, 105, 1))
+  correct = harness.siamjax_lake(net)(params, test, test)
+  assert correct.shape == (1, 20) and bool(jnp.all(correct))
+  shuffled = test[:, ::-1]
+  assert not bool(jnp.any(harness.siamjax_lake(net)(params, test, shuffled)))
