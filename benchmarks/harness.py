@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import optax
 import siamjax
 from siamjax import losses, models
 from siamjax import xla as sxla
+from siamjax.machine import cpu_model, machine_info
 
 KOCH_PARAMS = 38_951_745
 _LAYERS = (  # (output H=W, out channels, kernel H*W*in channels) of each matmul-like layer
@@ -374,17 +374,9 @@ def _annotate(rows: list, peak: dict) -> None:
 
 
 def machine() -> dict:
-  dev = jax.devices()[0]
-  info = {
-      "platform": platform.platform(), "processor": platform.processor(),
-      "cpu_model": _cpu_model(), "nproc": os.cpu_count(),
-      "jax_devices": [str(d) for d in jax.devices()], "jax_backend": jax.default_backend(),
-      "device_kind": dev.device_kind, "python": platform.python_version(),
-      "jax": jax.__version__, "siamjax": siamjax.__version__,
-      "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-      "siamjax_fast_cpu_flags": sxla.fast_cpu_enabled(),
-      "loadavg_at_start": os.getloadavg(),
-  }
+  info = {**machine_info(), "siamjax": siamjax.__version__,
+          "siamjax_fast_cpu_flags": sxla.fast_cpu_enabled(),
+          "loadavg_at_start": os.getloadavg()}
   try:
     import torch
 
@@ -395,21 +387,10 @@ def machine() -> dict:
   return info
 
 
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
 def device_slug() -> str:
   """``cpu-<model>-<n>core`` or ``gpu-<device kind>``, lower case, for the results file name."""
   if jax.default_backend() == "cpu":
-    name = f"cpu-{_cpu_model()}-{os.cpu_count()}core"
+    name = f"cpu-{cpu_model()}-{os.cpu_count()}core"
   else:
     name = f"{jax.default_backend()}-{jax.devices()[0].device_kind}"
   return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
@@ -555,7 +536,7 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
   with open(out, "w") as f:
     json.dump(record, f, indent=1)
   print(format_table(rows))
-  print(f"matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in peak.items()))
+  print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in peak.items()))
   print(f"parameter check: {params} -> {'ok' if not bad else 'MISMATCH'}")
   if png:
     try:

@@ -41,33 +41,6 @@ def _value(text: str):
     return text
 
 
-_FAST_CONV = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-
-
-def _cpu_conv_flag() -> None:
-  """XLA:CPU's default YNNPACK fusion makes conv weight gradients ~3x slower here
-  (docs: CALIBRATION.md); take convolutions off it unless the user set XLA_FLAGS or
-  SIAMJAX_NO_XLA_FLAGS. Must run before JAX starts its backends."""
-  flags = os.environ.get("XLA_FLAGS", "")
-  if os.environ.get("SIAMJAX_NO_XLA_FLAGS") or "ynn_fusion_type" in flags:
-    return
-  # Only for CPU-only installs of a jaxlib that knows the flag (unknown flags are fatal).
-  import importlib.metadata
-  import importlib.util
-  if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin",
-                                               "jax_rocm60_plugin", "libtpu")):
-    return
-  try:
-    major, minor = (int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2])
-  except (importlib.metadata.PackageNotFoundError, ValueError):
-    return
-  if (major, minor) < (0, 10):
-    return
-  os.environ["XLA_FLAGS"] = (flags + " " + _FAST_CONV).strip()
-  print(f"set XLA_FLAGS={os.environ['XLA_FLAGS']} (faster CPU convolutions; "
-        f"SIAMJAX_NO_XLA_FLAGS=1 to skip)", file=sys.stderr)
-
-
 def _run(p, args, cfg, preset, workdir, command):
   from siamjax.recipes import omniglot_koch
   if args.baseline == "pixels":
@@ -84,7 +57,10 @@ def _run(p, args, cfg, preset, workdir, command):
 
 
 def main(argv=None) -> int:
-  _cpu_conv_flag()
+  import siamjax.xla
+  if siamjax.xla.enable_fast_cpu():  # before JAX starts; see siamjax/xla.py
+    print(f"set XLA_FLAGS={os.environ['XLA_FLAGS']} (faster CPU convolutions; "
+          f"SIAMJAX_NO_XLA_FLAGS=1 to skip)", file=sys.stderr)
   from siamjax import parallel
   parallel.initialize_distributed()  # multi-host: before any other JAX call; else no-op
   from siamjax.recipes.omniglot_koch import Config

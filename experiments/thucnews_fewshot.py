@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 
 from siamjax import fewshot
 from siamjax.data import thucnews
+from siamjax.machine import machine_info
 
 
 def main(argv=None) -> dict:
@@ -77,9 +76,7 @@ def main(argv=None) -> dict:
       "class_names": list(thucnews.CLASS_NAMES)[:out["num_classes"]],
       "class_names_en": list(thucnews.CLASS_NAMES_EN)[:out["num_classes"]],
       "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-      "machine": {"processor": platform.processor() or platform.machine(),
-                  "nproc": os.cpu_count(), "platform": platform.platform(),
-                  "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]},
+      "machine": machine_info(),
   }
   try:
     results["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,

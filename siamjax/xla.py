@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["FAST_CPU_FLAGS", "enable_fast_cpu", "fast_cpu_enabled"]
+__all__ = ["FAST_CPU_FLAGS", "enable_fast_cpu", "fast_cpu_enabled", "fast_cpu_supported"]
 
 FAST_CPU_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 """The ``XLA_FLAGS`` entries of the fast CPU path (space separated)."""
@@ -61,21 +61,47 @@ def fast_cpu_enabled(xla_flags: str | None = None) -> bool:
   return all(flag in present for flag in FAST_CPU_FLAGS.split())
 
 
+def fast_cpu_supported() -> bool:
+  """Whether the fast CPU flags apply: a CPU-only install of a jaxlib that knows them.
+
+  jaxlib < 0.10 rejects the (then unknown) flag at start-up, and with a GPU/TPU plugin
+  installed the CPU backend is not the one that trains, so both are left alone.
+
+  >>> isinstance(fast_cpu_supported(), bool)
+  True
+  """
+  import importlib.metadata
+  import importlib.util
+
+  plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+  if any(importlib.util.find_spec(m) for m in plugins):
+    return False
+  try:
+    major, minor = (int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return False
+  return (major, minor) >= (0, 10)
+
+
 def enable_fast_cpu() -> bool:
   """Adds :data:`FAST_CPU_FLAGS` to ``XLA_FLAGS``; call it before any other JAX use.
 
-  A no-op when the flags are already set (e.g. exported in the shell), so scripts may
-  call it unconditionally.
+  A no-op when the flags are already set (e.g. exported in the shell), when
+  ``SIAMJAX_NO_XLA_FLAGS=1`` asks siamjax to leave ``XLA_FLAGS`` alone, when the user's
+  ``XLA_FLAGS`` already chooses a YNN fusion type, and where
+  :func:`fast_cpu_supported` is false; so scripts may call it unconditionally.
 
   Returns:
-    ``True`` when the flags were added now, ``False`` when they were already set.
+    ``True`` when the flags were added now, ``False`` otherwise.
 
   Raises:
     RuntimeError: JAX's backends are already initialised without the flags, so the
       setting can no longer take effect. Call this first thing, or export
       ``XLA_FLAGS`` in the shell.
   """
-  if fast_cpu_enabled():
+  flags = os.environ.get("XLA_FLAGS", "")
+  if (fast_cpu_enabled() or os.environ.get("SIAMJAX_NO_XLA_FLAGS")
+      or "ynn_fusion_type" in flags or not fast_cpu_supported()):
     return False
   if _backends_initialised():
     raise RuntimeError(

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
-import sys
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -29,6 +27,7 @@ import optax
 
 from siamjax import distances, encoders, losses
 from siamjax.evaluation import verification
+from siamjax.machine import machine_info
 
 __all__ = [
     "TrainState", "class_index_table", "keras_pairs", "random_pairs", "make_train_epoch", "fit",
@@ -316,19 +315,6 @@ def fit(
 # ---------------------------------------------------------------------------------
 # Helpers for results
 # ---------------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-  """The machine a result was measured on: processor, cores, load, JAX devices, versions."""
-  return {
-      "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
-      "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
-      "nproc": os.cpu_count(),
-      "jax_devices": [str(d) for d in jax.devices()],
-      "jax_version": jax.__version__,
-      "python": sys.version.split()[0],
-  }
 
 
 def _init_state(net, optimizer, key, x) -> TrainState:

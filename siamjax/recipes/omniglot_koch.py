@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import platform
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +32,9 @@ import optax
 
 from siamjax import losses, parallel, train
 from siamjax.data import omniglot
-from siamjax.encoders import ConvNet4, Koch
+from siamjax.encoders import ConvNet4
 from siamjax.evaluation import oneshot
+from siamjax.machine import machine_info
 from siamjax.models import SiameseNet, koch_siamese
 from siamjax.sampling import AlphabetTable, alphabet_table, augment, resize_images
 from siamjax.sampling import sample_groups, sample_pairs
@@ -104,25 +102,6 @@ class Config:
 
   def replace(self, **kw) -> "Config":
     return dataclasses.replace(self, **kw)
-
-
-def _cpu_model() -> str:
-  try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
-def machine_info() -> dict:
-  """Names the machine: processor, core count, JAX devices and versions."""
-  return {"platform": platform.platform(), "processor": platform.processor(),
-          "nproc": os.cpu_count(), "jax_devices": [str(d) for d in jax.devices()],
-          "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "cpu_model": _cpu_model(),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def _network(cfg: Config) -> SiameseNet:

@@ -1,0 +1,57 @@
+"""The machine a figure was measured on: every results JSON carries :func:`machine_info`."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import jax
+
+__all__ = ["cpu_model", "machine_info"]
+
+
+def cpu_model() -> str:
+  """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere).
+
+  >>> isinstance(cpu_model(), str)
+  True
+  """
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+  """Processor, cores, load, JAX devices, versions and ``XLA_FLAGS``, as a JSON-able dict.
+
+  The load average matters on shared machines: a timing taken while other jobs ran is an
+  upper bound, and the record says so.
+
+  Returns:
+    a dict with ``platform``, ``processor``, ``cpu_model``, ``nproc``,
+    ``load_average_1_5_15_min``, ``jax_backend``, ``jax_devices``, ``device_kind``,
+    ``jax``, ``python``, ``xla_flags``.
+
+  >>> info = machine_info()
+  >>> info["nproc"] >= 1 and info["jax_backend"] in ("cpu", "gpu", "tpu")
+  True
+  """
+  devices = jax.devices()
+  return {
+      "platform": platform.platform(),
+      "processor": platform.processor() or platform.machine(),
+      "cpu_model": cpu_model(),
+      "nproc": os.cpu_count(),
+      "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
+      "jax_backend": jax.default_backend(),
+      "jax_devices": [str(d) for d in devices],
+      "device_kind": devices[0].device_kind,
+      "jax": jax.__version__,
+      "python": platform.python_version(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
