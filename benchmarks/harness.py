@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 import siamjax
-from siamjax import losses, models
+from siamjax import losses, models, parallel
 from siamjax import xla as sxla
 from siamjax.machine import cpu_model, machine_info
 
@@ -145,13 +145,18 @@ def _optimizer():
   return optax.sgd(1e-3, momentum=0.9)
 
 
-def siamjax_train_step(net, batch: int):
-  """The jitted siamjax step: sample pairs from the bank, loss, grad, SGD update."""
+def siamjax_train_step(net, batch: int, mesh=None):
+  """The jitted siamjax step: sample pairs from the bank, loss, grad, SGD update.
+
+  With a ``mesh`` (``--devices N``) the state and bank are replicated and the sampled
+  pairs are split across the devices (:func:`siamjax.parallel.shard_batch`).
+  """
   opt = _optimizer()
 
   def step(state, bank, key):
     params, opt_state, i = state
-    x1, x2, similar = sample_pairs(bank, jax.random.fold_in(key, i), batch)
+    x1, x2, similar = parallel.shard_batch(
+        sample_pairs(bank, jax.random.fold_in(key, i), batch))
 
     def loss_fn(p):
       return jnp.mean(losses.pair_bce_loss(net.apply(p, x1, x2), similar))
@@ -160,6 +165,8 @@ def siamjax_train_step(net, batch: int):
     updates, opt_state = opt.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state, i + 1), loss
 
+  if mesh is not None:
+    return parallel.data_parallel(step, mesh, donate_argnums=0), opt
   return jax.jit(step, donate_argnums=0), opt
 
 
@@ -191,19 +198,30 @@ def bench_siamjax(cfg, dtype_name: str, results: list, log):
   n_params = sum(p.size for p in jax.tree.leaves(params0))
   common = {"impl": "siamjax", "variant": "jit", "dtype": dtype_name, "params": int(n_params)}
   for batch in cfg.batches:
-    if "train" in cfg.modes:
-      step, opt = siamjax_train_step(net, batch)
-      state = [(jax.tree.map(jnp.copy, params0), opt.init(params0), jnp.int32(0))]
+    for n_dev in (cfg.devices if "train" in cfg.modes else ()):
+      if batch % n_dev:
+        results.append({**common, "mode": "train", "batch": batch, "devices": n_dev,
+                        "skipped": f"batch {batch} does not split over {n_dev} devices"})
+        continue
+      mesh = parallel.make_mesh(n_dev) if n_dev > 1 else None
+      step, opt = siamjax_train_step(net, batch, mesh)
+      state0 = (jax.tree.map(jnp.copy, params0), opt.init(params0), jnp.int32(0))
+      bank_n = bank
+      if mesh is not None:
+        state0, bank_n = jax.device_put((state0, bank), parallel.replicated_sharding(mesh))
+      state = [state0]
       skey = jax.random.fold_in(key, 2)
 
-      def run_train(step=step, state=state, skey=skey):
+      def run_train(step=step, state=state, skey=skey, bank_n=bank_n):
         loss = None
         for _ in range(cfg.steps):
-          state[0], loss = step(state[0], bank, skey)
+          state[0], loss = step(state[0], bank_n, skey)
         return loss
 
       t = _clock(run_train, sync, cfg.repeats)
-      results.append(_row(common, "train", batch, cfg.steps, t))
+      variant = "jit" if n_dev == 1 else f"jit{n_dev}dev"
+      results.append(_row({**common, "variant": variant, "devices": n_dev}, "train", batch,
+                          cfg.steps, t))
       log(results[-1])
       del state
     if "infer" in cfg.modes:
@@ -462,6 +480,7 @@ class Config:
   bank_drawers: int = 20
   matmul_n: int = 4096
   seed: int = 0
+  devices: tuple = (1,)  # data-parallel device counts for siamjax's training rows
 
 
 def run(cfg: Config, out: str, png: str | None, command: str) -> dict:

@@ -34,6 +34,11 @@ def main(argv=None) -> None:
   p.add_argument("--modes", nargs="+", choices=["train", "infer", "lake"])
   p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"])
   p.add_argument("--no-torch-compile", action="store_true")
+  p.add_argument("--devices", type=int, nargs="+",
+                 help="siamjax training rows on each of these device counts (data "
+                      "parallel, siamjax.parallel); default 1. On a CPU, fake devices "
+                      "(XLA_FLAGS=--xla_force_host_platform_device_count=N) share the "
+                      "same cores: a correctness check, not a speed claim")
   p.add_argument("--no-fast-cpu", action="store_true",
                  help="leave XLA_FLAGS alone (measures JAX's default CPU convolutions)")
   args = p.parse_args(argv)
@@ -55,9 +60,10 @@ def main(argv=None) -> None:
   if args.smoke:
     cfg.batches, cfg.repeats, cfg.steps = (2,), 1, 1
     cfg.dtypes, cfg.torch_compile, cfg.lake_runs, cfg.matmul_n = ("float32",), False, 1, 512
-  for name in ("batches", "repeats", "steps", "modes", "dtypes"):
+  for name in ("batches", "repeats", "steps", "modes", "dtypes", "devices"):
     if getattr(args, name) is not None:
-      setattr(cfg, name, tuple(getattr(args, name)) if name in ("batches", "modes", "dtypes")
+      setattr(cfg, name, tuple(getattr(args, name)) if name in ("batches", "modes", "dtypes",
+                                                                "devices")
               else getattr(args, name))
   if args.no_torch_compile:
     cfg.torch_compile = False

@@ -171,3 +171,26 @@ def test_siamjax_lake_finds_the_identical_image():
   assert correct.shape == (1, 20) and bool(jnp.all(correct))
   shuffled = test[:, ::-1]
   assert not bool(jnp.any(harness.siamjax_lake(net)(params, test, shuffled)))
+
+
+def test_data_parallel_train_step_matches_one_device():
+  """`--devices 2`: the benchmark's sharded step gives the one-device loss and update."""
+  from siamjax import parallel
+
+  if jax.device_count() < 2:
+    pytest.skip("needs 2 devices (conftest makes 8 fake CPU devices)")
+  net = koch_siamese()
+  key = jax.random.key(0)
+  bank = harness.synthetic_bank(jax.random.fold_in(key, 1), 4, 2)
+  x0 = jnp.zeros((1, 105, 105, 1))
+  params = net.init(key, x0, x0)
+  out = []
+  for mesh in (None, parallel.make_mesh(2)):
+    step, opt = harness.siamjax_train_step(net, 2, mesh)
+    state, b = (jax.tree.map(jnp.copy, params), opt.init(params), jnp.int32(0)), bank
+    if mesh is not None:
+      state, b = jax.device_put((state, bank), parallel.replicated_sharding(mesh))
+    (new_params, _, _), loss = step(state, b, key)
+    out.append((float(loss), np.asarray(new_params["params"]["head"]["kernel"])))
+  np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
+  np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-5, atol=1e-7)
