@@ -54,7 +54,7 @@ def test_synthetic_bank_shape_and_dtype():
 # kernels and shrink the dense one (same network, well-conditioned gradients).
 _GRAD_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp
-from siamjax import koch_siamese
+from siamjax import koch_siamese, losses
 net = koch_siamese()
 k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
 x1 = jax.random.uniform(k1, (1, 105, 105, 1)); x2 = jax.random.uniform(k2, (1, 105, 105, 1))
