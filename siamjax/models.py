@@ -95,7 +95,7 @@ class SiameseNet(nn.Module):
     return self.head(h1, h2)
 
 
-def koch_siamese(*, dtype: Any = jnp.float32, shared: bool = True) -> SiameseNet:
+def koch_siamese(*, dtype: Any = jnp.float32, shared: bool = True, conv: str = "auto") -> SiameseNet:
   """The Siamese network of Koch, Zemel & Salakhutdinov (2015): 38,951,745 parameters.
 
   Two :class:`siamjax.encoders.Koch` towers sharing weights, joined by the weighted L1
@@ -107,6 +107,8 @@ def koch_siamese(*, dtype: Any = jnp.float32, shared: bool = True) -> SiameseNet
       parameters, the head and the logits stay float32.
     shared: ``False`` gives the pseudo-Siamese variant (two towers, twice the tower
       parameters).
+    conv: ``"auto"``, ``"direct"`` or ``"dft"``: how the towers compute conv2 .. conv4
+      (see :class:`siamjax.encoders.Koch`; same parameters and results either way).
 
   Returns:
     A :class:`SiameseNet`; ``init(key, x1, x2)`` and ``apply(params, x1, x2) -> [B]``
@@ -122,7 +124,7 @@ def koch_siamese(*, dtype: Any = jnp.float32, shared: bool = True) -> SiameseNet
   38951745
   """
   return SiameseNet(
-      encoder=Koch(dtype=dtype),
+      encoder=Koch(dtype=dtype, conv=conv),
       shared=shared,
       head_kernel_init=normal_init(0.0, 2e-1),
       head_bias_init=normal_init(0.5, 1e-2),
