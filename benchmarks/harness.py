@@ -5,11 +5,23 @@ parameters, checked) on one device, side by side in one process:
 
 * ``siamjax``: :func:`siamjax.models.koch_siamese`, float32 and bf16 compute (float32
   parameters). Its training step samples the pairs on the device from a uint8 image bank
-  (gather + cast inside the jitted step, keys from ``fold_in(key, step)``); Koch's affine
-  augmentation is NOT in the step yet.
+  (gather + cast) AND applies Koch et al.'s affine distortions to every image
+  (:data:`KOCH_AFFINE` through :func:`siamjax.sampling.augment`: rotation in
+  [-10, 10] degrees, shear_x and shear_y in [-0.3, 0.3], scale_x and scale_y in
+  [0.8, 1.2], shift_x and shift_y in [-2, 2] pixels, each of the 7 components drawn
+  uniformly and applied independently with probability 0.5, bilinear warp, zero fill),
+  all inside the one jitted step with keys from ``fold_in(key, step)``. ``--no-augment``
+  leaves the distortion out.
 * ``torch``: the reference in :mod:`torch_koch`, eager and ``torch.compile``, float32 and
-  autocast bf16. It receives ready-made device batches, which favours it.
-* ``keras``: skipped (no Keras reference is written; the run says so).
+  autocast bf16.
+* ``keras``: the Keras 3 reference in :mod:`keras_koch` (``model.train_on_batch`` /
+  ``predict_on_batch`` on Keras' backend: ``$KERAS_BACKEND``, else jax, else torch),
+  float32 and the ``mixed_bfloat16`` policy. Skipped, with one printed line and a
+  ``skipped`` row in the JSON, when keras is not installed.
+
+The references receive ready-made batches already on their device: no sampling and no
+augmentation in their timed step. That favours them, and the JSON's ``notes`` say so;
+each train row records its ``augmentation`` (``null`` for the references).
 
 Modes: ``train`` (forward, backward, SGD-momentum update), ``infer`` (logits of a batch
 of pairs) and ``lake`` (time of Lake's 20 runs x 20 trials = 400 one-shot trials: all 800
@@ -22,15 +34,18 @@ FLOPs are counted from the layer shapes (:func:`koch_forward_flops`, 1.817 GFLOP
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+import types
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +53,7 @@ import numpy as np
 import optax
 
 import siamjax
-from siamjax import losses, models, parallel
+from siamjax import losses, models, parallel, sampling
 from siamjax import xla as sxla
 from siamjax.machine import cpu_model, machine_info
 
@@ -138,6 +153,61 @@ def sample_pairs(bank: jax.Array, key: jax.Array, batch: int):
   return x1, x2, similar.astype(jnp.float32)
 
 
+# Koch et al. (2015), section 4.3: rotation, shears, scales and translations, each drawn
+# uniformly and applied independently with probability 0.5 (siamjax.sampling.sample_affine).
+KOCH_AFFINE = types.MappingProxyType(
+    {"rotation": 10.0, "shear": 0.3, "scale": (0.8, 1.2), "translation": 2.0, "prob": 0.5})
+
+
+def augment_pairs(key: jax.Array, x1: jax.Array, x2: jax.Array, **affine) -> tuple:
+  """Koch's random affine distortion of every image of ``B`` pairs, on the device.
+
+  Each of the ``2B`` images gets its own distortion (:func:`siamjax.sampling.augment`,
+  bilinear warp about the centre, zero fill).
+
+  Args:
+    key: a ``jax.random`` key.
+    x1, x2: ``[B, H, W, 1]`` float images.
+    **affine: :func:`siamjax.sampling.sample_affine`'s ranges, e.g. :data:`KOCH_AFFINE`.
+
+  Returns:
+    ``(x1, x2)``, distorted, same shapes and dtype.
+
+  Raises:
+    ValueError: ``x1`` and ``x2`` are not both ``[B, H, W, 1]`` of one shape.
+  """
+  if x1.shape != x2.shape or x1.ndim != 4 or x1.shape[-1] != 1:
+    raise ValueError(f"x1 and x2 must both be [B, H, W, 1], got {x1.shape} and {x2.shape}")
+  b = x1.shape[0]
+  x = sampling.augment(key, jnp.concatenate([x1, x2])[..., 0], **affine)[..., None]
+  return x[:b], x[b:]
+
+
+def train_pairs(bank: jax.Array, key: jax.Array, batch: int, *,
+                affine: Mapping | None = KOCH_AFFINE) -> tuple:
+  """The pairs of one siamjax training step: :func:`sample_pairs`, then (unless
+  ``affine`` is ``None``) :func:`augment_pairs`, on the device.
+
+  Inside :func:`siamjax.parallel.data_parallel` the sampled pairs are split over the
+  devices (:func:`siamjax.parallel.shard_batch`) before the distortion, so each device
+  distorts its own slice; elsewhere the split is a no-op.
+
+  Args:
+    bank: ``[classes, drawers, 105, 105]`` uint8 images (:func:`synthetic_bank`).
+    key: a ``jax.random`` key (the step passes ``fold_in(key, step)``).
+    batch: number of pairs ``B``.
+    affine: :func:`siamjax.sampling.sample_affine`'s ranges; default :data:`KOCH_AFFINE`.
+
+  Returns:
+    ``(x1, x2, similar)`` as :func:`sample_pairs`.
+  """
+  k_pairs, k_aug = jax.random.split(key)
+  x1, x2, similar = parallel.shard_batch(sample_pairs(bank, k_pairs, batch))
+  if affine is not None:
+    x1, x2 = augment_pairs(k_aug, x1, x2, **affine)
+  return x1, x2, similar
+
+
 # ----------------------------------------------------------------------------- siamjax
 
 
@@ -145,18 +215,24 @@ def _optimizer():
   return optax.sgd(1e-3, momentum=0.9)
 
 
-def siamjax_train_step(net, batch: int, mesh=None):
-  """The jitted siamjax step: sample pairs from the bank, loss, grad, SGD update.
+def siamjax_train_step(net, batch: int, mesh=None, *, affine: Mapping | None = KOCH_AFFINE):
+  """The jitted siamjax step: sample pairs from the bank, augment, loss, grad, SGD update.
+
+  ``step(state, bank, key) -> (state, loss)`` with ``state = (params, opt_state, i)``.
+  The pairs come from :func:`train_pairs` (sampling and, unless ``affine`` is ``None``,
+  Koch's distortion of every image), all inside the one jitted step, keys from
+  ``fold_in(key, i)``.
 
   With a ``mesh`` (``--devices N``) the state and bank are replicated and the sampled
-  pairs are split across the devices (:func:`siamjax.parallel.shard_batch`).
+  pairs are split across the devices (:func:`siamjax.parallel.shard_batch`) before the
+  distortion, so each device distorts its own slice; the random numbers do not depend on
+  the sharding, so the step gives the one-device result.
   """
   opt = _optimizer()
 
   def step(state, bank, key):
     params, opt_state, i = state
-    x1, x2, similar = parallel.shard_batch(
-        sample_pairs(bank, jax.random.fold_in(key, i), batch))
+    x1, x2, similar = train_pairs(bank, jax.random.fold_in(key, i), batch, affine=affine)
 
     def loss_fn(p):
       return jnp.mean(losses.pair_bce_loss(net.apply(p, x1, x2), similar))
@@ -168,6 +244,21 @@ def siamjax_train_step(net, batch: int, mesh=None):
   if mesh is not None:
     return parallel.data_parallel(step, mesh, donate_argnums=0), opt
   return jax.jit(step, donate_argnums=0), opt
+
+
+def augmentation_record(affine: Mapping | None) -> dict | None:
+  """What a siamjax train row's step does to its images, for the JSON (``None``: nothing)."""
+  if affine is None:
+    return None
+  return {**affine, "scale": list(affine["scale"]), "function": "siamjax.sampling.augment",
+          "where": "on the device, inside the jitted train step (after sampling the pairs)",
+          "applied_to": "every image of every pair, each with its own random draw",
+          "components": "rotation [-10, 10] deg, shear_x and shear_y [-0.3, 0.3], scale_x and "
+                        "scale_y [0.8, 1.2], shift_x and shift_y [-2, 2] px; each of the 7 "
+                        "drawn uniformly and applied independently with probability 0.5"
+                        if affine == KOCH_AFFINE else "see the other keys",
+          "warp": "bilinear (jax.scipy.ndimage.map_coordinates) about the image centre, "
+                  "zero fill"}
 
 
 def siamjax_lake(net):
@@ -204,7 +295,8 @@ def bench_siamjax(cfg, dtype_name: str, results: list, log):
                         "skipped": f"batch {batch} does not split over {n_dev} devices"})
         continue
       mesh = parallel.make_mesh(n_dev) if n_dev > 1 else None
-      step, opt = siamjax_train_step(net, batch, mesh)
+      affine = KOCH_AFFINE if cfg.augment else None
+      step, opt = siamjax_train_step(net, batch, mesh, affine=affine)
       state0 = (jax.tree.map(jnp.copy, params0), opt.init(params0), jnp.int32(0))
       bank_n = bank
       if mesh is not None:
@@ -220,7 +312,8 @@ def bench_siamjax(cfg, dtype_name: str, results: list, log):
 
       t = _clock(run_train, sync, cfg.repeats)
       variant = "jit" if n_dev == 1 else f"jit{n_dev}dev"
-      results.append(_row({**common, "variant": variant, "devices": n_dev}, "train", batch,
+      results.append(_row({**common, "variant": variant, "devices": n_dev,
+                           "augmentation": augmentation_record(affine)}, "train", batch,
                           cfg.steps, t))
       log(results[-1])
       del state
@@ -331,6 +424,90 @@ def bench_torch(cfg, dtype_name: str, compiled: bool, results: list, log):
   return n_params
 
 
+# ----------------------------------------------------------------------------- keras
+
+KERAS_MISSING = "keras not installed: pip install keras to add the Keras rows"
+
+
+def import_keras_koch():
+  """Imports :mod:`keras_koch` (which picks Keras' backend first).
+
+  Returns:
+    ``(module, None)``, or ``(None, reason)`` when keras is missing or fails to import
+    (e.g. ``KERAS_BACKEND`` names a backend that is not installed).
+  """
+  if importlib.util.find_spec("keras") is None:
+    return None, KERAS_MISSING
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  try:
+    import keras_koch
+  except ImportError as e:
+    return None, f"keras failed to import: {type(e).__name__}: {e}"[:300]
+  return keras_koch, None
+
+
+def bench_keras(cfg, dtype_name: str, results: list, log, keras_koch=None) -> int:
+  """Keras 3 rows of the Koch net (:mod:`keras_koch`) on Keras' selected backend.
+
+  ``train``: ``model.train_on_batch`` (jit-compiled by Keras on the jax backend) on one
+  ready-made batch already on the backend's device, as torch gets; ``infer``:
+  ``model.predict_on_batch``; ``lake``: the tower's ``predict_on_batch`` on all images in
+  one batch, then the L1 + dense score of every run's 20x20 pairs from the embeddings.
+  ``train_on_batch`` and ``predict_on_batch`` return NumPy arrays, so every Keras step
+  ends with a device sync (Keras' own API, not the harness, does this). Returns the
+  parameter count.
+  """
+  if keras_koch is None:
+    keras_koch, reason = import_keras_koch()
+    if keras_koch is None:
+      raise ImportError(reason)
+  keras, ops = keras_koch.keras, keras_koch.ops
+  backend = keras.backend.backend()
+  # Keras' jax ops broadcast bias ranks implicitly; allow it whatever the caller set.
+  ctx = jax.numpy_rank_promotion("allow") if backend == "jax" else contextlib.nullcontext()
+  with ctx:
+    model = keras_koch.compile_sgd(keras_koch.koch_siamese(dtype_name, seed=cfg.seed))
+    n_params = model.count_params()
+    common = {"impl": "keras", "variant": f"keras3-{backend}", "dtype": dtype_name,
+              "params": int(n_params), "keras": keras.__version__,
+              "keras_dtype_policy": keras_koch.DTYPE_POLICY[dtype_name],
+              "keras_jit_compile": bool(model.jit_compile)}
+    rng = np.random.default_rng(cfg.seed)
+    dev = lambda a: ops.convert_to_tensor(a)  # noqa: E731  (onto the backend's device)
+    no_sync = lambda _: None  # noqa: E731  (Keras returns NumPy: already synced)
+    for batch in cfg.batches:
+      x1, x2 = (dev(rng.random((batch, 105, 105, 1), dtype=np.float32)) for _ in range(2))
+      if "train" in cfg.modes:
+        y = dev((rng.random((batch, 1)) > 0.5).astype(np.float32))
+
+        def run_train(x1=x1, x2=x2, y=y):
+          return [model.train_on_batch([x1, x2], y) for _ in range(cfg.steps)][-1]
+
+        t = _clock(run_train, no_sync, cfg.repeats)
+        results.append(_row(common, "train", batch, cfg.steps, t))
+        log(results[-1])
+      if "infer" in cfg.modes:
+        t = _clock(lambda x1=x1, x2=x2: [model.predict_on_batch([x1, x2])
+                                         for _ in range(cfg.steps)][-1], no_sync, cfg.repeats)
+        results.append(_row(common, "infer", batch, cfg.steps, t))
+        log(results[-1])
+    if "lake" in cfg.modes:
+      test, train = (dev(a) for a in _lake_images(cfg))
+      tower, score = model.get_layer("tower"), model.get_layer("score")
+
+      def run_lake():
+        runs, n = test.shape[:2]
+        x = ops.reshape(ops.concatenate([test, train], 1), (runs * 2 * n, 105, 105, 1))
+        h = ops.reshape(dev(tower.predict_on_batch(x)), (runs, 2 * n, -1))
+        scores = score(ops.abs(h[:, :n, None, :] - h[:, None, n:, :]))[..., 0]
+        return ops.convert_to_numpy(ops.argmax(scores, axis=2)) == np.arange(n)[None, :]
+
+      t = _clock(run_lake, no_sync, cfg.repeats)
+      results.append(_row(common, "lake", cfg.lake_runs * 20, 1, t))
+      log(results[-1])
+  return n_params
+
+
 # ----------------------------------------------------------------------------- peak
 
 
@@ -365,6 +542,8 @@ def _row(common: dict, mode: str, batch: int, steps: int, t: Timing) -> dict:
   row = dict(common, mode=mode, batch=batch, steps_per_repeat=steps,
              compile_and_first_s=t.compile_s, step_s=step_s, step_s_all=per_step,
              step_s_min=min(per_step), step_s_max=max(per_step))
+  if mode == "train":
+    row.setdefault("augmentation", None)  # references: ready-made batches, no distortion
   if mode == "lake":
     row["trials"] = batch
     row["eval_s"] = step_s
@@ -391,6 +570,22 @@ def _annotate(rows: list, peak: dict) -> None:
       r[key] = ref["step_s"] / r["step_s"]  # > 1: siamjax faster
 
 
+def _fairness_notes(cfg) -> list[str]:
+  if cfg.augment:
+    first = ("siamjax samples AND augments its pairs on the device inside its jitted train "
+             "step: gather + cast from a synthetic uint8 bank, then Koch et al.'s affine "
+             "distortion of every image (rotation +-10 deg, shear +-0.3, scale 0.8-1.2, "
+             "translation +-2 px, each of the 7 components applied independently with "
+             "probability 0.5; siamjax.sampling.augment, bilinear). See each siamjax train "
+             "row's 'augmentation'.")
+  else:
+    first = ("--no-augment: siamjax samples pairs on the device inside its jitted train step "
+             "(gather + cast from a synthetic uint8 bank) but does not distort them.")
+  return [first, "torch and keras receive ready-made batches already on their device (no "
+          "sampling, no augmentation in their timed step), which favours them; their train "
+          "rows have 'augmentation': null."]
+
+
 def machine() -> dict:
   info = {**machine_info(), "siamjax": siamjax.__version__,
           "siamjax_fast_cpu_flags": sxla.fast_cpu_enabled(),
@@ -415,9 +610,9 @@ def device_slug() -> str:
 
 
 def format_table(rows: list) -> str:
-  head = (f"{'impl':8} {'variant':8} {'dtype':8} {'mode':5} {'batch':>5} {'pairs/s':>9} "
+  head = (f"{'impl':8} {'variant':10} {'dtype':8} {'mode':5} {'batch':>5} {'pairs/s':>9} "
           f"{'spread':>15} {'step s':>8} {'compile s':>9} {'TFLOP/s':>8} {'%peak':>6} "
-          f"{'vs eager':>8} {'vs compile':>10}")
+          f"{'vs eager':>8} {'vs compile':>10} {'vs keras':>8}")
   lines = [head, "-" * len(head)]
   for r in rows:
     if r.get("skipped"):
@@ -432,9 +627,10 @@ def format_table(rows: list) -> str:
     pk = f"{100 * r['fraction_of_peak']:.0f}" if "fraction_of_peak" in r else ""
     ve = f"{r['vs_torch_eager']:.2f}x" if "vs_torch_eager" in r else ""
     vc = f"{r['vs_torch_compile']:.2f}x" if "vs_torch_compile" in r else ""
-    lines.append(f"{r['impl']:8} {r['variant']:8} {r['dtype']:8} {r['mode']:5} {r['batch']:5d} "
+    vk = next((f"{v:.2f}x" for k, v in r.items() if k.startswith("vs_keras_")), "")
+    lines.append(f"{r['impl']:8} {r['variant']:10} {r['dtype']:8} {r['mode']:5} {r['batch']:5d} "
                  f"{rate:>9} {spread:>15} {r['step_s']:8.3f} {r['compile_and_first_s']:9.1f} "
-                 f"{tfl:>8} {pk:>6} {ve:>8} {vc:>10}")
+                 f"{tfl:>8} {pk:>6} {ve:>8} {vc:>10} {vk:>8}")
   return "\n".join(lines)
 
 
@@ -449,7 +645,8 @@ def plot(rows: list, path: str, title: str) -> None:
     series: dict[str, list] = {}
     for r in rows:
       if r.get("mode") == mode:
-        series.setdefault(f"{r['impl']} {r['variant']} {r['dtype']}", []).append(
+        aug = " +sample+augment" if r.get("augmentation") else ""
+        series.setdefault(f"{r['impl']} {r['variant']} {r['dtype']}{aug}", []).append(
             (r["batch"], r["pairs_per_s"]))
     for name, pts in sorted(series.items()):
       pts.sort()
@@ -469,7 +666,7 @@ def plot(rows: list, path: str, title: str) -> None:
 
 @dataclasses.dataclass
 class Config:
-  batches: tuple = (32, 64)
+  batches: tuple = (32, 128)
   repeats: int = 3
   steps: int = 1
   modes: tuple = ("train", "infer", "lake")
@@ -481,6 +678,8 @@ class Config:
   matmul_n: int = 4096
   seed: int = 0
   devices: tuple = (1,)  # data-parallel device counts for siamjax's training rows
+  augment: bool = True  # Koch's affine distortion inside siamjax's train step
+  keras: bool = True  # Keras rows when keras is installed
 
 
 def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
@@ -512,13 +711,18 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
                        "skipped": f"torch.compile failed: {type(e).__name__}: {e}"[:300]})
   except ImportError:
     rows.append({"impl": "torch", "skipped": "torch not installed (pip install '.[bench]')"})
-  try:
-    import keras  # noqa: F401
-
-    rows.append({"impl": "keras", "skipped": "Keras is installed but no Keras reference is "
-                 "written yet"})
-  except ImportError:
-    rows.append({"impl": "keras", "skipped": "keras not installed (optional)"})
+  if cfg.keras:
+    keras_koch, reason = import_keras_koch()
+    if keras_koch is None:
+      print(reason, flush=True)
+      rows.append({"impl": "keras", "skipped": reason})
+    else:
+      info.update(keras=keras_koch.keras.__version__,
+                  keras_backend=keras_koch.keras.backend.backend())
+      for dt in cfg.dtypes:
+        params[f"keras_{dt}"] = bench_keras(cfg, dt, rows, log, keras_koch)
+  else:
+    rows.append({"impl": "keras", "skipped": "--no-keras"})
   peak = matmul_peak(cfg.matmul_n, cfg.repeats)
   timed = [r for r in rows if not r.get("skipped")]
   _annotate(timed, peak)
@@ -538,10 +742,13 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
                         "weight gradients + input gradients (none for conv1)"},
       "matmul_peak_tflops": peak,
       "notes": [
-          "siamjax samples pairs on the device inside its jitted train step (gather + cast "
-          "from a synthetic uint8 bank); Koch's affine augmentation is not in the step yet.",
-          "torch receives ready-made batches already on its device, which favours it.",
-          "Optimizer: SGD lr 1e-3 momentum 0.9 in both; loss: pair BCE on the logits.",
+          *_fairness_notes(cfg),
+          "Optimizer: SGD lr 1e-3 momentum 0.9 in all; loss: pair BCE on the logits in "
+          "siamjax and torch, Keras' binary_crossentropy on the sigmoid output in keras.",
+          "keras: the idiomatic Keras reimplementation (benchmarks/keras_koch.py): the "
+          "tower is called once per input (two B batches; siamjax and torch run one 2B "
+          "batch); train_on_batch / predict_on_batch return NumPy, so each Keras step ends "
+          "with a device sync; bfloat16 is Keras' mixed_bfloat16 policy (float32 params).",
           "lake: 20 runs x 20 one-shot trials, random images, each image encoded once.",
           "vs_*: step-time ratio reference/siamjax (>1 means siamjax is faster), same "
           "mode, batch and dtype.",

@@ -1,4 +1,4 @@
-"""Training and inference pairs/s of the Koch Siamese net: siamjax vs PyTorch (and Keras).
+"""Training and inference pairs/s of the Koch Siamese net: siamjax vs PyTorch and Keras.
 
 Full run on this machine's default JAX device (a GPU when jax[cuda] is installed, else
 the CPU), holding the shared CPU lock on the project's machines::
@@ -9,6 +9,17 @@ writes ``benchmarks/results/<device-slug>.json`` and ``.png`` and prints the tab
 CI smoke run (under a minute on a CPU, no timing claims)::
 
     python benchmarks/pairs_per_sec.py --smoke --out /tmp/bench_smoke.json
+
+Batch sweep: 32 and 128 pairs on a CPU, 32, 128 and 512 on a GPU. Batch 512 is left out
+on a CPU because it is slow there: the 2-core AMD EPYC run
+(``benchmarks/results/cpu-amd-epyc-2core.json``) trains at about 10 pairs/s, so one
+batch-512 training step takes about 50 s and each training row (first call + 3 timed
+repeats) about 3-4 minutes, some 30 minutes more for the whole table (with several GB
+of activations). Ask for it with ``--batches 32 128 512``.
+
+siamjax's train rows sample AND augment their pairs (Koch's affine distortions) on the
+device inside the jitted step; torch and keras get ready-made batches (see harness.py).
+The Keras rows need ``pip install keras`` (Keras 3; ``$KERAS_BACKEND`` or jax).
 
 The script enables siamjax's fast CPU path (:func:`siamjax.xla.enable_fast_cpu`) before
 JAX starts, unless ``--no-fast-cpu``. All measuring code is in ``benchmarks/harness.py``.
@@ -24,16 +35,22 @@ import sys
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--smoke", action="store_true", help="tiny run for CI: batch 2, float32, eager")
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny run for CI: batch 2, float32, torch eager, keras if installed")
   p.add_argument("--out", help="JSON path (default benchmarks/results/<device-slug>.json)")
   p.add_argument("--png", help="plot path (default: --out with .png; none with --smoke)")
   p.add_argument("--batches", type=int, nargs="+", help="batch sizes in pairs "
-                 "(default 32 64 on a CPU, 32 128 512 on a GPU)")
+                 "(default 32 128 on a CPU, 32 128 512 on a GPU). 512 on the 2-core CPU: "
+                 "~10 training pairs/s, so ~50 s per step and 3-4 min per training row; "
+                 "ask for it with --batches 32 128 512")
   p.add_argument("--repeats", type=int, help="timed repeats per row (default 3 CPU, 10 GPU)")
   p.add_argument("--steps", type=int, help="steps per timed repeat (default 1 CPU, 10 GPU)")
   p.add_argument("--modes", nargs="+", choices=["train", "infer", "lake"])
   p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"])
   p.add_argument("--no-torch-compile", action="store_true")
+  p.add_argument("--no-keras", action="store_true", help="leave out the Keras rows")
+  p.add_argument("--no-augment", action="store_true",
+                 help="siamjax train step without Koch's affine distortions (sampling only)")
   p.add_argument("--devices", type=int, nargs="+",
                  help="siamjax training rows on each of these device counts (data "
                       "parallel, siamjax.parallel); default 1. On a CPU, fake devices "
@@ -54,7 +71,7 @@ def main(argv=None) -> None:
   on_cpu = jax.default_backend() == "cpu"
   cfg = harness.Config()
   if on_cpu:
-    cfg.batches, cfg.repeats, cfg.steps = (32, 64), 3, 1
+    cfg.batches, cfg.repeats, cfg.steps = (32, 128), 3, 1
   else:
     cfg.batches, cfg.repeats, cfg.steps = (32, 128, 512), 10, 10
   if args.smoke:
@@ -67,6 +84,8 @@ def main(argv=None) -> None:
               else getattr(args, name))
   if args.no_torch_compile:
     cfg.torch_compile = False
+  cfg.keras = not args.no_keras
+  cfg.augment = not args.no_augment
   here = os.path.dirname(os.path.abspath(__file__))
   out = args.out or os.path.join(here, "results", harness.device_slug() + ".json")
   png = args.png or (None if args.smoke else os.path.splitext(out)[0] + ".png")

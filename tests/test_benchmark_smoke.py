@@ -41,6 +41,41 @@ def test_sample_pairs_labels_match_classes():
   assert 0 < float(similar.mean()) < 1
 
 
+def test_koch_affine_is_the_papers_distortion():
+  assert dict(harness.KOCH_AFFINE) == {"rotation": 10.0, "shear": 0.3, "scale": (0.8, 1.2),
+                                       "translation": 2.0, "prob": 0.5}
+  rec = harness.augmentation_record(harness.KOCH_AFFINE)
+  assert rec["prob"] == 0.5 and rec["function"] == "siamjax.sampling.augment"
+  assert harness.augmentation_record(None) is None
+
+
+def test_augmented_train_pairs_are_deterministic_and_distorted():
+  """The siamjax step's sampler: same key, same pairs; the distortion is not the identity."""
+  bank = harness.synthetic_bank(jax.random.key(0), 4, 2)[:, :, 40:72, 40:72]  # small images
+  pairs = jax.jit(harness.train_pairs, static_argnums=2, static_argnames="affine")
+  key = jax.random.key(1)
+  x1, x2, similar = pairs(bank, key, 8)
+  assert x1.shape == x2.shape == (8, 32, 32, 1) and x1.dtype == jnp.float32
+  for a, b in zip((x1, x2, similar), pairs(bank, key, 8)):
+    np.testing.assert_array_equal(a, b)
+  p1, p2, p_similar = pairs(bank, key, 8, affine=None)  # the same pairs, undistorted
+  np.testing.assert_array_equal(similar, p_similar)
+  changed = jnp.any(jnp.abs(jnp.concatenate([x1, x2]) - jnp.concatenate([p1, p2])) > 1e-3,
+                    axis=(1, 2, 3))
+  assert int(changed.sum()) >= 8  # 16 images, each left whole with probability 2**-7
+  assert float(x1.min()) >= 0.0 and float(x1.max()) <= 1.0 + 1e-6
+  other = pairs(bank, jax.random.key(2), 8)[0]
+  assert not np.array_equal(np.asarray(other), np.asarray(x1))
+
+
+def test_augment_pairs_rejects_bad_shapes():
+  x = jnp.zeros((2, 8, 8, 1))
+  with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
+    harness.augment_pairs(jax.random.key(0), x, x[:1])
+  with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
+    harness.augment_pairs(jax.random.key(0), x[..., 0], x[..., 0])
+
+
 def test_synthetic_bank_shape_and_dtype():
   bank = harness.synthetic_bank(jax.random.key(0), 4, 2)
   assert bank.shape == (4, 2, 105, 105) and bank.dtype == jnp.uint8
@@ -156,8 +191,63 @@ def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
     sj = next(r for r in rows if r["impl"] == "siamjax" and r["mode"] == "train")
     assert sj["vs_torch_eager"] > 0
   assert rec["machine"]["nproc"] >= 1 and rec["command"] == "pytest"
+  sj = next(r for r in rows if r["impl"] == "siamjax" and r["mode"] == "train")
+  assert sj["augmentation"]["rotation"] == 10.0 and sj["augmentation"]["prob"] == 0.5
+  assert "inside the jitted train step" in sj["augmentation"]["where"]
+  assert all(r["augmentation"] is None for r in rows if r["impl"] != "siamjax"
+             and r["mode"] == "train")
+  assert any("ready-made batches" in n for n in rec["notes"])
+  if importlib.util.find_spec("keras") is not None:  # the Keras rows are optional
+    keras_rows = [r for r in rows if r["impl"] == "keras"]
+    assert {r["mode"] for r in keras_rows} == {"train", "lake"}
+    assert all(r["params"] == 38_951_745 for r in keras_rows)
+    assert rec["param_check"]["counted"]["keras_float32"] == 38_951_745
+    assert next(k for k in sj if k.startswith("vs_keras_")) and rec["machine"]["keras_backend"]
   if importlib.util.find_spec("matplotlib") is not None:
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+_NO_KERAS_SCRIPT = """
+import json, sys
+sys.modules["keras"] = None  # as if keras were not installed
+sys.modules["torch"] = None  # (and torch: only the siamjax rows run, fast)
+sys.path.insert(0, "benchmarks")
+import harness
+cfg = harness.Config(batches=(1,), repeats=1, modes=("infer",), dtypes=("float32",),
+                     torch_compile=False, matmul_n=64)
+harness.run(cfg, sys.argv[1], None, "no-keras")
+"""
+
+
+@pytest.mark.slow
+def test_harness_records_keras_skipped_when_keras_is_missing(tmp_path):
+  out = tmp_path / "bench.json"
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", _NO_KERAS_SCRIPT, str(out)], env=env,
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+  assert harness.KERAS_MISSING in proc.stdout.splitlines()
+  assert "pip install keras" in harness.KERAS_MISSING
+  rows = json.loads(out.read_text())["rows"]
+  assert {"impl": "keras", "skipped": harness.KERAS_MISSING} in rows
+  assert [r for r in rows if r["impl"] == "siamjax" and r["mode"] == "infer"]
+
+
+def test_keras_reference_is_the_koch_net():
+  if importlib.util.find_spec("keras") is None:
+    pytest.skip("keras not installed (pip install keras)")
+  import keras_koch  # picks Keras' backend before importing keras
+
+  for dtype in ("float32", "bfloat16"):
+    model = keras_koch.koch_siamese(dtype)
+    assert model.count_params() == 38_951_745
+    tower = model.get_layer("tower")
+    assert [type(layer).__name__ for layer in tower.layers] == [
+        "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D",
+        "Conv2D", "Flatten", "Dense"]
+    assert tower.output_shape == (None, 4096) and model.output_shape == (None, 1)
+    assert tower.layers[0].dtype_policy.name == keras_koch.DTYPE_POLICY[dtype]
+  with pytest.raises(ValueError, match="dtype"):
+    keras_koch.koch_siamese("float16")
 
 
 def test_siamjax_lake_finds_the_identical_image():
@@ -185,7 +275,7 @@ def test_data_parallel_train_step_matches_one_device():
   x0 = jnp.zeros((1, 105, 105, 1))
   params = net.init(key, x0, x0)
   out = []
-  for mesh in (None, parallel.make_mesh(2)):
+  for mesh in (None, parallel.make_mesh(2)):  # both with Koch's distortion (the default)
     step, opt = harness.siamjax_train_step(net, 2, mesh)
     state, b = (jax.tree.map(jnp.copy, params), opt.init(params), jnp.int32(0)), bank
     if mesh is not None:
@@ -194,3 +284,18 @@ def test_data_parallel_train_step_matches_one_device():
     out.append((float(loss), np.asarray(new_params["params"]["head"]["kernel"])))
   np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
   np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-5, atol=1e-7)
+
+
+def test_train_step_contains_the_distortion():
+  """The default step warps its images (a bilinear gather that affine=None lacks)."""
+  net = koch_siamese()
+  x0 = jnp.zeros((1, 105, 105, 1))
+  params = jax.eval_shape(lambda: net.init(jax.random.key(0), x0, x0))
+  bank = jax.ShapeDtypeStruct((4, 2, 105, 105), jnp.uint8)
+  texts = []
+  for affine in (harness.KOCH_AFFINE, None):
+    step, opt = harness.siamjax_train_step(net, 2, affine=affine)
+    state = (params, jax.eval_shape(opt.init, params), jax.ShapeDtypeStruct((), jnp.int32))
+    texts.append(step.lower(state, bank, jax.random.key(0)).as_text())
+  assert texts[0] != texts[1]
+  assert texts[0].count("cos") > texts[1].count("cos")  # the rotation matrix
