@@ -278,16 +278,24 @@ def siamjax_lake(net):
   return jax.jit(lake)
 
 
-def bench_siamjax(cfg, dtype_name: str, results: list, log):
+def bench_siamjax(cfg, dtype_name: str, results: list, log, conv: str = "auto"):
+  """siamjax rows of one dtype; ``conv`` is :class:`siamjax.encoders.Koch`'s ``conv``.
+
+  ``"auto"`` (the library default, variant ``jit``) computes conv2-4 as DFT products on
+  the CPU in float32 (:mod:`siamjax.fourier`); ``"direct"`` (variant ``jit-direct``) is
+  the direct convolution, run beside it on the CPU to show what that choice is worth.
+  """
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
-  net = models.koch_siamese(dtype=dtype)
+  net = models.koch_siamese(dtype=dtype, conv=conv)
   key = jax.random.key(cfg.seed)
   x0 = jnp.zeros((1, 105, 105, 1))
   bank = synthetic_bank(jax.random.fold_in(key, 1), cfg.bank_classes, cfg.bank_drawers)
   sync = jax.block_until_ready
   params0 = net.init(key, x0, x0)
   n_params = sum(p.size for p in jax.tree.leaves(params0))
-  common = {"impl": "siamjax", "variant": "jit", "dtype": dtype_name, "params": int(n_params)}
+  base = "jit" if conv == "auto" else f"jit-{conv}"
+  common = {"impl": "siamjax", "variant": base, "dtype": dtype_name, "params": int(n_params),
+            "conv": net.encoder.conv_impl()}
   for batch in cfg.batches:
     for n_dev in (cfg.devices if "train" in cfg.modes else ()):
       if batch % n_dev:
@@ -311,7 +319,7 @@ def bench_siamjax(cfg, dtype_name: str, results: list, log):
         return loss
 
       t = _clock(run_train, sync, cfg.repeats)
-      variant = "jit" if n_dev == 1 else f"jit{n_dev}dev"
+      variant = base if n_dev == 1 else f"{base}-{n_dev}dev"
       results.append(_row({**common, "variant": variant, "devices": n_dev,
                            "augmentation": augmentation_record(affine)}, "train", batch,
                           cfg.steps, t))
@@ -680,6 +688,7 @@ class Config:
   devices: tuple = (1,)  # data-parallel device counts for siamjax's training rows
   augment: bool = True  # Koch's affine distortion inside siamjax's train step
   keras: bool = True  # Keras rows when keras is installed
+  compare_direct: bool = True  # also siamjax with direct convolutions where auto picks DFT
 
 
 def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
@@ -695,6 +704,8 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
   params = {}
   for dt in cfg.dtypes:
     params[f"siamjax_{dt}"] = bench_siamjax(cfg, dt, rows, log)
+    if cfg.compare_direct and models.koch_siamese(dtype=jnp.dtype(dt)).encoder.conv_impl() != "direct":
+      params[f"siamjax_direct_{dt}"] = bench_siamjax(cfg, dt, rows, log, conv="direct")
   try:
     import torch  # noqa: F401
 
@@ -737,9 +748,16 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
       "config": dataclasses.asdict(cfg),
       "param_check": {"expected": KOCH_PARAMS, "counted": params, "ok": not bad},
       "flops": {"forward_per_image": koch_forward_flops(), "per_pair": koch_flops_per_pair(),
-                "xla_cost_analysis_forward_per_image": _xla_flops(),
-                "note": "2 x multiply-adds of convolutions and dense layers; train = forward + "
-                        "weight gradients + input gradients (none for conv1)"},
+                "xla_cost_analysis_forward_per_image": _xla_flops("direct"),
+                "xla_cost_analysis_forward_per_image_auto": _xla_flops("auto"),
+                "siamjax_auto_conv": models.koch_siamese().encoder.conv_impl(),
+                "note": "2 x multiply-adds of convolutions and dense layers of the direct "
+                        "computation; train = forward + weight gradients + input gradients "
+                        "(none for conv1). Every row's tflops and fraction_of_peak use these "
+                        "counts. Rows with conv 'dft' (siamjax on the CPU in float32) execute "
+                        "about 4x fewer FLOPs for conv2-4 (see "
+                        "xla_cost_analysis_forward_per_image_auto), so their tflops is an "
+                        "effective rate and may exceed the matmul peak."},
       "matmul_peak_tflops": peak,
       "notes": [
           *_fairness_notes(cfg),
@@ -774,8 +792,8 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
   return record
 
 
-def _xla_flops() -> float | None:
-  net = models.koch_siamese()
+def _xla_flops(conv: str = "direct") -> float | None:
+  net = models.koch_siamese(conv=conv)
   x = jnp.zeros((1, 105, 105, 1))
   params = jax.eval_shape(lambda: net.init(jax.random.key(0), x, x))
   try:

@@ -41,14 +41,17 @@ def main(argv=None) -> None:
   p.add_argument("--png", help="plot path (default: --out with .png; none with --smoke)")
   p.add_argument("--batches", type=int, nargs="+", help="batch sizes in pairs "
                  "(default 32 128 on a CPU, 32 128 512 on a GPU). 512 on the 2-core CPU: "
-                 "~10 training pairs/s, so ~50 s per step and 3-4 min per training row; "
-                 "ask for it with --batches 32 128 512")
+                 "10-25 training pairs/s, so 20-50 s per step and 2-4 min per training "
+                 "row (longer for bf16); ask for it with --batches 32 128 512")
   p.add_argument("--repeats", type=int, help="timed repeats per row (default 3 CPU, 10 GPU)")
   p.add_argument("--steps", type=int, help="steps per timed repeat (default 1 CPU, 10 GPU)")
   p.add_argument("--modes", nargs="+", choices=["train", "infer", "lake"])
   p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"])
   p.add_argument("--no-torch-compile", action="store_true")
   p.add_argument("--no-keras", action="store_true", help="leave out the Keras rows")
+  p.add_argument("--no-direct", action="store_true",
+                 help="leave out the siamjax rows with direct convolutions that a CPU run "
+                      "adds beside the default (DFT conv2-4, siamjax.fourier)")
   p.add_argument("--no-augment", action="store_true",
                  help="siamjax train step without Koch's affine distortions (sampling only)")
   p.add_argument("--devices", type=int, nargs="+",
@@ -77,6 +80,7 @@ def main(argv=None) -> None:
   if args.smoke:
     cfg.batches, cfg.repeats, cfg.steps = (2,), 1, 1
     cfg.dtypes, cfg.torch_compile, cfg.lake_runs, cfg.matmul_n = ("float32",), False, 1, 512
+    cfg.compare_direct = False
   for name in ("batches", "repeats", "steps", "modes", "dtypes", "devices"):
     if getattr(args, name) is not None:
       setattr(cfg, name, tuple(getattr(args, name)) if name in ("batches", "modes", "dtypes",
@@ -85,6 +89,7 @@ def main(argv=None) -> None:
   if args.no_torch_compile:
     cfg.torch_compile = False
   cfg.keras = not args.no_keras
+  cfg.compare_direct = cfg.compare_direct and not args.no_direct
   cfg.augment = not args.no_augment
   here = os.path.dirname(os.path.abspath(__file__))
   out = args.out or os.path.join(here, "results", harness.device_slug() + ".json")
