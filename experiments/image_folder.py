@@ -5,9 +5,8 @@
     # reports held-out pair accuracy, N-way one-shot accuracy, ROC-AUC/EER, and writes
     # roc.png and mistakes.png (the hardest wrong pairs).
 
-Convolutions train much faster on XLA:CPU with
-``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot`` (see
-docs/CALIBRATION.md). ``--smoke`` writes a small synthetic folder into the workdir and
+Convolutions train much faster on XLA:CPU with ``siamjax.xla.FAST_CPU_FLAGS`` in
+``XLA_FLAGS`` (see :mod:`siamjax.xla`). ``--smoke`` writes a small synthetic folder into the workdir and
 trains a few steps.
 """
 
