@@ -11,11 +11,15 @@ CI smoke run (under a minute on a CPU, no timing claims)::
     python benchmarks/pairs_per_sec.py --smoke --out /tmp/bench_smoke.json
 
 Batch sweep: 32 and 128 pairs on a CPU, 32, 128 and 512 on a GPU. Batch 512 is left out
-on a CPU because it is slow there: the 2-core AMD EPYC run
-(``benchmarks/results/cpu-amd-epyc-2core.json``) trains at about 10 pairs/s, so one
-batch-512 training step takes about 50 s and each training row (first call + 3 timed
-repeats) about 3-4 minutes, some 30 minutes more for the whole table (with several GB
-of activations). Ask for it with ``--batches 32 128 512``.
+on a CPU because it is slow there: in the 2-core AMD EPYC run
+(``benchmarks/results/cpu-amd-epyc-2core.json``) the implementations train at 9-31
+pairs/s, so one batch-512 training step takes 15-55 s and each training row (first call
++ 3 timed repeats) 1-4 minutes, some 30 minutes more for the whole table (with several
+GB of activations). Ask for it with ``--batches 32 128 512``.
+
+On a CPU in float32, siamjax's default Koch network computes conv2-4 as DFT products
+(:mod:`siamjax.fourier`); the run adds ``jit-direct`` rows with direct convolutions
+beside it (``--no-direct`` leaves them out).
 
 siamjax's train rows sample AND augment their pairs (Koch's affine distortions) on the
 device inside the jitted step; torch and keras get ready-made batches (see harness.py).
