@@ -704,7 +704,8 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
   params = {}
   for dt in cfg.dtypes:
     params[f"siamjax_{dt}"] = bench_siamjax(cfg, dt, rows, log)
-    if cfg.compare_direct and models.koch_siamese(dtype=jnp.dtype(dt)).encoder.conv_impl() != "direct":
+    auto_conv = models.koch_siamese(dtype=jnp.dtype(dt)).encoder.conv_impl()
+    if cfg.compare_direct and auto_conv != "direct":
       params[f"siamjax_direct_{dt}"] = bench_siamjax(cfg, dt, rows, log, conv="direct")
   try:
     import torch  # noqa: F401

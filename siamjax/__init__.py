@@ -5,6 +5,7 @@ Modules (one concept each):
 * :mod:`siamjax.distances`: distances and similarity maps between embeddings.
 * :mod:`siamjax.losses`: contrastive, pair BCE, triplet and in-batch mining losses.
 * :mod:`siamjax.encoders`: Flax encoders (Koch 2015 convnet, MLP, SmallCNN, TextCNN).
+* :mod:`siamjax.fourier`: 'valid' convolutions as DFT matrix products (Koch's fast CPU path).
 * :mod:`siamjax.models`: Siamese networks built from an encoder and a pair head.
 * :mod:`siamjax.parallel`: data-parallel meshes, shardings and cross-device losses.
 * :mod:`siamjax.sampling`: on-device pair/group sampling and Koch's affine distortions.
@@ -14,7 +15,8 @@ Modules (one concept each):
   end-to-end recipes and few-shot text classification (import them explicitly).
 """
 
-from siamjax import distances, encoders, evaluation, losses, models, parallel, sampling, train
+from siamjax import (distances, encoders, evaluation, fourier, losses, models, parallel,
+                     sampling, train)
 from siamjax.distances import (
     cosine_distance,
     cosine_similarity,
@@ -43,7 +45,8 @@ from siamjax.models import SiameseNet, koch_siamese
 __version__ = "0.1.0"
 
 __all__ = [
-    "distances", "encoders", "evaluation", "losses", "models", "parallel", "sampling", "train",
+    "distances", "encoders", "evaluation", "fourier", "losses", "models", "parallel",
+    "sampling", "train",
     "l1", "euclidean", "squared_euclidean", "cosine_similarity", "cosine_distance",
     "inverse_distance_similarity", "exp_similarity", "pairwise_distances",
     "contrastive_loss", "pair_bce_loss", "triplet_margin_loss", "batch_all_triplet_loss",

@@ -161,15 +161,14 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   if feature_group_count != 1 or batch_group_count != 1:
     raise ValueError("feature_group_count and batch_group_count must be 1, got "
                      f"{feature_group_count} and {batch_group_count}")
-  if dimension_numbers is not None:
-    dn = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs), dimension_numbers)
-    expected = lax.conv_dimension_numbers(jnp.shape(lhs), jnp.shape(rhs),
-                                          ("NHWC", "HWIO", "NHWC"))
-    if dn != expected:
-      raise ValueError(f"dimension_numbers must be ('NHWC', 'HWIO', 'NHWC'), got {dimension_numbers}")
-  else:
-    raise ValueError("dimension_numbers must be given as ('NHWC', 'HWIO', 'NHWC'); "
-                     "lax's default (NCHW) layout is not supported")
+  nhwc = ("NHWC", "HWIO", "NHWC")
+  if dimension_numbers is None:
+    raise ValueError(f"dimension_numbers must be given as {nhwc}; lax's default (NCHW) "
+                     "layout is not supported")
+  shapes = (jnp.shape(lhs), jnp.shape(rhs))
+  if lax.conv_dimension_numbers(*shapes, dimension_numbers) != lax.conv_dimension_numbers(
+      *shapes, nhwc):
+    raise ValueError(f"dimension_numbers must be {nhwc}, got {dimension_numbers}")
   y = dft_conv2d(lhs, rhs, precision=precision)
   return y if preferred_element_type is None else y.astype(preferred_element_type)
 

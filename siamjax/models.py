@@ -95,7 +95,8 @@ class SiameseNet(nn.Module):
     return self.head(h1, h2)
 
 
-def koch_siamese(*, dtype: Any = jnp.float32, shared: bool = True, conv: str = "auto") -> SiameseNet:
+def koch_siamese(*, dtype: Any = jnp.float32, shared: bool = True,
+                 conv: str = "auto") -> SiameseNet:
   """The Siamese network of Koch, Zemel & Salakhutdinov (2015): 38,951,745 parameters.
 
   Two :class:`siamjax.encoders.Koch` towers sharing weights, joined by the weighted L1

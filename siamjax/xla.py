@@ -17,8 +17,9 @@ XLA reads ``XLA_FLAGS`` once, when JAX initialises its backends (the first
 ``jax.devices()``, array creation or jitted call). So the fast path must be chosen
 before that, in one of two ways:
 
-* in the shell: ``export XLA_FLAGS="--xla_cpu_experimental_xnn_fusion_type=dot --xla_cpu_experimental_ynn_fusion_type="``
-  (``python -c "import siamjax.xla as x; print(x.FAST_CPU_FLAGS)"`` prints it);
+* in the shell: ``export XLA_FLAGS="$(python -c 'import siamjax.xla as x;
+  print(x.FAST_CPU_FLAGS)')"``, that is ``--xla_cpu_experimental_xnn_fusion_type=dot
+  --xla_cpu_experimental_ynn_fusion_type=``;
 * at the top of a script, before any other JAX use::
 
       import siamjax.xla
@@ -35,7 +36,8 @@ import os
 
 __all__ = ["FAST_CPU_FLAGS", "enable_fast_cpu", "fast_cpu_enabled", "fast_cpu_supported"]
 
-FAST_CPU_FLAGS = "--xla_cpu_experimental_xnn_fusion_type=dot --xla_cpu_experimental_ynn_fusion_type="
+FAST_CPU_FLAGS = ("--xla_cpu_experimental_xnn_fusion_type=dot "
+                  "--xla_cpu_experimental_ynn_fusion_type=")
 """The ``XLA_FLAGS`` entries of the fast CPU path (space separated)."""
 
 

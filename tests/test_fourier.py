@@ -70,7 +70,10 @@ def test_gradients_check_grads_and_equal_lax(shape):
     x = jax.random.normal(kx, (b, h, w, c), jnp.float64)
     k = jax.random.normal(kk, (kh, kw, c, o), jnp.float64)
     check_grads(fourier.dft_conv2d, (x, k), order=1, modes=("fwd", "rev"))
-    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+
+    def loss(f):
+      return lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+
     g = jax.grad(loss(fourier.dft_conv2d), (0, 1))(x, k)
     g_ref = jax.grad(loss(direct), (0, 1))(x, k)
     for a, r in zip(g, g_ref):
