@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from siamjax import _checks
-from siamjax import fourier as siamjax_fourier
+from siamjax import fourier
 
 __all__ = ["Koch", "MLP", "SmallCNN", "TextCNN", "ConvNet4", "normal_init"]
 
@@ -133,8 +133,8 @@ class Koch(nn.Module):
     conv = functools.partial(
         nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
         dtype=self.dtype, param_dtype=self.param_dtype)
-    fourier = {"conv_general_dilated": siamjax_fourier.conv_general_dilated}
-    big = fourier if self.conv_impl() == "dft" else {}
+    big = ({"conv_general_dilated": fourier.conv_general_dilated}
+           if self.conv_impl() == "dft" else {})
     x = x.astype(self.dtype)
     x = _max_pool2(nn.relu(conv(64, (10, 10), name="conv1")(x)))  # 96 -> 48
     x = _max_pool2(nn.relu(conv(128, (7, 7), name="conv2", **big)(x)))  # 42 -> 21
