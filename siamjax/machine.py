@@ -7,7 +7,11 @@ import platform
 
 import jax
 
-__all__ = ["cpu_model", "machine_info"]
+__all__ = ["cpu_model", "cpu_isa", "machine_info"]
+
+# The instruction-set extensions that decide which matrix kernels a CPU can run.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
+             "amx_bf16", "amx_int8")
 
 
 def cpu_model() -> str:
@@ -26,6 +30,23 @@ def cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> list[str]:
+  """The CPU's matrix-relevant ISA flags (:data:`ISA_FLAGS`) listed in ``/proc/cpuinfo``.
+
+  >>> set(cpu_isa()) <= set(ISA_FLAGS)
+  True
+  """
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          present = set(line.split(":", 1)[1].split())
+          return [flag for flag in ISA_FLAGS if flag in present]
+  except OSError:
+    pass
+  return []
+
+
 def machine_info() -> dict:
   """Processor, cores, load, JAX devices, versions and ``XLA_FLAGS``, as a JSON-able dict.
 
@@ -33,8 +54,8 @@ def machine_info() -> dict:
   upper bound, and the record says so.
 
   Returns:
-    a dict with ``platform``, ``processor``, ``cpu_model``, ``nproc``,
-    ``load_average_1_5_15_min``, ``jax_backend``, ``jax_devices``, ``device_kind``,
+    a dict with ``platform``, ``processor``, ``cpu_model``, ``cpu_isa``, ``nproc``,
+    ``jax_backend``, ``jax_devices``, ``device_kind``,
     ``jax``, ``python``, ``xla_flags``.
 
   >>> info = machine_info()
@@ -46,10 +67,11 @@ def machine_info() -> dict:
       "platform": platform.platform(),
       "processor": platform.processor() or platform.machine(),
       "cpu_model": cpu_model(),
+      "cpu_isa": cpu_isa(),
       "nproc": os.cpu_count(),
-      "load_average_1_5_15_min": [round(v, 2) for v in os.getloadavg()],
       "jax_backend": jax.default_backend(),
       "jax_devices": [str(d) for d in devices],
+      "jax_processes": jax.process_count(),
       "device_kind": devices[0].device_kind,
       "jax": jax.__version__,
       "python": platform.python_version(),

@@ -33,6 +33,8 @@ __all__ = [
     "replicated_sharding",
     "shard_batch",
     "data_parallel",
+    "replicate",
+    "local",
     "cross_device_loss",
     "initialize_distributed",
 ]
@@ -175,6 +177,45 @@ def data_parallel(fn: Callable, mesh: Mesh, *, donate_argnums=()) -> Callable:
 
   call.lower = lambda *args: _lower_in(mesh, compiled, *args)
   return call
+
+
+def replicate(tree, mesh: Mesh | None):
+  """A full copy of ``tree`` on every device of ``mesh`` (``mesh=None``: ``tree`` unchanged).
+
+  Works across processes: on a mesh that spans hosts, every process passes its own copy
+  of the same values (host or single-device arrays) and gets one global array.
+
+  >>> import jax.numpy as jnp
+  >>> replicate({"w": jnp.ones(2)}, make_mesh(1))["w"].sharding.spec == P()
+  True
+  """
+  if mesh is None:
+    return tree
+  sharding = replicated_sharding(mesh)
+  if jax.process_count() > 1:  # device_put cannot move a committed array across hosts
+    import numpy as np
+    tree = jax.tree.map(np.asarray, tree)
+  return jax.device_put(tree, sharding)
+
+
+def local(tree):
+  """This process's copy of a replicated ``tree``, on its first local device.
+
+  Evaluation code that mixes a replicated train state with arrays on one device (or that
+  runs on each host by itself) uses it; arrays on a single device pass through.
+
+  >>> import jax.numpy as jnp
+  >>> float(local(replicate(jnp.ones(2), make_mesh(1))).sum())
+  2.0
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+      if not x.is_fully_replicated:
+        raise ValueError(f"local() needs replicated arrays, got sharding {x.sharding}")
+      return x.addressable_data(0)
+    return x
+
+  return jax.tree.map(one, tree)
 
 
 def _lower_in(mesh, compiled, *args):

@@ -1,16 +1,27 @@
-"""On-device sampling of pairs and in-batch groups, and Koch's affine distortions.
+"""On-device sampling: pairs, P x K groups, epoch shuffles, and Koch's affine distortions.
 
-Everything here is a pure function of a ``jax.random`` key and arrays that already live
-on the device, so a jitted train step can fuse sampling, augmentation, encoding and the
-update. Images are stored ``[C, D, H, W]`` (characters x drawers) as uint8.
+Every sampler here is a pure function of a ``jax.random`` key and arrays that already
+live on the device, so a jitted train step can fuse sampling, augmentation, encoding and
+the update (:mod:`siamjax.train`). The samplers return *positions* into a flat array of
+examples (images, vectors, token rows); the caller gathers ``x[positions]``.
 
-* :func:`sample_pairs`: ``B`` pairs, the first half same-character (two distinct drawers),
-  the rest different characters (from the same alphabet with ``within_alphabet=True``).
-* :func:`sample_groups`: ``n_chars`` characters x ``n_per_char`` drawers for in-batch
-  losses, the characters drawn ``chars_per_alphabet`` at a time from distinct alphabets
-  so that negatives share an alphabet, as in Lake's test.
+A dataset's classes are described by an :class:`IndexTable` (row ``c`` lists the
+positions of class ``c``'s examples): :func:`index_table` builds one from labels,
+:func:`grid_table` from a ``[classes, members]`` bank such as Omniglot's characters x
+drawers. A second table over *classes* (e.g. the characters of each alphabet) is passed
+as ``groups``.
+
+* :func:`sample_pairs`: balanced pairs, the first half same-class (two distinct
+  members), the rest different classes (from one group with ``groups=``).
+* :func:`sample_groups`: P classes x K members for in-batch losses, the classes
+  optionally drawn a few at a time from one group.
+* :func:`keras_pairs`: the alternating pairs of the Keras MNIST Siamese example.
+* :func:`epoch_batches`: the rows of consecutive batches of an epoch-wise shuffled pass
+  (a ``prepare`` for :func:`siamjax.train.make_train_step`).
+* :func:`exhaustive_pairs`: every same-class pair plus as many sampled negatives (host).
 * :func:`sample_affine` / :func:`affine_warp` / :func:`augment`: Koch et al.'s random
   affine distortions, warped with ``jax.scipy.ndimage.map_coordinates`` (bilinear).
+* :func:`resize_images`: antialiased downsampling of uint8 images.
 
 References:
   G. Koch, R. Zemel, R. Salakhutdinov, "Siamese Neural Networks for One-shot Image
@@ -26,45 +37,104 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "AlphabetTable", "alphabet_table", "sample_pairs", "sample_groups", "AffineParams",
-    "sample_affine", "affine_warp", "augment", "resize_images",
+    "IndexTable", "index_table", "grid_table", "sample_pairs", "sample_groups",
+    "keras_pairs", "epoch_batches", "exhaustive_pairs", "AffineParams", "sample_affine",
+    "affine_warp", "augment", "resize_images",
 ]
 
 
-class AlphabetTable(NamedTuple):
-  """Characters of each alphabet: ``table [A, M]`` (padded with 0) and ``counts [A]``."""
+class IndexTable(NamedTuple):
+  """Members of each class: ``table [C, M]`` int32 positions and ``counts [C]`` int32.
+
+  Row ``c`` holds its ``counts[c]`` positions, then repeats its first one as padding. A
+  pytree, so it can sit inside the ``data`` a train step receives.
+  """
 
   table: jax.Array
   counts: jax.Array
 
 
-def alphabet_table(alphabet_ids, *, min_size: int = 1, name: str = "alphabet_ids"
-                   ) -> AlphabetTable:
-  """Builds an :class:`AlphabetTable` from ``[C]`` per-character alphabet ids (host side).
+def index_table(labels, num_classes: int | None = None, *, min_size: int = 1,
+                name: str = "labels") -> IndexTable:
+  """Host-side :class:`IndexTable`: row ``c`` lists the positions of class ``c`` in order.
 
   Args:
-    alphabet_ids: ``[C]`` integer alphabet id of each character.
-    min_size: every alphabet must have at least this many characters.
-    name: argument name used in errors.
+    labels: ``[N]`` integer class ids in ``[0, num_classes)``.
+    num_classes: number of classes (``labels.max() + 1`` when ``None``); every class must
+      have a member (renumber sparse ids first, e.g. with ``np.unique(...,
+      return_inverse=True)``).
+    min_size: every class must have at least this many members.
+    name: the argument name used in errors.
 
   Returns:
-    :class:`AlphabetTable` of device arrays; alphabets are numbered by sorted id.
+    :class:`IndexTable` of NumPy arrays (``jnp.asarray`` them or pass them to a jitted
+    function).
 
-  >>> alphabet_table([0, 1, 1, 0, 1]).table.tolist()
-  [[0, 3, 0], [1, 2, 4]]
+  Raises:
+    ValueError: ``labels`` is not a non-empty ``[N]`` integer array, has negative ids or
+      ids ``>= num_classes``, a class is empty, or a class has fewer than ``min_size``.
+
+  >>> t = index_table(np.array([1, 0, 1, 1]))
+  >>> t.table.tolist(), t.counts.tolist()
+  ([[1, 1, 1], [0, 2, 3]], [1, 3])
   """
-  ids = np.asarray(alphabet_ids)
-  if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"{name} must be a non-empty [C] integer array, got {ids.dtype} {ids.shape}")
-  groups = [np.flatnonzero(ids == a) for a in np.unique(ids)]
-  small = min(len(g) for g in groups)
-  if small < min_size:
-    raise ValueError(f"{name}: an alphabet has {small} characters but {min_size} are needed")
-  width = max(len(g) for g in groups)
-  table = np.zeros((len(groups), width), np.int32)
-  for i, g in enumerate(groups):
-    table[i, :len(g)] = g
-  return AlphabetTable(jnp.asarray(table), jnp.asarray([len(g) for g in groups], jnp.int32))
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"{name} must be a non-empty [N] integer array, got {labels.dtype} "
+                     f"{labels.shape}")
+  if labels.min() < 0:
+    raise ValueError(f"{name} must be >= 0, found {int(labels.min())}")
+  c = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+  if labels.max() >= c:
+    raise ValueError(f"{name} hold class {int(labels.max())} but num_classes is {c}")
+  counts = np.bincount(labels, minlength=c).astype(np.int32)
+  if (counts == 0).any():
+    raise ValueError(f"{name}: classes {np.flatnonzero(counts == 0).tolist()[:5]} have no "
+                     f"member (renumber the ids so that every class in [0, C) occurs)")
+  if counts.min() < min_size:
+    raise ValueError(f"{name}: class {int(np.argmin(counts))} has {int(counts.min())} "
+                     f"member(s) but {min_size} are needed")
+  order = np.argsort(labels, kind="stable")
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  m = int(counts.max())
+  j = np.where(np.arange(m)[None, :] < counts[:, None], np.arange(m)[None, :], 0)
+  return IndexTable(order[starts[:, None] + j].astype(np.int32), counts)
+
+
+def grid_table(num_classes: int, members_per_class: int, members=None) -> IndexTable:
+  """The :class:`IndexTable` of a ``[C, D, ...]`` bank flattened to ``[C * D, ...]``.
+
+  Class ``c``'s member ``d`` sits at position ``c * D + d`` (Omniglot: characters x
+  drawers). ``members`` restricts every class to those member indices (e.g. Koch's 12
+  training drawers); default all ``D``.
+
+  >>> grid_table(2, 4, members=(1, 3)).table.tolist()
+  [[1, 3], [5, 7]]
+  """
+  members = np.arange(members_per_class) if members is None else np.asarray(members, np.int64)
+  if members.ndim != 1 or members.size == 0 or members.min() < 0 or (
+      members.max() >= members_per_class) or len(set(members.tolist())) != members.size:
+    raise ValueError(f"members must be distinct indices in [0, {members_per_class}), got "
+                     f"{members.tolist()}")
+  table = np.arange(num_classes)[:, None] * members_per_class + members[None, :]
+  return IndexTable(table.astype(np.int32), np.full(num_classes, members.size, np.int32))
+
+
+def _check_table(name: str, t) -> None:
+  if not isinstance(t, IndexTable):
+    raise ValueError(f"{name} must be an IndexTable (sampling.index_table), got "
+                     f"{type(t).__name__}")
+  if t.table.ndim != 2 or t.counts.shape != t.table.shape[:1]:
+    raise ValueError(f"{name} must hold table [C, M] and counts [C], got {t.table.shape} and "
+                     f"{t.counts.shape}")
+
+
+def _concrete_min(counts):
+  """``min(counts)`` when ``counts`` is concrete (checks run outside ``jit`` only)."""
+  try:
+    return int(np.min(np.asarray(counts)))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
 
 
 def _distinct(key, n_rows: int, pool: int, k: int, valid=None) -> jax.Array:
@@ -75,98 +145,281 @@ def _distinct(key, n_rows: int, pool: int, k: int, valid=None) -> jax.Array:
   return jnp.argsort(u, axis=1)[:, :k].astype(jnp.int32)
 
 
-def _drawer_ids(images, drawers):
-  return jnp.asarray(np.arange(images.shape[1]) if drawers is None else np.asarray(drawers),
-                     jnp.int32)
+def sample_pairs(key: jax.Array, classes: IndexTable, n_pairs: int, *,
+                 groups: IndexTable | None = None, partners: IndexTable | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+  """Draws ``n_pairs`` pairs of positions, the first half same-class, on the device.
 
-
-def sample_pairs(key: jax.Array, images: jax.Array, batch: int, *, drawers=None,
-                 alphabets: AlphabetTable | None = None, within_alphabet: bool = False):
-  """Draws ``batch`` image pairs, half of them same-character.
+  A positive pair is a class drawn uniformly and two distinct members of it; a negative
+  pair two distinct classes (both from one group, drawn uniformly, when ``groups`` is
+  given, e.g. two characters of one alphabet as in Lake's test; else the second class is
+  uniform among the others) and a uniform member of each.
 
   Args:
     key: a ``jax.random`` key.
-    images: ``[C, D, H, W]`` images (characters x drawers).
-    batch: number of pairs ``B`` (even).
-    drawers: drawer indices to draw from (e.g. Koch's 12 training drawers); default all.
-    alphabets: needed when ``within_alphabet``.
-    within_alphabet: draw each negative pair's two characters from one alphabet.
+    classes: the :class:`IndexTable` of the examples' classes.
+    n_pairs: number of pairs ``P`` (even).
+    groups: optional :class:`IndexTable` over *class* indices (its rows list classes):
+      negatives come from one group. Every group needs two classes.
+    partners: optional :class:`IndexTable` with the same classes: the second member of
+      every pair is drawn from it instead (e.g. held-out queries against a training
+      gallery; positives are then any member of the class in ``partners``, so keep the
+      two sets disjoint).
 
   Returns:
-    ``(x1 [B, H, W], x2 [B, H, W], similar [B] float32)``: rows ``< B/2`` are positives
-    (same character, distinct drawers), the rest negatives (distinct characters).
+    ``(pairs [P, 2] int32 positions, similar [P] float32)``, ``similar = 1`` for rows
+    ``< P / 2`` (same class) and 0 after.
+
+  Raises:
+    ValueError: ``n_pairs`` is odd or below 2, a table is malformed, or (outside
+      ``jit``) a class has fewer than two members for positives, or a group fewer than
+      two classes.
+
+  >>> t = grid_table(3, 2)   # 3 classes x 2 members: positions 0..5, class = pos // 2
+  >>> pairs, similar = sample_pairs(jax.random.key(0), t, 6)
+  >>> (pairs // 2)[:3, 0].tolist() == (pairs // 2)[:3, 1].tolist(), similar.tolist()
+  (True, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
   """
-  if batch < 2 or batch % 2:
-    raise ValueError(f"batch must be even and >= 2, got {batch}")
-  if within_alphabet and alphabets is None:
-    raise ValueError("alphabets must be given when within_alphabet=True")
-  half = batch // 2
-  d_ids = _drawer_ids(images, drawers)
-  k_pos, k_neg, k_draw = jax.random.split(key, 3)
-  pos_c = jax.random.randint(k_pos, (half,), 0, images.shape[0])
-  if within_alphabet:
-    k_a, k_c = jax.random.split(k_neg)
-    alph = jax.random.randint(k_a, (half,), 0, alphabets.table.shape[0])
-    two = _distinct(k_c, half, alphabets.table.shape[1], 2, alphabets.counts[alph])
-    neg = jnp.take_along_axis(alphabets.table[alph], two, axis=1)
-    neg_c1, neg_c2 = neg[:, 0], neg[:, 1]
+  if not isinstance(n_pairs, (int, np.integer)) or n_pairs < 2 or n_pairs % 2:
+    raise ValueError(f"n_pairs must be an even int >= 2, got {n_pairs!r}")
+  _check_table("classes", classes)
+  c = classes.table.shape[0]
+  if c < 2:
+    raise ValueError(f"classes: negative pairs need two classes, got {c}")
+  if partners is not None:
+    _check_table("partners", partners)
+    if partners.table.shape[0] != c:
+      raise ValueError(f"partners has {partners.table.shape[0]} classes, classes has {c}")
+  elif (low := _concrete_min(classes.counts)) is not None and low < 2:
+    raise ValueError("classes: every class needs two members for positive pairs "
+                     f"(found a class with {low})")
+  if groups is not None:
+    _check_table("groups", groups)
+    if (low := _concrete_min(groups.counts)) is not None and low < 2:
+      raise ValueError(f"groups: every group needs two classes (found one with {low})")
+  half = n_pairs // 2
+  table, counts = jnp.asarray(classes.table), jnp.asarray(classes.counts)
+  second = classes if partners is None else partners
+  table2, counts2 = jnp.asarray(second.table), jnp.asarray(second.counts)
+  k_c, k_a, k_p, k_g, k_n, k_m1, k_m2 = jax.random.split(key, 7)
+  pos_c = jax.random.randint(k_c, (half,), 0, c)
+  a = jax.random.randint(k_a, (half,), 0, counts[pos_c])
+  if partners is None:  # a distinct second member
+    p = (a + jax.random.randint(k_p, (half,), 1, jnp.maximum(counts[pos_c], 2))) % counts[pos_c]
   else:
-    k1, k2 = jax.random.split(k_neg)
-    neg_c1 = jax.random.randint(k1, (half,), 0, images.shape[0])
-    neg_c2 = (neg_c1 + jax.random.randint(k2, (half,), 1, images.shape[0])) % images.shape[0]
-  draw = d_ids[_distinct(k_draw, batch, d_ids.shape[0], 2)]
-  c1 = jnp.concatenate([pos_c, neg_c1])
-  c2 = jnp.concatenate([pos_c, neg_c2])
+    p = jax.random.randint(k_p, (half,), 0, counts2[pos_c])
+  if groups is None:
+    neg1 = jax.random.randint(k_g, (half,), 0, c)
+    neg2 = (neg1 + jax.random.randint(k_n, (half,), 1, c)) % c
+  else:
+    g_table, g_counts = jnp.asarray(groups.table), jnp.asarray(groups.counts)
+    g = jax.random.randint(k_g, (half,), 0, g_table.shape[0])
+    two = _distinct(k_n, half, g_table.shape[1], 2, g_counts[g])
+    neg = jnp.take_along_axis(g_table[g], two, axis=1)
+    neg1, neg2 = neg[:, 0], neg[:, 1]
+  m1 = jax.random.randint(k_m1, (half,), 0, counts[neg1])
+  m2 = jax.random.randint(k_m2, (half,), 0, counts2[neg2])
+  first = jnp.concatenate([table[pos_c, a], table[neg1, m1]])
+  other = jnp.concatenate([table2[pos_c, p], table2[neg2, m2]])
   similar = jnp.concatenate([jnp.ones((half,), jnp.float32), jnp.zeros((half,), jnp.float32)])
-  return images[c1, draw[:, 0]], images[c2, draw[:, 1]], similar
+  return jnp.stack([first, other], axis=1).astype(jnp.int32), similar
 
 
-def sample_groups(key: jax.Array, images: jax.Array, n_chars: int, n_per_char: int, *,
-                  drawers=None, alphabets: AlphabetTable | None = None,
-                  chars_per_alphabet: int | None = None):
-  """Draws ``n_chars`` distinct characters x ``n_per_char`` distinct drawers.
+def sample_groups(key: jax.Array, classes: IndexTable, n_classes: int, per_class: int, *,
+                  groups: IndexTable | None = None, classes_per_group: int | None = None,
+                  replace: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Draws a P x K batch: ``n_classes`` distinct classes, ``per_class`` members each.
 
   Args:
     key: a ``jax.random`` key.
-    images: ``[C, D, H, W]`` images.
-    n_chars: characters per batch.
-    n_per_char: drawers per character (2 gives one positive per anchor).
-    drawers: drawer indices to draw from; default all.
-    alphabets, chars_per_alphabet: when given, the characters come
-      ``chars_per_alphabet`` at a time from ``n_chars / chars_per_alphabet`` distinct
-      alphabets (every alphabet needs that many characters).
+    classes: the :class:`IndexTable` of the examples' classes.
+    n_classes: P, distinct classes per batch.
+    per_class: K, members per class (2 gives one positive per anchor).
+    groups, classes_per_group: when given, the classes come ``classes_per_group`` at a
+      time from ``n_classes / classes_per_group`` distinct groups (rows of ``groups``
+      list class indices), so that negatives share a group (Omniglot: an alphabet).
+    replace: draw each class's members with replacement (cheap for large classes);
+      default distinct members (every class needs ``per_class``).
 
   Returns:
-    ``(x [n_chars * n_per_char, H, W], labels [n_chars * n_per_char] int32)``, ordered
-    character-major; labels are the character indices.
+    ``(positions [P K] int32, labels [P K] int32)`` ordered class-major; ``labels`` are
+    class indices (rows of ``classes``).
+
+  Raises:
+    ValueError: the sizes do not fit the tables.
+
+  >>> t = index_table(np.array([0, 1, 0, 1, 0, 1]))
+  >>> pos, lab = sample_groups(jax.random.key(0), t, 2, 3)
+  >>> bool(jnp.all(pos % 2 == lab)), sorted(pos.tolist())
+  (True, [0, 1, 2, 3, 4, 5])
   """
-  d_ids = _drawer_ids(images, drawers)
-  if not 1 <= n_per_char <= d_ids.shape[0]:
-    raise ValueError(f"n_per_char must be in [1, {d_ids.shape[0]}], got {n_per_char}")
-  k_c, k_d = jax.random.split(key)
-  if chars_per_alphabet is None:
-    if n_chars > images.shape[0]:
-      raise ValueError(f"n_chars={n_chars} exceeds the {images.shape[0]} characters")
-    chars = _distinct(k_c, 1, images.shape[0], n_chars)[0]
+  _check_table("classes", classes)
+  c, m = classes.table.shape
+  if per_class < 1 or (not replace and per_class > m):
+    raise ValueError(f"per_class must be in [1, {m}] (the largest class), got {per_class}")
+  if not replace and (low := _concrete_min(classes.counts)) is not None and low < per_class:
+    raise ValueError(f"classes: a class has {low} members, fewer than per_class={per_class} "
+                     f"(pass replace=True to draw with replacement)")
+  table, counts = jnp.asarray(classes.table), jnp.asarray(classes.counts)
+  k_c, k_m = jax.random.split(key)
+  if classes_per_group is None:
+    if not 1 <= n_classes <= c:
+      raise ValueError(f"n_classes must be in [1, {c}], got {n_classes}")
+    chosen = _distinct(k_c, 1, c, n_classes)[0]
   else:
-    if alphabets is None:
-      raise ValueError("alphabets must be given with chars_per_alphabet")
-    if n_chars % chars_per_alphabet:
-      raise ValueError(f"n_chars={n_chars} must be a multiple of "
-                       f"chars_per_alphabet={chars_per_alphabet}")
-    n_alph = n_chars // chars_per_alphabet
-    if n_alph > alphabets.table.shape[0]:
-      raise ValueError(f"n_chars / chars_per_alphabet = {n_alph} exceeds the "
-                       f"{alphabets.table.shape[0]} alphabets")
-    k_a, k_w = jax.random.split(k_c)
-    alph = _distinct(k_a, 1, alphabets.table.shape[0], n_alph)[0]
-    pick = _distinct(k_w, n_alph, alphabets.table.shape[1], chars_per_alphabet,
-                     alphabets.counts[alph])
-    chars = jnp.take_along_axis(alphabets.table[alph], pick, axis=1).reshape(-1)
-  draw = d_ids[_distinct(k_d, n_chars, d_ids.shape[0], n_per_char)]
-  x = images[chars[:, None], draw]
-  labels = jnp.broadcast_to(chars[:, None], (n_chars, n_per_char))
-  return x.reshape((-1,) + images.shape[2:]), labels.reshape(-1)
+    if groups is None:
+      raise ValueError("groups must be given with classes_per_group")
+    _check_table("groups", groups)
+    if n_classes % classes_per_group:
+      raise ValueError(f"n_classes={n_classes} must be a multiple of "
+                       f"classes_per_group={classes_per_group}")
+    n_groups = n_classes // classes_per_group
+    if n_groups > groups.table.shape[0]:
+      raise ValueError(f"n_classes / classes_per_group = {n_groups} exceeds the "
+                       f"{groups.table.shape[0]} groups")
+    if (low := _concrete_min(groups.counts)) is not None and low < classes_per_group:
+      raise ValueError(f"groups: a group has {low} classes, fewer than "
+                       f"classes_per_group={classes_per_group}")
+    k_g, k_w = jax.random.split(k_c)
+    g_table, g_counts = jnp.asarray(groups.table), jnp.asarray(groups.counts)
+    g = _distinct(k_g, 1, g_table.shape[0], n_groups)[0]
+    pick = _distinct(k_w, n_groups, g_table.shape[1], classes_per_group, g_counts[g])
+    chosen = jnp.take_along_axis(g_table[g], pick, axis=1).reshape(-1)
+  if replace:
+    members = jax.random.randint(k_m, (n_classes, per_class), 0, counts[chosen][:, None])
+  else:
+    members = _distinct(k_m, n_classes, m, per_class, counts[chosen])
+  positions = table[chosen[:, None], members]
+  labels = jnp.broadcast_to(chosen[:, None], (n_classes, per_class))
+  return positions.reshape(-1).astype(jnp.int32), labels.reshape(-1).astype(jnp.int32)
+
+
+def keras_pairs(key: jax.Array, classes: IndexTable, n: int) -> tuple[jax.Array, jax.Array]:
+  """The pairs of the Keras MNIST Siamese example (``create_pairs``), made on the device.
+
+  For every class ``d`` and ``i < n``: the positive pair ``(x[d][i], x[d][i + 1])`` and
+  the negative pair ``(x[d][i], x[d'][i])`` with ``d' = (d + u) % C``, ``u`` uniform in
+  ``[1, C)``; pairs alternate positive, negative. ``n`` is the smallest class size
+  minus one in the example (5,420 for MNIST train: 108,400 pairs; 891 for test: 17,820).
+
+  Args:
+    key: a ``jax.random`` key (the example uses Python's ``random.randrange``).
+    classes: :class:`IndexTable` of the examples (positions in file order per class).
+    n: pairs per class and sign; needs ``n + 1 <=`` the smallest class size.
+
+  Returns:
+    ``(pairs [2 C n, 2] int32 positions, similar [2 C n] float32)`` with ``similar = 1``
+    for a same-class pair, as the example's labels (and Hadsell et al.).
+
+  >>> t = IndexTable(jnp.array([[0, 2, 4], [1, 3, 5]]), jnp.array([3, 3]))
+  >>> pairs, similar = keras_pairs(jax.random.key(0), t, 2)
+  >>> pairs[::2].tolist(), similar.tolist()
+  ([[0, 2], [2, 4], [1, 3], [3, 5]], [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+  >>> pairs[1::2].tolist()
+  [[0, 1], [2, 3], [1, 0], [3, 2]]
+  """
+  _check_table("classes", classes)
+  table = jnp.asarray(classes.table)
+  if table.shape[0] < 2:
+    raise ValueError(f"classes must have C >= 2 classes, got table shape {table.shape}")
+  if (low := _concrete_min(classes.counts)) is not None:
+    if not 1 <= n < low:
+      raise ValueError(f"n must be in [1, {low - 1}] (the smallest class minus one), got {n}")
+  elif not 1 <= n < table.shape[1]:
+    raise ValueError(f"n must be in [1, {table.shape[1] - 1}], got {n}")
+  c = table.shape[0]
+  d_Cx1 = jnp.arange(c)[:, None]
+  i_CxN = jnp.broadcast_to(jnp.arange(n)[None, :], (c, n))
+  anchor_CxN = table[:, :n]
+  positive_CxN = table[:, 1:n + 1]
+  other_CxN = (d_Cx1 + jax.random.randint(key, (c, n), 1, c)) % c
+  negative_CxN = table[other_CxN, i_CxN]
+  pos_CxNx2 = jnp.stack([anchor_CxN, positive_CxN], axis=-1)
+  neg_CxNx2 = jnp.stack([anchor_CxN, negative_CxN], axis=-1)
+  pairs = jnp.stack([pos_CxNx2, neg_CxNx2], axis=2).reshape(-1, 2)
+  similar = jnp.tile(jnp.array([1.0, 0.0], jnp.float32), c * n)
+  return pairs.astype(jnp.int32), similar
+
+
+def epoch_batches(key: jax.Array, n_rows: int, batch_size: int, first_step,
+                  num_steps: int) -> jax.Array:
+  """Rows of batches ``first_step .. first_step + num_steps - 1`` of shuffled epochs.
+
+  Epoch ``e`` is one pass over ``range(n_rows)`` in the order
+  ``jax.random.permutation(fold_in(key, e), n_rows)``, cut into ``n_rows // batch_size``
+  batches (the last partial batch is dropped); step ``s`` belongs to epoch
+  ``s // (n_rows // batch_size)``. A pure function of ``(key, step)``, so a resumed run
+  sees the batches an uninterrupted one would. Use it as the ``prepare`` of
+  :func:`siamjax.train.make_train_step` (once per call of ``num_steps`` fused updates).
+
+  Args:
+    key: a ``jax.random`` key.
+    n_rows: rows in the dataset (static).
+    batch_size: rows per batch (static, ``<= n_rows``).
+    first_step: the global step of the first batch (may be traced).
+    num_steps: number of consecutive batches (static, at most one epoch).
+
+  Returns:
+    ``[num_steps, batch_size]`` int32 row indices.
+
+  >>> rows = epoch_batches(jax.random.key(0), 6, 2, 0, 3)
+  >>> sorted(rows.reshape(-1).tolist())  # one epoch: every row once
+  [0, 1, 2, 3, 4, 5]
+  >>> bool(jnp.all(epoch_batches(jax.random.key(0), 6, 2, 1, 2) == rows[1:]))
+  True
+  """
+  if not 1 <= batch_size <= n_rows:
+    raise ValueError(f"batch_size must be in [1, n_rows={n_rows}], got {batch_size}")
+  per_epoch = n_rows // batch_size
+  if not 1 <= num_steps <= per_epoch:
+    raise ValueError(f"num_steps must be in [1, {per_epoch}] (one epoch of batches), got "
+                     f"{num_steps}")
+  step = jnp.asarray(first_step, jnp.int32) + jnp.arange(num_steps, dtype=jnp.int32)
+  e0 = step[0] // per_epoch
+  perms = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e0 + i), n_rows)
+                     [:per_epoch * batch_size] for i in range(2)])
+  perms = perms.reshape(2, per_epoch, batch_size)
+  return perms[step // per_epoch - e0, step % per_epoch].astype(jnp.int32)
+
+
+def exhaustive_pairs(key: jax.Array, labels) -> tuple[jax.Array, jax.Array]:
+  """Every within-class pair, plus one sampled negative for each (host side).
+
+  Each positive ``(i, j)`` (``i < j``, same class) gets a negative ``(i, k)`` with ``k``
+  drawn uniformly from the other classes' examples. For few labelled examples (the
+  THUCNews seed model's pairs); the count grows with the square of the class sizes.
+
+  Args:
+    key: a ``jax.random`` key for the negatives.
+    labels: ``[S]`` host integer class ids.
+
+  Returns:
+    ``(pairs [P, 2] int32, similar [P] float32)`` with ``P = 2 * #positives``,
+    positives first.
+
+  >>> pairs, sim = exhaustive_pairs(jax.random.key(0), np.array([0, 0, 1, 1]))
+  >>> pairs.shape, sim.tolist()
+  ((4, 2), [1.0, 1.0, 0.0, 0.0])
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be a [S] integer array, got {labels.dtype} {labels.shape}")
+  i, j = np.triu_indices(len(labels), k=1)
+  same = labels[i] == labels[j]
+  pos_Px2 = np.stack([i[same], j[same]], axis=1).astype(np.int32)
+  if len(pos_Px2) == 0:
+    raise ValueError("labels must have a class with at least two examples")
+  if len(np.unique(labels)) < 2:
+    raise ValueError("labels must hold at least two classes (negatives need another class)")
+  # A uniform other-class partner: the r-th example among those not in the anchor's class.
+  order = np.argsort(labels, kind="stable")
+  starts = np.searchsorted(labels[order], labels[pos_Px2[:, 0]])
+  counts = np.bincount(labels)[labels[pos_Px2[:, 0]]]
+  r = np.asarray(jax.random.randint(key, (len(pos_Px2),), 0, len(labels) - counts))
+  neg = order[np.where(r < starts, r, r + counts)].astype(np.int32)
+  pairs = np.concatenate([pos_Px2, np.stack([pos_Px2[:, 0], neg], axis=1)])
+  similar = np.concatenate([np.ones(len(pos_Px2)), np.zeros(len(pos_Px2))]).astype(np.float32)
+  return jnp.asarray(pairs), jnp.asarray(similar)
 
 
 class AffineParams(NamedTuple):

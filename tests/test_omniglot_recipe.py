@@ -29,11 +29,11 @@ def test_presets_build(name):
   assert cfg.num_steps % cfg.steps_per_call == 0
   assert cfg.eval_every % cfg.steps_per_call == 0
   assert cfg.checkpoint_every % cfg.steps_per_call == 0
-  model = ok._Model(cfg)
+  model = ok.Model(cfg)
   x = jax.ShapeDtypeStruct((2, cfg.image_size, cfg.image_size, 1), jnp.float32)
   variables = jax.eval_shape(lambda a, b: model.net.init(jax.random.key(0), a, b,
                                                          **model.eval_kw), x, x)
-  opt = ok._optimizer(cfg)
+  opt = ok.optimizer(cfg)
   jax.eval_shape(opt.init, variables["params"])  # every parameter has a layer (paper)
 
 

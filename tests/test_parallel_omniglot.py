@@ -13,7 +13,6 @@ import pytest
 
 from siamjax import parallel, train
 from siamjax.recipes import omniglot_koch as ok
-from siamjax.sampling import alphabet_table
 
 
 def _setup(loss):
@@ -21,16 +20,10 @@ def _setup(loss):
                   n_per_char=2, chars_per_alphabet=4, batch_pairs=16, optimizer="sgd",
                   learning_rate=1e-2)
   rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 2, size=(24, 20, 28, 28)) * 255, jnp.uint8)
-  table = alphabet_table(np.repeat(np.arange(4), 6), min_size=4)
-  data = {"images": images, "table": table.table, "counts": table.counts}
-  model = ok._Model(cfg)
-  x0 = jnp.zeros((2, 28, 28, 1))
-  variables = model.net.init(jax.random.key(1), x0, x0, **model.eval_kw)
-  opt = ok._optimizer(cfg)
-  state = train.init_state(variables["params"], opt, key=jax.random.key(2),
-                           model_state={k: v for k, v in variables.items() if k != "params"})
-  return model, opt, state, data
+  images = (rng.integers(0, 2, size=(24, 20, 28, 28)) * 255).astype(np.uint8)
+  data = ok.training_data(images, np.repeat(np.arange(4), 6), cfg)
+  model = ok.Model(cfg)
+  return model, ok.optimizer(cfg), ok.init_state(model, cfg), data
 
 
 @pytest.mark.parametrize("loss", ["softmax", "pair_bce"])
@@ -41,10 +34,8 @@ def test_sharded_step_equals_single_device(loss):
   results = {}
   for n in (1, 4, 8):
     mesh = None if n == 1 else parallel.make_mesh(n)
-    step = train.make_train_step(ok._loss_fn(model), opt, steps_per_call=1, mesh=mesh)
-    s, d = state, data
-    if mesh is not None:
-      s, d = jax.device_put((state, data), parallel.replicated_sharding(mesh))
+    step = train.make_train_step(ok.make_loss_fn(model), opt, steps_per_call=1, mesh=mesh)
+    s, d = parallel.replicate((state, data), mesh) if mesh is not None else (state, data)
     s = jax.tree.map(jnp.copy, s)  # the step donates its state
     new, metrics = step(s, d)
     results[n] = (float(metrics["loss"]), jax.device_get(new["params"]),

@@ -177,13 +177,15 @@ def sample_oneshot_tasks(key: jax.Array, images: jax.Array, alphabet_ids: np.nda
     ``(support [T, N, H, W], query [T, N, H, W], answers [T, N])``; ``answers`` is
     ``arange(N)`` per task (query ``i`` shows support class ``i``).
   """
-  from siamjax.sampling import alphabet_table  # sampling imports nothing from here
+  from siamjax.sampling import index_table  # sampling imports nothing from here
   if n_way < 2:
     raise ValueError(f"n_way must be >= 2, got {n_way}")
   drawer_ids = jnp.asarray(drawers if drawers is not None else range(images.shape[1]))
   k_char, k_draw = jax.random.split(key)
   if within_alphabet:
-    table, counts = alphabet_table(alphabet_ids, min_size=n_way, name="alphabet_ids")
+    ids = np.unique(np.asarray(alphabet_ids), return_inverse=True)[1].reshape(-1)
+    table, counts = index_table(ids, min_size=n_way, name="alphabet_ids")
+    table, counts = jnp.asarray(table), jnp.asarray(counts)
     k_a, k_c = jax.random.split(k_char)
     alph = jax.random.randint(k_a, (n_tasks,), 0, table.shape[0])
     u = jax.random.uniform(k_c, (n_tasks, table.shape[1]))

@@ -7,15 +7,21 @@
    evaluation set, and Lake's runs; the validation tasks are 20-way within-alphabet
    tasks over the evaluation alphabets *not* used by Lake's runs, on drawers ``val_drawers``
    (Koch et al.: 10 alphabets, 4 drawers, held out);
-2. puts the (optionally downsampled) training images on the device and trains with one
-   jitted step that samples, augments, encodes, takes the loss and updates
-   (:mod:`siamjax.train`), either as a Koch pair-BCE Siamese net (``loss="pair_bce"``,
-   pairs from :func:`siamjax.sampling.sample_pairs`) or with an in-batch softmax over
-   negative squared distances (``loss="softmax"``, groups from
-   :func:`siamjax.sampling.sample_groups`, characters drawn a few at a time per alphabet);
+2. puts the (optionally downsampled) training images on the device
+   (:func:`training_data`) and trains through :func:`siamjax.train.run` with the loss of
+   :func:`make_loss_fn`, which samples, augments and encodes inside the jitted step:
+   either a Koch pair-BCE Siamese net (``loss="pair_bce"``, pairs from
+   :func:`siamjax.sampling.sample_pairs`) or an in-batch softmax over negative squared
+   distances (``loss="softmax"``, groups from :func:`siamjax.sampling.sample_groups`,
+   characters drawn a few at a time per alphabet);
 3. early-stops on validation one-shot accuracy, restores the best checkpoint and scores
    Lake's 400 trials in one jitted call, plus random N-way tasks;
-4. writes ``results.json``, ``metrics.jsonl`` and PNG plots into the work directory.
+4. returns the results (``experiments/omniglot_koch.py`` writes ``results.json`` through
+   :mod:`siamjax.recipes.cli`) and writes ``metrics.jsonl`` and PNG plots into the work
+   directory.
+
+``benchmarks/pairs_per_sec.py`` times :func:`make_loss_fn`'s pair-BCE step on the Koch
+network: the benchmark measures the function this recipe trains with.
 """
 
 from __future__ import annotations
@@ -34,12 +40,18 @@ from siamjax import losses, parallel, train
 from siamjax.data import omniglot
 from siamjax.encoders import ConvNet4
 from siamjax.evaluation import oneshot
-from siamjax.machine import machine_info
 from siamjax.models import SiameseNet, koch_siamese
-from siamjax.sampling import AlphabetTable, alphabet_table, augment, resize_images
+from siamjax.sampling import augment, grid_table, index_table, resize_images
 from siamjax.sampling import sample_groups, sample_pairs
 
-__all__ = ["Config", "train_and_evaluate", "pixel_baseline", "machine_info"]
+__all__ = ["Config", "Model", "make_loss_fn", "training_data", "optimizer",
+           "train_and_evaluate", "pixel_baseline", "summary", "NAME", "RESUMABLE"]
+
+NAME = "omniglot_koch"
+# Config fields that may change between runs of one work directory: how long it trains
+# and what it evaluates at the end, not what it computes up to a given step.
+RESUMABLE = frozenset({"num_steps", "train_time_limit_s", "time_budget_s", "checkpoint_every",
+                       "extra_evals"})
 
 KOCH_LAYERS = ("conv1", "conv2", "conv3", "conv4", "dense", "head")
 
@@ -94,6 +106,8 @@ class Config:
   extra_evals: bool = True  # random N-way tasks and pair verification after training
   time_budget_s: float = 0.0  # informational: the preset's expected wall time
   train_time_limit_s: float = 0.0  # stop training after this much wall time (0: never)
+  # "pixels": no training; 1-NN on raw 105x105 pixels (L2), the anchor any model must beat.
+  baseline: str = ""
   # Data.
   data_dir: str | None = None
   cache_dir: str | None = None
@@ -119,7 +133,8 @@ def _has_bn(cfg: Config) -> bool:
   return cfg.model == "conv4"
 
 
-def _optimizer(cfg: Config) -> optax.GradientTransformation:
+def optimizer(cfg: Config) -> optax.GradientTransformation:
+  """The optax optimiser of ``cfg`` (``adam``, ``sgd`` with momentum 0.9, ``koch_sgd``)."""
   if cfg.optimizer == "adam":
     return optax.adam(cfg.learning_rate)
   if cfg.optimizer == "sgd":
@@ -136,7 +151,7 @@ def _optimizer(cfg: Config) -> optax.GradientTransformation:
   raise ValueError(f"optimizer must be 'adam', 'sgd' or 'koch_sgd', got {cfg.optimizer!r}")
 
 
-class _Model:
+class Model:
   """The network's apply functions for training and evaluation (hashable, built once)."""
 
   def __init__(self, cfg: Config):
@@ -168,7 +183,37 @@ class _Model:
     return self.net.apply(variables, x, **kw), model_state
 
 
-def _loss_fn(model: _Model):
+def training_data(images, alphabet_ids, cfg: Config) -> dict:
+  """What :func:`make_loss_fn`'s step samples from, on the host.
+
+  Args:
+    images: ``[C, D, H, W]`` uint8 characters x drawers (ink 255).
+    alphabet_ids: ``[C]`` alphabet of each character (ids ``0 .. A-1``).
+    cfg: the config (image size, training drawers, alphabets' needed size).
+
+  Returns:
+    ``{"images": [C * D, S, S] uint8, "classes": IndexTable over the training drawers,
+    "groups": IndexTable of each alphabet's characters}``.
+  """
+  c, d = images.shape[:2]
+  flat = jnp.asarray(images).reshape((c * d,) + tuple(images.shape[2:]))
+  if cfg.image_size != flat.shape[-1]:
+    flat = jax.jit(resize_images, static_argnums=1)(flat, cfg.image_size)
+  min_size = cfg.chars_per_alphabet if cfg.loss == "softmax" else 2
+  return {"images": np.asarray(flat), "classes": grid_table(c, d, cfg.train_drawers),
+          "groups": index_table(np.asarray(alphabet_ids), min_size=min_size,
+                                name="alphabet_ids")}
+
+
+def make_loss_fn(model: Model):
+  """The recipe's ``loss_fn(params, model_state, data, key)`` for :mod:`siamjax.train`.
+
+  Samples the batch from :func:`training_data`'s arrays, applies Koch's affine
+  distortions (when ``cfg.augment``), encodes every image once, and returns the mean
+  pair BCE (``loss="pair_bce"``, metric ``pair_accuracy``) or in-batch softmax loss.
+  Sampled indices pass through :func:`siamjax.parallel.shard_batch`, so the same
+  function runs on one device or many.
+  """
   cfg = model.cfg
   aug = dict(rotation=cfg.rotation, shear=cfg.shear, scale=tuple(cfg.scale),
              translation=cfg.translation, prob=cfg.augment_prob)
@@ -179,27 +224,35 @@ def _loss_fn(model: _Model):
 
   def loss_fn(params, model_state, data, key):
     k_s, k_a = jax.random.split(key)
-    alphabets = AlphabetTable(data["table"], data["counts"])
     if cfg.loss == "softmax":
-      x, labels = sample_groups(k_s, data["images"], cfg.n_chars, cfg.n_per_char,
-                                drawers=cfg.train_drawers, alphabets=alphabets,
-                                chars_per_alphabet=cfg.chars_per_alphabet)
-      x, labels = parallel.shard_batch((x, labels))
-      emb, model_state = model.train_apply(params, model_state, distort(k_a, x)[..., None],
-                                           method=model.net.embed)
+      pos, labels = sample_groups(k_s, data["classes"], cfg.n_chars, cfg.n_per_char,
+                                  groups=data["groups"],
+                                  classes_per_group=cfg.chars_per_alphabet)
+      pos, labels = parallel.shard_batch((pos, labels))
+      x = distort(k_a, data["images"][pos])[..., None]
+      emb, model_state = model.train_apply(params, model_state, x, method=model.net.embed)
       return jnp.mean(losses.in_batch_softmax_loss(emb, labels)), (model_state, {})
-    x1, x2, similar = sample_pairs(k_s, data["images"], cfg.batch_pairs,
-                                   drawers=cfg.train_drawers, alphabets=alphabets,
-                                   within_alphabet=cfg.within_alphabet)
-    x1, x2, similar = parallel.shard_batch((x1, x2, similar))
-    x = distort(k_a, jnp.concatenate([x1, x2]))[..., None]
+    pairs, similar = sample_pairs(k_s, data["classes"], cfg.batch_pairs,
+                                  groups=data["groups"] if cfg.within_alphabet else None)
+    pairs, similar = parallel.shard_batch((pairs, similar))
     b = cfg.batch_pairs
+    x = distort(k_a, data["images"][jnp.concatenate([pairs[:, 0], pairs[:, 1]])])[..., None]
     logits, model_state = model.train_apply(params, model_state, x[:b], x2=x[b:])
     loss = jnp.mean(losses.pair_bce_loss(logits, similar))
     acc = jnp.mean(((logits > 0).astype(jnp.float32) == similar).astype(jnp.float32))
     return loss, (model_state, {"pair_accuracy": acc})
 
   return loss_fn
+
+
+def init_state(model: Model, cfg: Config) -> dict:
+  """A fresh train state for ``model`` (parameters, optimiser, batch statistics, key)."""
+  k_init, k_run = jax.random.split(jax.random.key(cfg.seed))
+  x0 = jnp.zeros((2, cfg.image_size, cfg.image_size, 1), jnp.float32)
+  variables = model.net.init(k_init, x0, x0, **model.eval_kw)
+  model_state = {k: v for k, v in variables.items() if k != "params"}
+  return train.init_state(variables["params"], optimizer(cfg), key=k_run,
+                          model_state=model_state)
 
 
 def _lake_alphabets(evaluation: omniglot.OmniglotSplit, runs: omniglot.LakeRuns) -> set[int]:
@@ -244,14 +297,15 @@ def _pair_verification(model, variables, val_images, test_images, seed: int,
                        n_pairs: int = 2000) -> dict:
   """Same/different accuracy on ``test_images`` pairs (half positive) at the score
   threshold that is best on ``val_images`` pairs."""
-  @jax.jit
   def scores(variables, key, images):
-    x1, x2, sim = sample_pairs(key, images, n_pairs)
-    h = model.embed(variables, jnp.concatenate([x1, x2]))
-    return model.score(variables, h[:n_pairs], h[n_pairs:]), sim
+    c, d = images.shape[:2]
+    flat = jnp.asarray(images).reshape((c * d,) + images.shape[2:])
+    pairs, sim = sample_pairs(key, grid_table(c, d), n_pairs)
+    h = model.embed(variables, flat[jnp.concatenate([pairs[:, 0], pairs[:, 1]])])
+    return jax.device_get((model.score(variables, h[:n_pairs], h[n_pairs:]), sim))
 
-  s_val, y_val = jax.device_get(scores(variables, jax.random.key(seed + 7), val_images))
-  s_test, y_test = jax.device_get(scores(variables, jax.random.key(seed + 8), test_images))
+  s_val, y_val = scores(variables, jax.random.key(seed + 7), val_images)
+  s_test, y_test = scores(variables, jax.random.key(seed + 8), test_images)
   cands = np.sort(s_val)
   accs = [np.mean((s_val >= t) == (y_val > 0)) for t in cands]
   thr = float(cands[int(np.argmax(accs))])
@@ -299,75 +353,51 @@ def _plots(workdir: Path, history: list, log: Path, runs, pred, title: str) -> l
   return written
 
 
-def pixel_baseline(cfg: Config, workdir, *, command: str = "") -> dict:
-  """Nearest neighbour on raw 105x105 pixels (L2) on Lake's runs; writes results.json."""
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+def pixel_baseline(cfg: Config) -> dict:
+  """Nearest neighbour on raw 105x105 pixels (L2) on Lake's runs: the results dict."""
   t0 = time.perf_counter()
   runs = omniglot.load_lake_runs(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir,
                                  download=cfg.download)
   r = oneshot.evaluate_oneshot(oneshot.pixel_embed, oneshot.neg_squared_euclidean, None,
                                runs.support, runs.query, runs.answers)
-  results = {
-      "preset": "baseline-pixels", "model": "1-NN on raw 105x105 pixels (L2)",
-      "lake_20way_accuracy": r.accuracy, "lake_20way_ci95": [r.low, r.high],
-      "lake_trials": r.trials, "protocols": {"lake_20way_accuracy": oneshot.LAKE_PROTOCOL},
-      "wall_time_s": time.perf_counter() - t0, "pairs_seen": 0, "final_loss": None,
-      "device": str(jax.devices()[0]), "machine": machine_info(), "command": command}
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-  return results
+  return {"model": "1-NN on raw 105x105 pixels (L2)",
+          "lake_20way_accuracy": r.accuracy, "lake_20way_ci95": [r.low, r.high],
+          "lake_trials": r.trials, "protocols": {"lake_20way_accuracy": oneshot.LAKE_PROTOCOL},
+          "eval_time_s": time.perf_counter() - t0, "pairs_seen": 0, "final_loss": None,
+          "device": str(jax.devices()[0])}
 
 
-def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: bool = True,
-                       hooks=(), eval_only: bool = False) -> dict:
-  """Trains per ``cfg``, evaluates on Lake's runs and writes ``workdir/results.json``.
+def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
+                       eval_only: bool = False) -> dict:
+  """Trains per ``cfg``, evaluates on Lake's runs; returns the results dict.
 
-  Re-running with the same ``workdir`` resumes from its latest checkpoint.
+  Re-running with the same ``workdir`` resumes from its latest checkpoint; a finished
+  run is evaluated again without training (:func:`siamjax.train.fit`).
 
   Args:
     cfg: the :class:`Config`.
-    workdir: output folder (checkpoints, ``metrics.jsonl``, plots, ``results.json``).
-    command: the command line, recorded in the results.
+    workdir: output folder (checkpoints, ``metrics.jsonl``, plots).
     progress: show the progress bar.
     hooks: passed to :func:`siamjax.train.fit`.
     eval_only: do not train; evaluate the checkpoints already in ``workdir``.
 
   Returns:
-    The results dict (also written to ``results.json``).
+    The results (``experiments/omniglot_koch.py`` writes them to ``results.json``).
   """
+  if cfg.baseline:
+    if cfg.baseline != "pixels":
+      raise ValueError(f"baseline must be 'pixels' or empty, got {cfg.baseline!r}")
+    return pixel_baseline(cfg)
   t0 = time.perf_counter()
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
   load = dict(data_dir=cfg.data_dir, cache_dir=cfg.cache_dir, download=cfg.download)
   background = omniglot.load_omniglot("background", source=cfg.source, **load)
   evaluation = omniglot.load_omniglot("evaluation", source=cfg.source, **load)
   runs = omniglot.load_lake_runs(**load)
   (val_support, val_query, val_answers), val_alphabets = _val_tasks(cfg, evaluation, runs)
 
-  model = _Model(cfg)
-  images = jnp.asarray(background.images)
-  if cfg.image_size != images.shape[-1]:
-    images = jax.jit(resize_images, static_argnums=1)(images, cfg.image_size)
-  min_size = cfg.chars_per_alphabet if cfg.loss == "softmax" else 2
-  table = alphabet_table(background.alphabet_ids, min_size=min_size)
-  data = jax.device_put({"images": images, "table": table.table, "counts": table.counts})
-
-  key = jax.random.key(cfg.seed)
-  k_init, k_run = jax.random.split(key)
-  x0 = jnp.zeros((2, cfg.image_size, cfg.image_size, 1), jnp.float32)
-  variables = model.net.init(k_init, x0, x0, **model.eval_kw)
-  params = variables["params"]
-  model_state = {k: v for k, v in variables.items() if k != "params"}
-  optimizer = _optimizer(cfg)
-  state = train.init_state(params, optimizer, key=k_run, model_state=model_state)
-  mesh = parallel.make_mesh(cfg.devices) if cfg.devices != 1 else None
-  step_fn = train.make_train_step(_loss_fn(model), optimizer,
-                                  steps_per_call=cfg.steps_per_call, mesh=mesh)
-  val = (val_support, val_query, val_answers)
-  if mesh is not None:  # everything the step or the evaluator sees lives on every device
-    state, data, val = jax.device_put((state, data, val), parallel.replicated_sharding(mesh))
-  val_support, val_query, val_answers = jax.device_put(val)
+  model = Model(cfg)
+  data = training_data(background.images, background.alphabet_ids, cfg)
 
   def eval_fn(state):
     v = {"params": state["params"], **state["model_state"]}
@@ -377,13 +407,13 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
 
   per_step = cfg.batch_pairs if cfg.loss == "pair_bce" else cfg.n_chars * cfg.n_per_char
   unit = "pairs" if cfg.loss == "pair_bce" else "images"
-  state, fit = train.fit(
-      state, step_fn, data, num_steps=0 if eval_only else cfg.num_steps,
-      steps_per_call=cfg.steps_per_call,
+  state, fit = train.run(
+      make_loss_fn(model), optimizer(cfg), init_state(model, cfg), data,
+      num_steps=cfg.num_steps, steps_per_call=cfg.steps_per_call, devices=cfg.devices,
       workdir=workdir, examples_per_step=per_step, eval_fn=eval_fn,
       eval_every=cfg.eval_every, patience=cfg.patience,
       checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, progress=progress,
-      hooks=hooks, unit=unit, time_limit_s=cfg.train_time_limit_s)
+      hooks=hooks, unit=unit, time_limit_s=cfg.train_time_limit_s, restore_only=eval_only)
   train_time = time.perf_counter() - t0
   best = train.restore_best(workdir, state)
   final = best if best is not None else state
@@ -397,13 +427,13 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
   if cfg.extra_evals:
     nway = _random_nway(model, variables, evaluation, cfg.seed)
     in_lake = np.isin(evaluation.alphabet_ids, sorted(_lake_alphabets(evaluation, runs)))
-    verification = _pair_verification(model, variables,
-                                      jnp.asarray(evaluation.images[~in_lake]),
-                                      jnp.asarray(evaluation.images[in_lake]), cfg.seed)
+    verification = _pair_verification(model, variables, evaluation.images[~in_lake],
+                                      evaluation.images[in_lake], cfg.seed)
   scoring = ("nearest neighbour, squared L2 on the embedding" if cfg.loss == "softmax"
              else "the Siamese net's weighted-L1 head (argmax logit)")
+  positives = per_step // 2 if unit == "pairs" else cfg.n_chars * (
+      cfg.n_per_char * (cfg.n_per_char - 1)) // 2
   results = {
-      "preset": cfg.preset,
       "lake_20way_accuracy": r.accuracy, "lake_20way_ci95": [r.low, r.high],
       "lake_trials": r.trials,
       "protocols": {
@@ -420,28 +450,35 @@ def train_and_evaluate(cfg: Config, workdir, *, command: str = "", progress: boo
       "random_nway": nway,
       "pair_verification": verification,
       "validation_best_accuracy": fit["best"], "validation_best_step": fit["best_step"],
+      "evaluated_checkpoint": "best" if best is not None else "final",
       "model": cfg.model, "loss": cfg.loss,
-      "device": str(jax.devices()[0]), "machine": machine_info(),
-      "wall_time_s": time.perf_counter() - t0, "train_time_s": train_time,
+      "device": str(jax.devices()[0]),
+      "train_time_s": fit["train_time_s"], "session_time_s": train_time,
       "compile_time_s": fit["compile_time_s"],
       f"{unit}_per_s": fit["examples_per_s"],
       "steps": fit["steps"],
       # softmax: the positive pairs (each anchor is also scored against every other image
       # of its batch as a negative).
-      "pairs_seen": fit["examples"] if unit == "pairs" else fit["steps"] * cfg.n_chars * (
-          cfg.n_per_char * (cfg.n_per_char - 1)) // 2,
+      "pairs_seen": fit["steps"] * (per_step if unit == "pairs" else positives),
       "images_seen": fit["examples"] if unit == "images" else None,
-      "positive_pairs_per_step": per_step // 2 if unit == "pairs" else cfg.n_chars * (
-          cfg.n_per_char * (cfg.n_per_char - 1)) // 2,
+      "positive_pairs_per_step": positives,
       "final_loss": fit["final_loss"], "stopped_early": fit["stopped_early"],
-      "stopped_by_time_limit": fit["out_of_time"],
+      "stopped_by_time_limit": fit["out_of_time"], "end": fit["end"],
       "resumed_from": fit["resumed_from"], "history": fit["history"],
-      "command": command, "config": dataclasses.asdict(cfg),
   }
-  try:
-    results["plots"] = _plots(workdir, fit["history"], workdir / "metrics.jsonl", runs, pred,
-                              f"{cfg.preset}: Lake 20-way {r.accuracy:.3f}")
-  except ImportError:
-    results["plots"] = []
-  (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  if jax.process_index() == 0:
+    try:
+      results["plots"] = _plots(workdir, fit["history"], workdir / "metrics.jsonl", runs, pred,
+                                f"{cfg.preset}: Lake 20-way {r.accuracy:.3f}")
+    except ImportError:
+      results["plots"] = []
   return results
+
+
+def summary(results: dict) -> str:
+  """One line: Lake's accuracy with its interval, trials, wall time."""
+  lo, hi = results["lake_20way_ci95"]
+  return json.dumps({"preset": results.get("preset"),
+                     "lake_20way_accuracy": results["lake_20way_accuracy"],
+                     "ci95": [round(lo, 4), round(hi, 4)], "lake_trials": results["lake_trials"],
+                     "wall_time_s": round(results.get("wall_time_s") or 0.0, 1)})
