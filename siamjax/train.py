@@ -600,7 +600,8 @@ def _fit(state, step_fn, data, workdir, kw):
         now = time.perf_counter()
         meta["train_time_s"] += now - t_mark
         meta["timed_steps"] += step - steps_mark
-        rate = (step - steps_mark) * examples_per_step / max(now - t_mark, 1e-9)
+        rate = ((step - steps_mark) * examples_per_step / max(now - t_mark, 1e-9)
+                if step > steps_mark else None)  # None: only the compiling call ran
         t_mark, steps_mark = now, step
         meta["final_loss"] = _finite(m["loss"])
         write({"kind": "train", "step": step, f"{unit}_per_s": rate,
@@ -608,7 +609,7 @@ def _fit(state, step_fn, data, workdir, kw):
         out_of_time = bool(time_limit_s) and now - t_start > time_limit_s
         if _agree(int(out_of_time)):
           end = "time_limit"
-        if bar is not None:
+        if bar is not None and rate is not None:
           left = (num_steps - step) / max(rate / examples_per_step, 1e-9)
           if time_limit_s:
             left = min(left, max(time_limit_s - (now - t_start), 0.0))

@@ -1,0 +1,141 @@
+"""The scripts' side of the work-directory protocol (siamjax.recipes.cli), on a real script.
+
+Each case of the pipeline issue, as a user meets it on the command line: a finished run
+re-run or re-evaluated (it used to die with orbax's StepAlreadyExistsError), Ctrl-C (a
+traceback, nothing saved), a second process on the same work directory, a run with
+another architecture in an old work directory (a 168-line traceback, and config.json
+overwritten), and the results file (NaN after a resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from siamjax.recipes import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "omniglot_koch.py"
+
+pytestmark = pytest.mark.skipif(not os.environ.get("SIAMJAX_DATA_DIR"),
+                                reason="needs Omniglot: set SIAMJAX_DATA_DIR")
+
+_DRIVER = textwrap.dedent("""
+    import importlib.util, os, signal, sys
+    spec = importlib.util.spec_from_file_location("script", sys.argv[1])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    at = int(sys.argv[2])
+
+    def interrupt(step, state):
+      if step == at:
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+
+    sys.exit(mod.main(sys.argv[3:], hooks=(interrupt,)))
+""")
+
+
+def _run(tmp_path, *args, sigint_at=-1, **kw):
+  driver = tmp_path / "driver.py"
+  driver.write_text(_DRIVER)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH",
+                                                                                  "")]))
+  return subprocess.run([sys.executable, str(driver), str(SCRIPT), str(sigint_at), "--smoke",
+                         "--no-progress", *args], capture_output=True, text=True,
+                        timeout=300, env=env, **kw)
+
+
+def _lines(stderr):
+  """stderr without the line announcing the XLA flags (printed before JAX starts)."""
+  return [l for l in stderr.splitlines() if l.strip() and not l.startswith("set XLA_FLAGS")]
+
+
+def _strict(path):
+  def refuse(name):
+    raise AssertionError(f"{path} holds {name}")
+  return json.loads(pathlib.Path(path).read_text(), parse_constant=refuse)
+
+
+@pytest.mark.slow
+def test_finished_rerun_eval_only_and_another_config(tmp_path):
+  w = tmp_path / "w"
+  first = _run(tmp_path, "--workdir", str(w))
+  assert first.returncode == 0, first.stderr[-3000:]
+  results = _strict(w / "results.json")
+  assert results["final_loss"] is not None and results["images_per_s"] > 0
+  config = (w / "config.json").read_bytes()
+
+  again = _run(tmp_path, "--workdir", str(w))  # used to raise StepAlreadyExistsError
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "holds a finished run" in again.stderr
+  assert json.loads(again.stdout)["lake_20way_accuracy"] == results["lake_20way_accuracy"]
+
+  evaluated = _run(tmp_path, "--workdir", str(w), "--eval-only")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  re = _strict(w / "results.json")
+  assert re["lake_20way_accuracy"] == results["lake_20way_accuracy"]
+  assert re["final_loss"] == results["final_loss"]  # the run's, not NaN
+
+  other = _run(tmp_path, "--workdir", str(w), "--channels", "16")
+  assert other.returncode == 2
+  assert _lines(other.stderr) == [
+      f"error: workdir {w} holds a run with another config (channels: 8 in the workdir, "
+      f"16 now); pass another --workdir, or delete it to start over"]
+  assert (w / "config.json").read_bytes() == config  # not overwritten
+
+  more = _run(tmp_path, "--workdir", str(w), "--num-steps", "30")  # a resumable change
+  assert more.returncode == 0, more.stderr[-3000:]
+  assert _strict(w / "results.json")["steps"] == 30
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_130_with_one_line(tmp_path):
+  w = tmp_path / "w"
+  stopped = _run(tmp_path, "--workdir", str(w), sigint_at=10)
+  assert stopped.returncode == 130
+  assert _lines(stopped.stderr)[-1] == (
+      f"interrupted by SIGINT at step 15: checkpoint saved in {w}; re-run the same command "
+      f"to resume")
+  assert "Traceback" not in stopped.stderr
+  from siamjax import train
+  assert train.checkpoint_steps(w)[-1] == 15
+  resumed = _run(tmp_path, "--workdir", str(w))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert _strict(w / "results.json")["resumed_from"] == 15
+
+
+@pytest.mark.slow
+def test_a_second_process_on_the_workdir_is_refused_naming_the_pid(tmp_path):
+  w = tmp_path / "w"
+  holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+      import sys, time
+      from siamjax import train
+      with train.lock_workdir({str(w)!r}):
+        print("locked", flush=True)
+        time.sleep(120)
+  """)], stdout=subprocess.PIPE, text=True,
+      env=dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu"))
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    second = _run(tmp_path, "--workdir", str(w))
+  finally:
+    holder.kill()
+    holder.wait()
+    holder.stdout.close()
+  assert second.returncode == 2
+  assert _lines(second.stderr) == [
+      f"error: workdir {w} is in use by another run (pid {holder.pid}); wait for it to "
+      f"finish or pass another --workdir"]
+
+
+def test_config_diff_names_fields_and_ignores_resumable_ones():
+  assert cli.config_diff({"a": (1, 2), "b": 1}, {"a": [1, 2], "b": 1}) == []
+  assert cli.config_diff({"a": 1}, {"a": 2, "c": 3}) == [
+      "a: 1 in the workdir, 2 now", "c: (absent) in the workdir, 3 now"]
+  assert cli.config_diff({"num_steps": 1}, {"num_steps": 2}, {"num_steps"}) == []
