@@ -3,15 +3,16 @@
 Every implementation runs the Koch et al. (2015) Siamese network (38,951,745
 parameters, checked) on one device, side by side in one process:
 
-* ``siamjax``: :func:`siamjax.models.koch_siamese`, float32 and bf16 compute (float32
-  parameters). Its training step samples the pairs on the device from a uint8 image bank
-  (gather + cast) AND applies Koch et al.'s affine distortions to every image
-  (:data:`KOCH_AFFINE` through :func:`siamjax.sampling.augment`: rotation in
-  [-10, 10] degrees, shear_x and shear_y in [-0.3, 0.3], scale_x and scale_y in
-  [0.8, 1.2], shift_x and shift_y in [-2, 2] pixels, each of the 7 components drawn
-  uniformly and applied independently with probability 0.5, bilinear warp, zero fill),
-  all inside the one jitted step with keys from ``fold_in(key, step)``. ``--no-augment``
-  leaves the distortion out.
+* ``siamjax``: the step users train with: :func:`siamjax.train.make_train_step` over the
+  Omniglot recipe's pair-BCE loss (:func:`siamjax.recipes.omniglot_koch.make_loss_fn`)
+  on :func:`siamjax.models.koch_siamese`, float32 and bf16 compute (float32 parameters).
+  It samples the pairs on the device from a uint8 image bank (gather + cast) AND applies
+  Koch et al.'s affine distortions to every image (:data:`KOCH_AFFINE` through
+  :func:`siamjax.sampling.augment`: rotation in [-10, 10] degrees, shear_x and shear_y in
+  [-0.3, 0.3], scale_x and scale_y in [0.8, 1.2], shift_x and shift_y in [-2, 2] pixels,
+  each of the 7 components drawn uniformly and applied independently with probability
+  0.5, bilinear warp, zero fill), all inside the one jitted, donated step with keys from
+  ``fold_in(key, step)``. ``--no-augment`` leaves the distortion out.
 * ``torch``: the reference in :mod:`torch_koch`, eager and ``torch.compile``, float32 and
   autocast bf16.
 * ``keras``: the Keras 3 reference in :mod:`keras_koch` (``model.train_on_batch`` /
@@ -36,26 +37,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import importlib.util
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import types
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import siamjax
-from siamjax import losses, models, parallel, sampling
+from siamjax import models, parallel, results, train
 from siamjax import xla as sxla
-from siamjax.machine import cpu_model, machine_info
+from siamjax.machine import cpu_model
+from siamjax.recipes import omniglot_koch
 
 KOCH_PARAMS = 38_951_745
 _LAYERS = (  # (output H=W, out channels, kernel H*W*in channels) of each matmul-like layer
@@ -137,126 +135,62 @@ def synthetic_bank(key: jax.Array, classes: int, drawers: int) -> jax.Array:
   return jnp.where(template + 0.3 * noise > 1.0, 255, 0).astype(jnp.uint8)
 
 
-def sample_pairs(bank: jax.Array, key: jax.Array, batch: int):
-  """Half same-class, half different-class pairs from ``bank`` (on the device).
-
-  Returns ``x1, x2`` float32 ``[batch, 105, 105, 1]`` in [0, 1] and ``similar`` [batch].
-  """
-  classes, drawers = bank.shape[:2]
-  kc, ks, ko, kd = jax.random.split(key, 4)
-  c1 = jax.random.randint(kc, (batch,), 0, classes)
-  similar = jax.random.bernoulli(ks, 0.5, (batch,))
-  c2 = jnp.where(similar, c1, (c1 + jax.random.randint(ko, (batch,), 1, classes)) % classes)
-  d = jax.random.randint(kd, (2, batch), 0, drawers)
-  x1 = bank[c1, d[0]].astype(jnp.float32)[..., None] / 255.0
-  x2 = bank[c2, d[1]].astype(jnp.float32)[..., None] / 255.0
-  return x1, x2, similar.astype(jnp.float32)
-
-
 # Koch et al. (2015), section 4.3: rotation, shears, scales and translations, each drawn
 # uniformly and applied independently with probability 0.5 (siamjax.sampling.sample_affine).
 KOCH_AFFINE = types.MappingProxyType(
     {"rotation": 10.0, "shear": 0.3, "scale": (0.8, 1.2), "translation": 2.0, "prob": 0.5})
 
 
-def augment_pairs(key: jax.Array, x1: jax.Array, x2: jax.Array, **affine) -> tuple:
-  """Koch's random affine distortion of every image of ``B`` pairs, on the device.
-
-  Each of the ``2B`` images gets its own distortion (:func:`siamjax.sampling.augment`,
-  bilinear warp about the centre, zero fill).
-
-  Args:
-    key: a ``jax.random`` key.
-    x1, x2: ``[B, H, W, 1]`` float images.
-    **affine: :func:`siamjax.sampling.sample_affine`'s ranges, e.g. :data:`KOCH_AFFINE`.
-
-  Returns:
-    ``(x1, x2)``, distorted, same shapes and dtype.
-
-  Raises:
-    ValueError: ``x1`` and ``x2`` are not both ``[B, H, W, 1]`` of one shape.
-  """
-  if x1.shape != x2.shape or x1.ndim != 4 or x1.shape[-1] != 1:
-    raise ValueError(f"x1 and x2 must both be [B, H, W, 1], got {x1.shape} and {x2.shape}")
-  b = x1.shape[0]
-  x = sampling.augment(key, jnp.concatenate([x1, x2])[..., 0], **affine)[..., None]
-  return x[:b], x[b:]
+def recipe_config(batch: int, dtype: str = "float32", *, conv: str = "auto",
+                  augment: bool = True, steps_per_call: int = 1,
+                  drawers: int = 20) -> omniglot_koch.Config:
+  """The Omniglot recipe's config of a siamjax training row: the Koch network, pair BCE
+  on ``batch`` pairs, Koch's distortions (:data:`KOCH_AFFINE`) unless ``augment`` is off,
+  SGD (learning rate 1e-3, momentum 0.9) as the references."""
+  return omniglot_koch.Config(
+      preset="benchmark", model="koch", image_size=105, dtype=dtype, conv=conv,
+      loss="pair_bce", batch_pairs=batch, within_alphabet=False,
+      train_drawers=tuple(range(drawers)), augment=augment,
+      rotation=KOCH_AFFINE["rotation"], shear=KOCH_AFFINE["shear"],
+      scale=KOCH_AFFINE["scale"], translation=KOCH_AFFINE["translation"],
+      augment_prob=KOCH_AFFINE["prob"], optimizer="sgd", learning_rate=1e-3,
+      steps_per_call=steps_per_call)
 
 
-def train_pairs(bank: jax.Array, key: jax.Array, batch: int, *,
-                affine: Mapping | None = KOCH_AFFINE) -> tuple:
-  """The pairs of one siamjax training step: :func:`sample_pairs`, then (unless
-  ``affine`` is ``None``) :func:`augment_pairs`, on the device.
-
-  Inside :func:`siamjax.parallel.data_parallel` the sampled pairs are split over the
-  devices (:func:`siamjax.parallel.shard_batch`) before the distortion, so each device
-  distorts its own slice; elsewhere the split is a no-op.
-
-  Args:
-    bank: ``[classes, drawers, 105, 105]`` uint8 images (:func:`synthetic_bank`).
-    key: a ``jax.random`` key (the step passes ``fold_in(key, step)``).
-    batch: number of pairs ``B``.
-    affine: :func:`siamjax.sampling.sample_affine`'s ranges; default :data:`KOCH_AFFINE`.
+def siamjax_train_step(rc: omniglot_koch.Config, mesh=None):
+  """What a user trains with: ``siamjax.train.make_train_step`` over the Omniglot recipe's
+  pair-BCE ``loss_fn`` (:func:`siamjax.recipes.omniglot_koch.make_loss_fn`), which samples
+  the pairs from the uint8 bank, distorts every image (Koch's affine warps) and encodes
+  them inside the one jitted, donated step; ``rc.steps_per_call`` updates per call.
 
   Returns:
-    ``(x1, x2, similar)`` as :func:`sample_pairs`.
+    ``(model, step)``: :class:`siamjax.recipes.omniglot_koch.Model` and
+    ``step(state, data) -> (state, metrics)``; the state is
+    :func:`siamjax.recipes.omniglot_koch.init_state`'s, the data
+    :func:`siamjax.recipes.omniglot_koch.training_data`'s.
   """
-  k_pairs, k_aug = jax.random.split(key)
-  x1, x2, similar = parallel.shard_batch(sample_pairs(bank, k_pairs, batch))
-  if affine is not None:
-    x1, x2 = augment_pairs(k_aug, x1, x2, **affine)
-  return x1, x2, similar
+  model = omniglot_koch.Model(rc)
+  step = train.make_train_step(omniglot_koch.make_loss_fn(model), omniglot_koch.optimizer(rc),
+                               steps_per_call=rc.steps_per_call, mesh=mesh)
+  return model, step
 
 
-# ----------------------------------------------------------------------------- siamjax
-
-
-def _optimizer():
-  return optax.sgd(1e-3, momentum=0.9)
-
-
-def siamjax_train_step(net, batch: int, mesh=None, *, affine: Mapping | None = KOCH_AFFINE):
-  """The jitted siamjax step: sample pairs from the bank, augment, loss, grad, SGD update.
-
-  ``step(state, bank, key) -> (state, loss)`` with ``state = (params, opt_state, i)``.
-  The pairs come from :func:`train_pairs` (sampling and, unless ``affine`` is ``None``,
-  Koch's distortion of every image), all inside the one jitted step, keys from
-  ``fold_in(key, i)``.
-
-  With a ``mesh`` (``--devices N``) the state and bank are replicated and the sampled
-  pairs are split across the devices (:func:`siamjax.parallel.shard_batch`) before the
-  distortion, so each device distorts its own slice; the random numbers do not depend on
-  the sharding, so the step gives the one-device result.
-  """
-  opt = _optimizer()
-
-  def step(state, bank, key):
-    params, opt_state, i = state
-    x1, x2, similar = train_pairs(bank, jax.random.fold_in(key, i), batch, affine=affine)
-
-    def loss_fn(p):
-      return jnp.mean(losses.pair_bce_loss(net.apply(p, x1, x2), similar))
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state, i + 1), loss
-
-  if mesh is not None:
-    return parallel.data_parallel(step, mesh, donate_argnums=0), opt
-  return jax.jit(step, donate_argnums=0), opt
-
-
-def augmentation_record(affine: Mapping | None) -> dict | None:
+def augmentation_record(rc: omniglot_koch.Config) -> dict | None:
   """What a siamjax train row's step does to its images, for the JSON (``None``: nothing)."""
-  if affine is None:
+  if not rc.augment:
     return None
-  return {**affine, "scale": list(affine["scale"]), "function": "siamjax.sampling.augment",
-          "where": "on the device, inside the jitted train step (after sampling the pairs)",
+  affine = {"rotation": rc.rotation, "shear": rc.shear, "scale": list(rc.scale),
+            "translation": rc.translation, "prob": rc.augment_prob}
+  return {**affine, "function": "siamjax.sampling.augment",
+          "where": "on the device, inside the jitted train step: "
+                   "siamjax.recipes.omniglot_koch.make_loss_fn run by "
+                   "siamjax.train.make_train_step (after sampling the pairs)",
           "applied_to": "every image of every pair, each with its own random draw",
           "components": "rotation [-10, 10] deg, shear_x and shear_y [-0.3, 0.3], scale_x and "
                         "scale_y [0.8, 1.2], shift_x and shift_y [-2, 2] px; each of the 7 "
                         "drawn uniformly and applied independently with probability 0.5"
-                        if affine == KOCH_AFFINE else "see the other keys",
+                        if affine == {**KOCH_AFFINE, "scale": list(KOCH_AFFINE["scale"])}
+                        else "see the other keys",
           "warp": "bilinear (jax.scipy.ndimage.map_coordinates) about the image centre, "
                   "zero fill"}
 
@@ -290,6 +224,7 @@ def bench_siamjax(cfg, dtype_name: str, results: list, log, conv: str = "auto"):
   key = jax.random.key(cfg.seed)
   x0 = jnp.zeros((1, 105, 105, 1))
   bank = synthetic_bank(jax.random.fold_in(key, 1), cfg.bank_classes, cfg.bank_drawers)
+  alphabets = np.arange(cfg.bank_classes) // 2  # unused by the steps (negatives across)
   sync = jax.block_until_ready
   params0 = net.init(key, x0, x0)
   n_params = sum(p.size for p in jax.tree.leaves(params0))
@@ -303,26 +238,27 @@ def bench_siamjax(cfg, dtype_name: str, results: list, log, conv: str = "auto"):
                         "skipped": f"batch {batch} does not split over {n_dev} devices"})
         continue
       mesh = parallel.make_mesh(n_dev) if n_dev > 1 else None
-      affine = KOCH_AFFINE if cfg.augment else None
-      step, opt = siamjax_train_step(net, batch, mesh, affine=affine)
-      state0 = (jax.tree.map(jnp.copy, params0), opt.init(params0), jnp.int32(0))
-      bank_n = bank
-      if mesh is not None:
-        state0, bank_n = jax.device_put((state0, bank), parallel.replicated_sharding(mesh))
+      rc = recipe_config(batch, dtype_name, conv=conv, augment=cfg.augment,
+                         steps_per_call=cfg.steps, drawers=cfg.bank_drawers)
+      model, step = siamjax_train_step(rc, mesh)
+      state0 = omniglot_koch.init_state(model, rc)
+      n_params = sum(p.size for p in jax.tree.leaves(state0["params"]))
+      data = omniglot_koch.training_data(np.asarray(bank), alphabets, rc)
+      state0, data = (jax.device_put((state0, data)) if mesh is None
+                      else parallel.replicate((state0, data), mesh))
       state = [state0]
-      skey = jax.random.fold_in(key, 2)
 
-      def run_train(step=step, state=state, skey=skey, bank_n=bank_n):
-        loss = None
-        for _ in range(cfg.steps):
-          state[0], loss = step(state[0], bank_n, skey)
-        return loss
+      def run_train(step=step, state=state, data=data):
+        state[0], metrics = step(state[0], data)
+        return metrics
 
       t = _clock(run_train, sync, cfg.repeats)
       variant = base if n_dev == 1 else f"{base}-{n_dev}dev"
       results.append(_row({**common, "variant": variant, "devices": n_dev,
-                           "augmentation": augmentation_record(affine)}, "train", batch,
-                          cfg.steps, t))
+                           "params": int(n_params), "augmentation": augmentation_record(rc),
+                           "train_step": "siamjax.train.make_train_step("
+                                         "siamjax.recipes.omniglot_koch.make_loss_fn(...))"},
+                          "train", batch, cfg.steps, t))
       log(results[-1])
       del state
     if "infer" in cfg.modes:
@@ -594,10 +530,9 @@ def _fairness_notes(cfg) -> list[str]:
           "rows have 'augmentation': null."]
 
 
-def machine() -> dict:
-  info = {**machine_info(), "siamjax": siamjax.__version__,
-          "siamjax_fast_cpu_flags": sxla.fast_cpu_enabled(),
-          "loadavg_at_start": os.getloadavg()}
+def software() -> dict:
+  """Versions and settings of the frameworks in the run (the machine is in ``machine``)."""
+  info = {"siamjax": siamjax.__version__, "siamjax_fast_cpu_flags": sxla.fast_cpu_enabled()}
   try:
     import torch
 
@@ -697,9 +632,11 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
       f"  {r['impl']} {r['variant']} {r['dtype']} {r['mode']} b={r['batch']}: "
       f"step {r['step_s']:.3f}s (first call {r['compile_and_first_s']:.1f}s)", flush=True)
   t_start = time.time()
-  info = machine()
-  print(f"device: {info['jax_devices'][0]} ({info['device_kind']}); {info['cpu_model']}, "
-        f"{info['nproc']} cores; fast CPU flags: {info['siamjax_fast_cpu_flags']}", flush=True)
+  load_at_start = results.load_average()
+  info = software()
+  dev = jax.devices()[0]
+  print(f"device: {dev} ({dev.device_kind}); {cpu_model()}, {os.cpu_count()} cores; fast CPU "
+        f"flags: {info['siamjax_fast_cpu_flags']}", flush=True)
   rows: list = []
   params = {}
   for dt in cfg.dtypes:
@@ -741,11 +678,8 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
   bad = {k: v for k, v in params.items() if v != KOCH_PARAMS}
   if bad:
     raise RuntimeError(f"parameter count differs from {KOCH_PARAMS}: {bad}")
-  record = {
-      "command": command,
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "git_commit": _git_commit(),
-      "machine": info,
+  body = {
+      "software": info,
       "config": dataclasses.asdict(cfg),
       "param_check": {"expected": KOCH_PARAMS, "counted": params, "ok": not bad},
       "flops": {"forward_per_image": koch_forward_flops(), "per_pair": koch_flops_per_pair(),
@@ -776,18 +710,16 @@ def run(cfg: Config, out: str, png: str | None, command: str) -> dict:
           "fraction_of_peak: TFLOP/s over the best measured matmul TFLOP/s of that dtype.",
       ],
       "rows": rows,
-      "loadavg_at_end": os.getloadavg(),
       "wall_s": time.time() - t_start,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(record, f, indent=1)
+  record = results.record(body, command=command, load_average_at_start=load_at_start)
+  results.write_json(out, record, indent=1)
   print(format_table(rows))
   print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in peak.items()))
   print(f"parameter check: {params} -> {'ok' if not bad else 'MISMATCH'}")
   if png:
     try:
-      plot(timed, png, f"Koch Siamese net, {info['device_kind']} / {info['cpu_model']}")
+      plot(timed, png, f"Koch Siamese net, {dev.device_kind} / {cpu_model()}")
     except ImportError:
       print("matplotlib not installed (pip install '.[bench]'): no PNG written")
       png = None
@@ -812,12 +744,4 @@ def _xla_flops(conv: str = "direct", batch: int = 64) -> float | None:
       cost = cost[0]
     return float(cost["flops"]) / batch
   except Exception:  # cost analysis is best-effort and backend-dependent
-    return None
-
-
-def _git_commit() -> str | None:
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
     return None

@@ -13,6 +13,7 @@ import pytest
 
 from siamjax import koch_siamese
 from siamjax import xla as sxla
+from siamjax.recipes import omniglot_koch as ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -29,51 +30,40 @@ def test_flop_count_matches_layers_and_xla():
   assert harness.koch_flops_per_pair()["train"] == 2 * (3 * f["total"] - f["conv1"])
 
 
-def test_sample_pairs_labels_match_classes():
-  classes, drawers = 5, 3
-  # Image value encodes the class, so a pair is same-class iff its two images are equal.
-  bank = jnp.broadcast_to(jnp.arange(classes, dtype=jnp.uint8)[:, None, None, None] * 50,
-                          (classes, drawers, 105, 105))
-  x1, x2, similar = jax.jit(harness.sample_pairs, static_argnums=2)(bank, jax.random.key(0), 64)
-  assert x1.shape == x2.shape == (64, 105, 105, 1) and x1.dtype == jnp.float32
-  same = jnp.all(x1 == x2, axis=(1, 2, 3)).astype(jnp.float32)
-  np.testing.assert_array_equal(same, similar)
-  assert 0 < float(similar.mean()) < 1
-
-
 def test_koch_affine_is_the_papers_distortion():
   assert dict(harness.KOCH_AFFINE) == {"rotation": 10.0, "shear": 0.3, "scale": (0.8, 1.2),
                                        "translation": 2.0, "prob": 0.5}
-  rec = harness.augmentation_record(harness.KOCH_AFFINE)
+  rec = harness.augmentation_record(harness.recipe_config(2))
   assert rec["prob"] == 0.5 and rec["function"] == "siamjax.sampling.augment"
-  assert harness.augmentation_record(None) is None
+  assert "make_train_step" in rec["where"] and "drawn uniformly" in rec["components"]
+  assert harness.augmentation_record(harness.recipe_config(2, augment=False)) is None
 
 
-def test_augmented_train_pairs_are_deterministic_and_distorted():
-  """The siamjax step's sampler: same key, same pairs; the distortion is not the identity."""
-  bank = harness.synthetic_bank(jax.random.key(0), 4, 2)[:, :, 40:72, 40:72]  # small images
-  pairs = jax.jit(harness.train_pairs, static_argnums=2, static_argnames="affine")
-  key = jax.random.key(1)
-  x1, x2, similar = pairs(bank, key, 8)
-  assert x1.shape == x2.shape == (8, 32, 32, 1) and x1.dtype == jnp.float32
-  for a, b in zip((x1, x2, similar), pairs(bank, key, 8)):
+def _bench_step(batch, mesh=None, **kw):
+  """The benchmark's siamjax step, its fresh state and data on a small synthetic bank."""
+  from siamjax import parallel
+  rc = harness.recipe_config(batch, drawers=2, **kw)
+  model, step = harness.siamjax_train_step(rc, mesh)
+  bank = np.asarray(harness.synthetic_bank(jax.random.key(0), 4, 2))
+  state = ok.init_state(model, rc)
+  data = ok.training_data(bank, np.array([0, 0, 1, 1]), rc)
+  if mesh is not None:
+    state, data = parallel.replicate((state, data), mesh)
+  return rc, model, step, state, data
+
+
+def test_benchmark_times_the_recipes_own_train_step():
+  """The benchmark's siamjax row is train.make_train_step over the Omniglot recipe's loss:
+  the same loss and update as a step built directly from the library."""
+  from siamjax import train
+  rc, model, step, state, data = _bench_step(2)
+  direct = train.make_train_step(ok.make_loss_fn(ok.Model(rc)), ok.optimizer(rc))
+  mine, m1 = step(jax.tree.map(jnp.copy, state), data)
+  theirs, m2 = direct(jax.tree.map(jnp.copy, state), data)
+  assert float(m1["loss"]) == float(m2["loss"]) and "pair_accuracy" in m1
+  for a, b in zip(jax.tree.leaves(mine["params"]), jax.tree.leaves(theirs["params"])):
     np.testing.assert_array_equal(a, b)
-  p1, p2, p_similar = pairs(bank, key, 8, affine=None)  # the same pairs, undistorted
-  np.testing.assert_array_equal(similar, p_similar)
-  changed = jnp.any(jnp.abs(jnp.concatenate([x1, x2]) - jnp.concatenate([p1, p2])) > 1e-3,
-                    axis=(1, 2, 3))
-  assert int(changed.sum()) >= 8  # 16 images, each left whole with probability 2**-7
-  assert float(x1.min()) >= 0.0 and float(x1.max()) <= 1.0 + 1e-6
-  other = pairs(bank, jax.random.key(2), 8)[0]
-  assert not np.array_equal(np.asarray(other), np.asarray(x1))
-
-
-def test_augment_pairs_rejects_bad_shapes():
-  x = jnp.zeros((2, 8, 8, 1))
-  with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
-    harness.augment_pairs(jax.random.key(0), x, x[:1])
-  with pytest.raises(ValueError, match=r"\[B, H, W, 1\]"):
-    harness.augment_pairs(jax.random.key(0), x[..., 0], x[..., 0])
+  assert sum(p.size for p in jax.tree.leaves(state["params"])) == 38_951_745
 
 
 def test_synthetic_bank_shape_and_dtype():
@@ -175,7 +165,7 @@ def test_enable_fast_cpu_after_backend_init(monkeypatch):
 
 @pytest.mark.slow
 def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
-  cfg = harness.Config(batches=(1,), repeats=1, steps=1, modes=("train", "lake"),
+  cfg = harness.Config(batches=(2,), repeats=1, steps=1, modes=("train", "lake"),
                        dtypes=("float32",), torch_compile=False, lake_runs=1, bank_classes=4,
                        bank_drawers=2, matmul_n=256)
   out = tmp_path / "bench.json"
@@ -202,7 +192,7 @@ def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
     assert {r["mode"] for r in keras_rows} == {"train", "lake"}
     assert all(r["params"] == 38_951_745 for r in keras_rows)
     assert rec["param_check"]["counted"]["keras_float32"] == 38_951_745
-    assert next(k for k in sj if k.startswith("vs_keras_")) and rec["machine"]["keras_backend"]
+    assert next(k for k in sj if k.startswith("vs_keras_")) and rec["software"]["keras_backend"]
   if importlib.util.find_spec("matplotlib") is not None:
     assert (tmp_path / "bench.png").stat().st_size > 0
 
@@ -269,33 +259,20 @@ def test_data_parallel_train_step_matches_one_device():
 
   if jax.device_count() < 2:
     pytest.skip("needs 2 devices (conftest makes 8 fake CPU devices)")
-  net = koch_siamese()
-  key = jax.random.key(0)
-  bank = harness.synthetic_bank(jax.random.fold_in(key, 1), 4, 2)
-  x0 = jnp.zeros((1, 105, 105, 1))
-  params = net.init(key, x0, x0)
   out = []
   for mesh in (None, parallel.make_mesh(2)):  # both with Koch's distortion (the default)
-    step, opt = harness.siamjax_train_step(net, 2, mesh)
-    state, b = (jax.tree.map(jnp.copy, params), opt.init(params), jnp.int32(0)), bank
-    if mesh is not None:
-      state, b = jax.device_put((state, bank), parallel.replicated_sharding(mesh))
-    (new_params, _, _), loss = step(state, b, key)
-    out.append((float(loss), np.asarray(new_params["params"]["head"]["kernel"])))
+    _, _, step, state, data = _bench_step(2, mesh)
+    new, metrics = step(state, data)
+    out.append((float(metrics["loss"]), np.asarray(new["params"]["head"]["kernel"])))
   np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-5)
   np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-5, atol=1e-7)
 
 
 def test_train_step_contains_the_distortion():
-  """The default step warps its images (a bilinear gather that affine=None lacks)."""
-  net = koch_siamese()
-  x0 = jnp.zeros((1, 105, 105, 1))
-  params = jax.eval_shape(lambda: net.init(jax.random.key(0), x0, x0))
-  bank = jax.ShapeDtypeStruct((4, 2, 105, 105), jnp.uint8)
+  """The default step warps its images (a bilinear gather that augment=False lacks)."""
   texts = []
-  for affine in (harness.KOCH_AFFINE, None):
-    step, opt = harness.siamjax_train_step(net, 2, affine=affine)
-    state = (params, jax.eval_shape(opt.init, params), jax.ShapeDtypeStruct((), jnp.int32))
-    texts.append(step.lower(state, bank, jax.random.key(0)).as_text())
+  for augment in (True, False):
+    _, _, step, state, data = _bench_step(2, augment=augment)
+    texts.append(step.lower(state, data).as_text())
   assert texts[0] != texts[1]
   assert texts[0].count("cos") > texts[1].count("cos")  # the rotation matrix

@@ -68,6 +68,9 @@ class Config:
   channels: int = 32
   image_size: int = 28  # 105 = no downsampling (required by "koch")
   dtype: str = "float32"
+  # "koch": conv2-4 as DFT products ("dft") or direct convolutions ("direct"); "auto" picks
+  # the faster for the backend and dtype (siamjax.encoders.Koch).
+  conv: str = "auto"
   # Loss and sampling.
   loss: str = "softmax"  # or "pair_bce"
   batch_pairs: int = 128  # pair_bce: pairs per step
@@ -123,7 +126,7 @@ def _network(cfg: Config) -> SiameseNet:
   if cfg.model == "koch":
     if cfg.image_size != 105:
       raise ValueError(f"model='koch' needs image_size=105, got {cfg.image_size}")
-    return koch_siamese(dtype=dtype)
+    return koch_siamese(dtype=dtype, conv=cfg.conv)
   if cfg.model == "conv4":
     return SiameseNet(encoder=ConvNet4(channels=cfg.channels, dtype=dtype))
   raise ValueError(f"model must be 'koch' or 'conv4', got {cfg.model!r}")
