@@ -1,11 +1,12 @@
-"""The mining losses used by the triplet recipe agree with naive triplet loops; P x K batches."""
+"""The mining losses of the MNIST triplet recipe agree with naive triplet loops; P x K batches."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from siamjax import losses, recipes
+from siamjax import losses, sampling
+from siamjax.recipes import mnist
 
 
 def _naive(emb, labels, margin, rule):
@@ -30,34 +31,36 @@ def _naive(emb, labels, margin, rule):
   return out
 
 
-@pytest.mark.parametrize("rule", sorted(recipes.MINING))
+@pytest.mark.parametrize("rule", sorted(mnist.MINING))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_mining_losses_match_naive_loops(rule, seed):
   rng = np.random.default_rng(seed)
   emb = rng.normal(size=(24, 5)).astype(np.float32)
   labels = rng.integers(0, 4, 24).astype(np.int32)
   labels[0] = 9  # a class of one: no positive, loss 0
-  got = recipes.MINING[rule](jnp.asarray(emb), jnp.asarray(labels), margin=0.7, chunk_size=5)
+  got = mnist.MINING[rule](jnp.asarray(emb), jnp.asarray(labels), margin=0.7, chunk_size=5)
   np.testing.assert_allclose(np.asarray(got), _naive(emb.astype(np.float64), labels, 0.7, rule),
                              rtol=2e-4, atol=2e-5)
   assert float(got[0]) == 0.0
 
 
-def test_pk_batch_draws_distinct_classes_and_their_members():
+def test_pk_groups_draw_distinct_classes_and_their_members():
+  """The triplet recipe's P x K batches: sampling.sample_groups with replacement."""
   labels = np.repeat(np.arange(7), [3, 5, 2, 8, 4, 6, 9]).astype(np.int32)
-  table, counts = recipes.class_index_table(labels)
-  sample = jax.jit(recipes.pk_batch, static_argnums=(3, 4))
+  table = sampling.index_table(labels)
+  sample = jax.jit(sampling.sample_groups, static_argnums=(2, 3),
+                   static_argnames="replace")
   seen = set()
   for i in range(20):
-    positions, batch_labels = sample(jax.random.key(i), jnp.asarray(table), jnp.asarray(counts), 4, 3)
+    positions, batch_labels = sample(jax.random.key(i), table, 4, 3, replace=True)
     positions, batch_labels = np.asarray(positions), np.asarray(batch_labels)
     assert positions.shape == (12,)
     np.testing.assert_array_equal(labels[positions], batch_labels)
     assert len(set(batch_labels.tolist())) == 4
     seen.update(positions.tolist())
   assert len(seen) > 30  # reaches most of the 37 images
-  with pytest.raises(ValueError, match="classes"):
-    recipes.pk_batch(jax.random.key(0), jnp.asarray(table), jnp.asarray(counts), 8, 2)
+  with pytest.raises(ValueError, match="n_classes"):
+    sampling.sample_groups(jax.random.key(0), table, 8, 2, replace=True)
 
 
 def test_in_batch_losses_used_are_per_anchor():

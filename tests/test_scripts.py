@@ -27,6 +27,8 @@ HAS_DATA = bool(os.environ.get("SIAMJAX_DATA_DIR"))
 # (script, smoke arguments, needs the real data in $SIAMJAX_DATA_DIR)
 SCRIPTS = [
     ("omniglot_koch.py", ["--smoke"], True),
+    ("mnist_contrastive.py", ["--smoke"], True),
+    ("mnist_triplet.py", ["--smoke"], True),
 ]
 
 _DRIVER = textwrap.dedent("""
