@@ -273,7 +273,9 @@ def lock_workdir(workdir):
       f.close()
 
 
-def _managers(workdir: Path):
+def _managers(workdir: Path, *, with_best: bool = True):
+  """The latest (2 kept) and best (1 kept) checkpoint managers of ``workdir``; the best
+  one is ``None`` when ``with_best`` is off and there is no ``checkpoints_best/`` yet."""
   import orbax.checkpoint as ocp
   opts = dict(enable_async_checkpointing=False, cleanup_tmp_directories=True)
 
@@ -284,7 +286,9 @@ def _managers(workdir: Path):
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
-  return manager("checkpoints", 2), manager("checkpoints_best", 1)
+  best = workdir / "checkpoints_best"
+  return manager("checkpoints", 2), (manager("checkpoints_best", 1) if best.is_dir()
+                                     or with_best else None)
 
 
 def checkpoint_steps(workdir) -> list[int]:
@@ -364,7 +368,7 @@ def restore(workdir, like, *, which: str = "latest"):
   folder = workdir / ("checkpoints" if which == "latest" else "checkpoints_best")
   if not folder.is_dir():
     return None
-  latest, best = _managers(workdir)
+  latest, best = _managers(workdir, with_best=False)
   mgr = latest if which == "latest" else best
   step = mgr.latest_step()
   return None if step is None else _restore(mgr, step, like, folder / str(step))
@@ -520,7 +524,7 @@ def _fit(state, step_fn, data, workdir, kw):
   latest = best_mgr = log = None
   resumed_from = None
   if workdir is not None:
-    latest, best_mgr = _managers(workdir)
+    latest, best_mgr = _managers(workdir, with_best=eval_fn is not None)
     log = workdir / "metrics.jsonl" if chief else None
     last = latest.latest_step()
     if last is not None:

@@ -56,9 +56,32 @@ def _value(text: str):
     return text
 
 
+def _kind(f: dataclasses.Field) -> str:
+  return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
 def _is_str_field(f: dataclasses.Field) -> bool:
-  kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-  return "str" in [p.strip() for p in str(kind).split("|")]
+  return "str" in [p.strip() for p in _kind(f).split("|")]
+
+
+def _as_tuple(text: str):
+  """A tuple flag: ``0,1,2``, ``semi_hard,batch_all`` or a single value.
+
+  >>> _as_tuple("semi_hard"), _as_tuple("0,1,2"), _as_tuple("(0.8, 1.2)")
+  (('semi_hard',), (0, 1, 2), (0.8, 1.2))
+  """
+  value = _value(text)
+  if isinstance(value, (tuple, list)):
+    return tuple(value)
+  if isinstance(value, str) and "," in value:
+    return tuple(_value(v.strip()) for v in value.split(","))
+  return (value,)
+
+
+def _parser_of(f: dataclasses.Field):
+  if _kind(f).startswith("tuple"):
+    return _as_tuple
+  return str if _is_str_field(f) else _value
 
 
 def _normal(obj):
@@ -148,7 +171,7 @@ def main(recipe, argv: list[str] | None = None, *, presets: Mapping[str, Callabl
   for f in dataclasses.fields(recipe.Config):
     if f.name != "preset":
       p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="V",
-                     type=str if _is_str_field(f) else _value,
+                     type=_parser_of(f),
                      help=f"Config.{f.name} (preset default)")
   args = p.parse_args(argv)
   preset = "smoke" if args.smoke else getattr(args, "preset", None)
