@@ -27,6 +27,7 @@ HAS_DATA = bool(os.environ.get("SIAMJAX_DATA_DIR"))
 # (script, smoke arguments, needs the real data in $SIAMJAX_DATA_DIR)
 SCRIPTS = [
     ("omniglot_koch.py", ["--smoke"], True),
+    ("thucnews_fewshot.py", ["--smoke"], False),  # generated titles
 ]
 
 _DRIVER = textwrap.dedent("""
