@@ -12,7 +12,8 @@ Modules (one concept each):
 * :mod:`siamjax.train`: the fused, jitted train step and the resumable training loop.
 * :mod:`siamjax.evaluation`: one-shot tasks and verification metrics.
 * :mod:`siamjax.data`, :mod:`siamjax.recipes`, :mod:`siamjax.fewshot`: datasets,
-  end-to-end recipes and few-shot text classification (import them explicitly).
+  end-to-end recipes and few-shot primitives (prototypes, a bag-of-n-grams encoder);
+  import them explicitly.
 """
 
 from siamjax import (distances, encoders, evaluation, fourier, losses, models, parallel,

@@ -18,6 +18,7 @@ as ``groups``.
 * :func:`keras_pairs`: the alternating pairs of the Keras MNIST Siamese example.
 * :func:`epoch_batches`: the rows of consecutive batches of an epoch-wise shuffled pass
   (a ``prepare`` for :func:`siamjax.train.make_train_step`).
+* :func:`sample_rows`: i.i.d. uniform rows of an unlabelled pool, drawn afresh each step.
 * :func:`exhaustive_pairs`: every same-class pair plus as many sampled negatives (host).
 * :func:`sample_affine` / :func:`affine_warp` / :func:`augment`: Koch et al.'s random
   affine distortions, warped with ``jax.scipy.ndimage.map_coordinates`` (bilinear).
@@ -38,8 +39,8 @@ import numpy as np
 
 __all__ = [
     "IndexTable", "index_table", "grid_table", "sample_pairs", "sample_groups",
-    "keras_pairs", "epoch_batches", "exhaustive_pairs", "AffineParams", "sample_affine",
-    "affine_warp", "augment", "resize_images",
+    "keras_pairs", "epoch_batches", "sample_rows", "exhaustive_pairs", "AffineParams",
+    "sample_affine", "affine_warp", "augment", "resize_images",
 ]
 
 
@@ -380,6 +381,32 @@ def epoch_batches(key: jax.Array, n_rows: int, batch_size: int, first_step,
                      [:per_epoch * batch_size] for i in range(2)])
   perms = perms.reshape(2, per_epoch, batch_size)
   return perms[step // per_epoch - e0, step % per_epoch].astype(jnp.int32)
+
+
+def sample_rows(key: jax.Array, n_rows: int, batch_size: int) -> jax.Array:
+  """``batch_size`` positions drawn uniformly, with replacement, from ``range(n_rows)``.
+
+  The batches of self-supervised pre-training on an unlabelled pool (the THUCNews
+  split-view bags): a fresh i.i.d. batch every step from the step's key, so a run is a
+  pure function of its seed. For passes that see every row once per epoch use
+  :func:`epoch_batches` instead.
+
+  Args:
+    key: a ``jax.random`` key.
+    n_rows: rows in the pool (static, ``>= 1``).
+    batch_size: positions to draw (static, ``>= 1``; may exceed ``n_rows``).
+
+  Returns:
+    ``[batch_size]`` int32 positions.
+
+  >>> rows = sample_rows(jax.random.key(0), 5, 8)
+  >>> rows.shape, rows.dtype.name, bool(jnp.all((rows >= 0) & (rows < 5)))
+  ((8,), 'int32', True)
+  """
+  for name, v in (("n_rows", n_rows), ("batch_size", batch_size)):
+    if not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+  return jax.random.randint(key, (batch_size,), 0, n_rows, dtype=jnp.int32)
 
 
 def exhaustive_pairs(key: jax.Array, labels) -> tuple[jax.Array, jax.Array]:

@@ -158,6 +158,19 @@ def test_epoch_batches_cover_each_epoch_once_and_resume():
     sampling.epoch_batches(jax.random.key(0), n, b, 0, 6)
 
 
+def test_sample_rows_uniform_in_range_and_checked():
+  rows = np.asarray(jax.jit(sampling.sample_rows, static_argnums=(1, 2))(
+      jax.random.key(0), 7, 7000))
+  assert rows.dtype == np.int32 and rows.shape == (7000,)
+  counts = np.bincount(rows, minlength=7)
+  assert counts.size == 7 and counts.min() > 850 and counts.max() < 1150  # ~1000 each
+  again = np.asarray(sampling.sample_rows(jax.random.key(0), 7, 7000))
+  np.testing.assert_array_equal(rows, again)
+  for bad in (dict(n_rows=0, batch_size=4), dict(n_rows=5, batch_size=0)):
+    with pytest.raises(ValueError, match="n_rows" if bad["n_rows"] == 0 else "batch_size"):
+      sampling.sample_rows(jax.random.key(0), **bad)
+
+
 def test_exhaustive_pairs_positives_and_negatives():
   labels = np.repeat(np.arange(4), [5, 3, 4, 2]).astype(np.int32)
   pairs, similar = sampling.exhaustive_pairs(jax.random.key(0), labels)

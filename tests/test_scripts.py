@@ -29,6 +29,7 @@ SCRIPTS = [
     ("omniglot_koch.py", ["--smoke"], True),
     ("mnist_contrastive.py", ["--smoke"], True),
     ("mnist_triplet.py", ["--smoke"], True),
+    ("thucnews_fewshot.py", ["--smoke"], False),  # generated titles
 ]
 
 _DRIVER = textwrap.dedent("""
