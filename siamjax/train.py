@@ -142,7 +142,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       ``metrics`` is a dict of scalars; ``key`` is ``fold_in(rng, step)``. With
       ``prepare``, ``loss_fn(params, model_state, data, key, batch)``.
     optimizer: an optax transformation.
-    steps_per_call: updates per dispatch (one ``lax.scan``), amortising Python overhead.
+    steps_per_call: updates per dispatch (one ``lax.scan``; no loop for 1), amortising
+      Python overhead.
     prepare: ``(data, key, step, num_steps) -> batches``, run once per call before its
       ``num_steps = steps_per_call`` updates, with the run's shuffle key (derived from
       ``rng``, independent of the per-step keys) and the call's first step; ``batches``
@@ -186,6 +187,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       shuffle_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))[1]
       batches = prepare(data, shuffle_key, state["step"], steps_per_call)
     first = None if batches is None else jax.tree.map(lambda b: b[0], batches)
+    if steps_per_call == 1:  # no loop at all (a length-1 scan stays a while loop)
+      return one(state, data, first)
     how = unroll
     if how is None:
       how = jax.default_backend() == "cpu" and _has_conv(
@@ -544,7 +547,8 @@ def _fit(state, step_fn, data, workdir, kw):
     return FitResult(
         steps=step, examples=step * examples_per_step, wall_time_s=wall,
         compile_time_s=meta["compile_time_s"], train_time_s=meta["train_time_s"],
-        examples_per_s=timed / meta["train_time_s"] if meta["train_time_s"] > 0 else None,
+        examples_per_s=(timed / meta["train_time_s"] if meta["timed_steps"] and
+                        meta["train_time_s"] > 0 else None),  # None: only the compile call
         trained_steps=trained, final_loss=meta["final_loss"], best=meta["best"],
         best_step=meta["best_step"], stopped_early=meta["end"] == "early_stop",
         out_of_time=meta["end"] == "time_limit", finished=meta["end"] is not None,
@@ -672,6 +676,8 @@ def run(loss_fn: LossFn, optimizer: optax.GradientTransformation, state: dict, d
   and ``data`` on it (:func:`siamjax.parallel.replicate`, multi-process too), fits, and
   returns this process's copy of the final state (:func:`siamjax.parallel.local`), so
   that evaluation code sees arrays on one device. ``eval_fn`` receives such a copy too.
+  The step donates its state: device arrays passed in ``state`` are used up (pass a
+  copy, ``jax.tree.map(jnp.copy, state)``, to keep them).
 
   Args:
     loss_fn, optimizer, prepare, steps_per_call: as :func:`make_train_step`.
