@@ -27,6 +27,8 @@ HAS_DATA = bool(os.environ.get("SIAMJAX_DATA_DIR"))
 # (script, smoke arguments, needs the real data in $SIAMJAX_DATA_DIR)
 SCRIPTS = [
     ("omniglot_koch.py", ["--smoke"], True),
+    ("vector_pairs.py", ["--smoke"], False),  # generates its CSV in the workdir
+    ("image_folder.py", ["--smoke"], False),  # writes a synthetic folder in the workdir
 ]
 
 _DRIVER = textwrap.dedent("""
