@@ -15,6 +15,8 @@ as ``groups``.
   members), the rest different classes (from one group with ``groups=``).
 * :func:`sample_groups`: P classes x K members for in-batch losses, the classes
   optionally drawn a few at a time from one group.
+* :func:`sample_oneshot_trials`: one N-way one-shot trial per query, its candidates
+  drawn from a gallery table (held-out queries against training images).
 * :func:`keras_pairs`: the alternating pairs of the Keras MNIST Siamese example.
 * :func:`epoch_batches`: the rows of consecutive batches of an epoch-wise shuffled pass
   (a ``prepare`` for :func:`siamjax.train.make_train_step`).
@@ -39,7 +41,8 @@ import numpy as np
 
 __all__ = [
     "IndexTable", "index_table", "grid_table", "sample_pairs", "sample_groups",
-    "keras_pairs", "epoch_batches", "sample_rows", "exhaustive_pairs", "AffineParams",
+    "sample_oneshot_trials", "keras_pairs", "epoch_batches", "sample_rows",
+    "exhaustive_pairs", "AffineParams",
     "sample_affine", "affine_warp", "augment", "resize_images",
 ]
 
@@ -293,6 +296,69 @@ def sample_groups(key: jax.Array, classes: IndexTable, n_classes: int, per_class
   positions = table[chosen[:, None], members]
   labels = jnp.broadcast_to(chosen[:, None], (n_classes, per_class))
   return positions.reshape(-1).astype(jnp.int32), labels.reshape(-1).astype(jnp.int32)
+
+
+def sample_oneshot_trials(key: jax.Array, query_classes, gallery: IndexTable, n_way: int
+                          ) -> tuple[jax.Array, jax.Array]:
+  """One ``n_way``-way one-shot trial per query, its candidates drawn from ``gallery``.
+
+  For query ``q`` of class ``y = query_classes[q]``: ``n_way - 1`` distinct classes other
+  than ``y``, drawn uniformly, and one uniform member of ``gallery`` for each of the
+  ``n_way`` classes, in a uniformly shuffled order; ``answers[q]`` is the column of
+  class ``y``. (A fixed column for the true class would let a model that scores every
+  candidate alike win every argmax.) Keep the queries out of ``gallery``, e.g. held-out
+  images as queries against a table of training images. For Omniglot's characters x
+  drawers bank, :func:`siamjax.evaluation.oneshot.sample_oneshot_tasks` draws whole
+  tasks of images instead.
+
+  Args:
+    key: a ``jax.random`` key.
+    query_classes: ``[Q]`` integer class of each query (a row of ``gallery``).
+    gallery: :class:`IndexTable` of the candidates' positions.
+    n_way: candidates per trial, in ``[2, C]``.
+
+  Returns:
+    ``(support [Q, n_way] int32 gallery positions, answers [Q] int32)``.
+
+  Raises:
+    ValueError: ``n_way`` outside ``[2, C]``, a malformed table, or (outside ``jit``)
+      ``query_classes`` that are not ``[Q]`` class ids of ``gallery``.
+
+  >>> t = grid_table(3, 2)   # 3 classes x 2 members: positions 0..5, class = pos // 2
+  >>> support, answers = sample_oneshot_trials(jax.random.key(0), jnp.array([0, 2]), t, 3)
+  >>> (support // 2)[jnp.arange(2), answers].tolist()   # the query's class, at answers
+  [0, 2]
+  >>> [sorted(row) for row in (support // 2).tolist()]  # every class once per trial
+  [[0, 1, 2], [0, 1, 2]]
+  """
+  _check_table("gallery", gallery)
+  c = gallery.table.shape[0]
+  if not isinstance(n_way, (int, np.integer)) or not 2 <= n_way <= c:
+    raise ValueError(f"n_way must be an int in [2, {c}] (the gallery's classes), got "
+                     f"{n_way!r}")
+  y_Q = jnp.asarray(query_classes)
+  if y_Q.ndim != 1 or not jnp.issubdtype(y_Q.dtype, jnp.integer):
+    raise ValueError(f"query_classes must be a [Q] integer array, got {y_Q.dtype} "
+                     f"{y_Q.shape}")
+  try:  # checked outside jit only
+    y_host = np.asarray(y_Q)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    y_host = None
+  if y_host is not None and y_host.size and (y_host.min() < 0 or y_host.max() >= c):
+    raise ValueError(f"query_classes must be class ids in [0, {c}), found "
+                     f"{int(y_host.min() if y_host.min() < 0 else y_host.max())}")
+  table, counts = jnp.asarray(gallery.table), jnp.asarray(gallery.counts)
+  q = y_Q.shape[0]
+  k_cls, k_col, k_mem = jax.random.split(key, 3)
+  u_QxC = jax.random.uniform(k_cls, (q, c))
+  u_QxC = jnp.where(jnp.arange(c)[None, :] == y_Q[:, None], 2.0, u_QxC)  # own class last
+  classes_QxN = jnp.concatenate([y_Q[:, None], jnp.argsort(u_QxC, axis=1)[:, :n_way - 1]],
+                                axis=1)
+  order_QxN = _distinct(k_col, q, n_way, n_way)  # a random permutation of the columns
+  classes_QxN = jnp.take_along_axis(classes_QxN, order_QxN, axis=1)
+  answers_Q = jnp.argmin(order_QxN, axis=1).astype(jnp.int32)  # where column 0 went
+  members_QxN = jax.random.randint(k_mem, (q, n_way), 0, counts[classes_QxN])
+  return table[classes_QxN, members_QxN].astype(jnp.int32), answers_Q
 
 
 def keras_pairs(key: jax.Array, classes: IndexTable, n: int) -> tuple[jax.Array, jax.Array]:

@@ -86,6 +86,27 @@ def test_pairs_bad_input():
     sampling.sample_pairs(jax.random.key(0), t, 4, groups=sampling.index_table(np.arange(C)))
 
 
+def test_oneshot_trials_hold_the_query_class_once_at_a_uniform_column():
+  labels = np.repeat(np.arange(6), 3)
+  gallery = sampling.index_table(labels)
+  queries = jnp.asarray(np.tile(np.arange(6), 100))
+  support, answers = jax.jit(sampling.sample_oneshot_trials, static_argnums=3)(
+      jax.random.key(0), queries, gallery, 4)
+  support, answers = np.asarray(support), np.asarray(answers)
+  assert support.shape == (600, 4) and answers.shape == (600,)
+  cls = labels[support]
+  assert (cls[np.arange(600), answers] == np.asarray(queries)).all()
+  assert all(len(set(row)) == 4 for row in cls.tolist())  # distinct classes per trial
+  assert np.bincount(answers, minlength=4).min() > 100  # about 150 each: not a fixed column
+  assert np.bincount(cls.reshape(-1), minlength=6).min() > 300  # every class a candidate
+  with pytest.raises(ValueError, match="n_way"):
+    sampling.sample_oneshot_trials(jax.random.key(0), queries, gallery, 7)
+  with pytest.raises(ValueError, match="query_classes"):
+    sampling.sample_oneshot_trials(jax.random.key(0), jnp.array([0, 6]), gallery, 2)
+  with pytest.raises(ValueError, match="query_classes"):
+    sampling.sample_oneshot_trials(jax.random.key(0), jnp.array([0.5]), gallery, 2)
+
+
 def test_groups_within_group_distinct_members():
   groups = sampling.index_table(ALPHABETS, min_size=3)
   pos, labels = sampling.sample_groups(jax.random.key(2), sampling.grid_table(C, D), 6, 2,

@@ -30,6 +30,8 @@ SCRIPTS = [
     ("mnist_contrastive.py", ["--smoke"], True),
     ("mnist_triplet.py", ["--smoke"], True),
     ("thucnews_fewshot.py", ["--smoke"], False),  # generated titles
+    ("vector_pairs.py", ["--smoke"], False),  # generates its CSV in the workdir
+    ("image_folder.py", ["--smoke"], False),  # writes a synthetic folder in the workdir
 ]
 
 _DRIVER = textwrap.dedent("""

@@ -90,6 +90,34 @@ def test_save_roc_png(tmp_path):
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_hardest_mistakes_worst_first_each_pair_once():
+  rng = np.random.default_rng(9)
+  pairs = rng.integers(0, 6, (300, 2))
+  scores, similar = _random_pairs(9, n=300)
+  got = v.hardest_mistakes(pairs, scores, similar, threshold=0.5)
+  seen, want = set(), []
+  for i in sorted(range(300), key=lambda i: -abs(scores[i] - 0.5)):
+    key = tuple(sorted(pairs[i]))
+    if ((scores[i] >= 0.5) != similar[i]) and key not in seen:
+      seen.add(key)
+      want.append(i)
+  assert got.tolist() == want
+  with pytest.raises(ValueError, match="pairs"):
+    v.hardest_mistakes(pairs[:3], scores, similar)
+
+
+def test_contact_sheet(tmp_path):
+  pytest.importorskip("PIL")
+  images = np.random.default_rng(0).integers(0, 255, (4, 10, 12, 1), dtype=np.uint8)
+  path = tmp_path / "sheet.png"
+  assert v.contact_sheet(path, images, [[0, 3], [1, 2]], [1, 0], [0.1, 0.8],
+                         class_names=["a", "b"], labels=np.array([0, 0, 1, 1])) == 2
+  assert path.read_bytes()[:4] == b"\x89PNG"
+  assert v.contact_sheet(path, images, np.zeros((0, 2), int), [], []) == 0
+  with pytest.raises(ValueError, match="same pairs"):
+    v.contact_sheet(path, images, [[0, 1]], [1, 0], [0.5])
+
+
 def test_recall_at_1_against_brute_force():
   import jax.numpy as jnp
   rng = np.random.default_rng(8)

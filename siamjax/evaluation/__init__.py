@@ -3,7 +3,8 @@
 * :mod:`siamjax.evaluation.oneshot`: Lake's 20-way runs and random N-way tasks, scored
   in one jitted call, with a 95% interval.
 * :mod:`siamjax.evaluation.verification`: ROC, AUC, EER, the threshold for a target
-  false-accept rate, best-threshold accuracy, recall@1, ROC plots.
+  false-accept rate, best-threshold accuracy, recall@1, ROC plots, and contact sheets of
+  the worst-judged pairs.
 """
 
 from siamjax.evaluation.oneshot import (
@@ -21,7 +22,9 @@ from siamjax.evaluation.verification import (
     accuracy_at,
     auc,
     best_threshold_accuracy,
+    contact_sheet,
     equal_error_rate,
+    hardest_mistakes,
     recall_at_1,
     roc_curve,
     save_roc_png,
@@ -29,7 +32,8 @@ from siamjax.evaluation.verification import (
     verification_report,
 )
 
-__all__ = ["accuracy_at", "auc", "best_threshold_accuracy", "equal_error_rate", "recall_at_1",
-           "roc_curve", "save_roc_png", "threshold_at_far", "verification_report",
+__all__ = ["accuracy_at", "auc", "best_threshold_accuracy", "contact_sheet", "equal_error_rate",
+           "hardest_mistakes", "recall_at_1", "roc_curve", "save_roc_png", "threshold_at_far",
+           "verification_report",
            "LAKE_PROTOCOL", "OneShotResult", "accuracy_interval", "evaluate_oneshot",
            "neg_squared_euclidean", "oneshot_predictions", "pixel_embed", "sample_oneshot_tasks"]

@@ -11,6 +11,8 @@ units ("same" when ``distance <= threshold``).
 * :func:`best_threshold_accuracy`: the threshold with the highest pair accuracy (choose
   it on validation pairs, then apply it to test pairs with :func:`accuracy_at`);
 * :func:`save_roc_png`: the ROC curve as a small PNG;
+* :func:`hardest_mistakes` and :func:`contact_sheet`: the worst-judged pairs, and a PNG
+  showing them side by side;
 * :func:`recall_at_1`: does each embedding's nearest neighbour share its label?
 
 These run once after training, on the host in NumPy (the ROC needs one sort); only
@@ -30,7 +32,8 @@ from siamjax import distances as _distances
 
 __all__ = [
     "roc_curve", "auc", "equal_error_rate", "threshold_at_far", "best_threshold_accuracy",
-    "accuracy_at", "verification_report", "save_roc_png", "recall_at_1",
+    "accuracy_at", "verification_report", "save_roc_png", "hardest_mistakes", "contact_sheet",
+    "recall_at_1",
 ]
 
 
@@ -246,6 +249,80 @@ def save_roc_png(path: str | os.PathLike, curves: dict, *, title: str = "ROC") -
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+
+
+def hardest_mistakes(pairs, scores, similar, *, threshold: float = 0.0) -> np.ndarray:
+  """The rows of the wrongly judged pairs, worst first, each unordered pair once.
+
+  A pair is judged "same" when ``score >= threshold``; a mistake is worse the farther
+  its score lies from the threshold (for logits and ``threshold=0``: the highest pair
+  BCE loss first). Sampled pairs may repeat: only the first row of each unordered pair
+  of positions is kept.
+
+  Args:
+    pairs: ``[P, 2]`` integer positions of the two examples of each pair.
+    scores: ``[P]`` pair scores, higher = more similar.
+    similar: ``[P]`` 0/1 labels.
+    threshold: the accept threshold.
+
+  Returns:
+    ``[K]`` int64 row indices into ``pairs``.
+
+  >>> hardest_mistakes([[0, 1], [2, 3], [1, 0], [4, 5]], [0.5, -3.0, 0.9, 2.0], [0, 1, 0, 1])
+  array([1, 2])
+  """
+  scores, y = _scores_labels(scores, similar)
+  pairs = np.asarray(pairs)
+  if pairs.shape != (scores.size, 2):
+    raise ValueError(f"pairs must have shape [{scores.size}, 2], got {pairs.shape}")
+  wrong = np.flatnonzero((scores >= threshold) != y)
+  worst = wrong[np.argsort(-np.abs(scores[wrong] - threshold), kind="stable")]
+  _, first = np.unique(np.sort(pairs[worst], axis=1), axis=0, return_index=True)
+  return worst[np.sort(first)]
+
+
+def contact_sheet(path: str | os.PathLike, images: np.ndarray, pairs, similar, p_same, *,
+                  class_names: list[str] | None = None, labels: np.ndarray | None = None,
+                  max_pairs: int = 12, cell: int = 64) -> int:
+  """Writes a PNG of pairs, one row each: the two images and a caption (Pillow).
+
+  Args:
+    path: the PNG to write.
+    images: ``[N, H, W, C]`` uint8 images (``C`` 1 or 3).
+    pairs: ``[K, 2]`` positions into ``images``, e.g. ``pairs[hardest_mistakes(...)]``.
+    similar: ``[K]`` 0/1 labels.
+    p_same: ``[K]`` the model's probability that each pair shows one class.
+    class_names, labels: caption each image with ``class_names[labels[position]]``.
+    max_pairs: rows drawn (the first ones).
+    cell: pixel size of each image on the sheet.
+
+  Returns:
+    The number of pairs drawn (a sheet without pairs says "no mistakes").
+  """
+  from PIL import Image, ImageDraw  # Pillow: optional, only needed for the sheet
+
+  pairs = np.asarray(pairs).reshape(-1, 2)[:max_pairs]
+  similar, p_same = np.asarray(similar)[:max_pairs], np.asarray(p_same)[:max_pairs]
+  if not similar.shape == p_same.shape == pairs.shape[:1]:
+    raise ValueError(f"pairs, similar and p_same must describe the same pairs, got "
+                     f"{pairs.shape}, {similar.shape} and {p_same.shape}")
+  named = class_names is not None and labels is not None
+  text_w = 190
+  sheet = Image.new("RGB", (2 * cell + text_w, max(1, len(pairs)) * cell), "white")
+  draw = ImageDraw.Draw(sheet)
+  if not len(pairs):
+    draw.text((4, 4), "no mistakes", fill="black")
+  for r, ((i, j), same, p) in enumerate(zip(pairs, similar, p_same)):  # <= max_pairs rows
+    for k, idx in enumerate((i, j)):
+      im = np.asarray(images[idx])
+      im = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).convert("RGB")
+      sheet.paste(im.resize((cell, cell)), (k * cell, r * cell))
+    names = (f"\n{class_names[labels[i]][:14]} | {class_names[labels[j]][:14]}" if named
+             else "")
+    draw.text((2 * cell + 6, r * cell + 6),
+              f"{'same' if same else 'different'}, p(same)={float(p):.2f}{names}", fill="black")
+  sheet.save(path)
+  return len(pairs)
 
 
 def recall_at_1(embeddings: jax.Array, labels: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
