@@ -4,7 +4,7 @@
   # DIR/<class>/<images>: any sizes, resized to --size; about 30% of each class's images
   # are held out as a test set; reports held-out pair accuracy, N-way one-shot accuracy,
   # ROC-AUC/EER, and writes roc.png and mistakes.png (the hardest wrong pairs).
-  python experiments/image_folder.py --data-dir DIR --grayscale True --size 32 --epochs 15
+  python experiments/image_folder.py --data-dir DIR --grayscale --size 32 --epochs 15
   python experiments/image_folder.py --smoke --workdir /tmp/if_smoke   # synthetic folder
 
 The flags, the work directory and the exit codes are those of every script
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import sys
 
-import siamjax.recipes.image_folder as image_folder  # the module (not classic's function)
-from siamjax.recipes import cli
+from siamjax.recipes import cli, image_folder
 
 
 def main(argv=None, hooks=()) -> int:

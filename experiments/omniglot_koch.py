@@ -7,7 +7,7 @@
 
 Data: --data-dir, else $SIAMJAX_DATA_DIR (a folder with omniglot/*.zip); a missing zip is
 downloaded from Lake's repository into it (or into ~/.cache/siamjax) with SHA-256
-verification (--download False to refuse). Presets live in experiments/configs/. The
+verification (--no-download to refuse). Presets live in experiments/configs/. The
 flags, the work directory and the exit codes are those of every script
 (siamjax.recipes.cli): re-running a command resumes it.
 """

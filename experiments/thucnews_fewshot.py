@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import sys
 
-from siamjax.recipes import cli
-from siamjax.recipes import thucnews as recipe
+from siamjax.recipes import cli, thucnews
 
 
 def main(argv=None, hooks=()) -> int:
-  return cli.main(recipe, argv, hooks=hooks, description=__doc__)
+  return cli.main(thucnews, argv, hooks=hooks, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import sys
 
-import siamjax.recipes.vector_pairs as vector_pairs  # the module (not classic's function)
-from siamjax.recipes import cli
+from siamjax.recipes import cli, vector_pairs
 
 
 def main(argv=None, hooks=()) -> int:

@@ -42,7 +42,8 @@ _DRIVER = textwrap.dedent("""
     spec.loader.exec_module(mod)
 
     def die_after_first_checkpoint(step, state):
-      if kill and any(pathlib.Path(workdir).rglob("_CHECKPOINT_METADATA")):
+      if kill and any(p.parent.parent.name == "checkpoints"  # latest, not best, saves
+                      for p in pathlib.Path(workdir).rglob("_CHECKPOINT_METADATA")):
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, like kill -9
 
     sys.exit(mod.main(["--workdir", workdir, "--no-progress"] + sys.argv[4:],

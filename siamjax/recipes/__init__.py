@@ -14,37 +14,17 @@ for a module that holds two) with:
   returns the JSON-ready results (:mod:`siamjax.recipes.cli` writes ``results.json``);
 * ``summary(results) -> str``: the line a script prints at the end.
 
-Modules:
+Modules (one per task):
 
 * :mod:`siamjax.recipes.omniglot_koch`: Koch et al. (2015) on Omniglot, Lake's protocol.
+* :mod:`siamjax.recipes.mnist`: the Keras MNIST Siamese example (``mnist.contrastive``)
+  and in-batch triplet mining on its tower (``mnist.triplet``).
+* :mod:`siamjax.recipes.vector_pairs`: two Siamese heads over a CSV of vector pairs.
+* :mod:`siamjax.recipes.image_folder`: a Siamese SmallCNN on class-named image folders.
+* :mod:`siamjax.recipes.thucnews`: few-shot 14-way THUCNews titles (n-gram bags,
+  split-view pre-training, the seed's TextCNN, TF-IDF).
 * :mod:`siamjax.recipes.cli`: the command line every ``experiments/`` script shares.
-* :mod:`siamjax.recipes.classic`: the classic small recipes (being moved to one module
-  per task on :mod:`siamjax.train`).
+
+Import the one you need (``from siamjax.recipes import mnist``); this package imports
+none of them, so ``import siamjax`` stays light.
 """
-
-from siamjax.recipes.classic import (
-    MINING,
-    TrainState,
-    class_index_table,
-    contact_sheet,
-    fit,
-    image_folder,
-    keras_pairs,
-    machine_info,
-    make_train_epoch,
-    mnist_contrastive,
-    mnist_triplet,
-    pk_batch,
-    random_pairs,
-    sample_pairs,
-    split_indices,
-    split_per_class,
-    vector_pairs,
-)
-
-__all__ = [
-    "MINING", "TrainState", "class_index_table", "contact_sheet", "fit", "image_folder",
-    "keras_pairs", "machine_info", "make_train_epoch", "mnist_contrastive", "mnist_triplet",
-    "pk_batch", "random_pairs", "sample_pairs", "split_indices", "split_per_class",
-    "vector_pairs",
-]

@@ -10,7 +10,8 @@
    installs; ``SIAMJAX_NO_XLA_FLAGS=1`` skips it) and starts multi-host JAX when a
    cluster is detected (:func:`siamjax.parallel.initialize_distributed`);
 2. builds the config: the preset (``--smoke`` is ``--preset smoke``), then every flag
-   named after a ``Config`` field (``--num-steps 2000``, ``--learning-rate 3e-4``);
+   named after a ``Config`` field (``--num-steps 2000``, ``--learning-rate 3e-4``;
+   booleans as ``--grayscale`` / ``--no-grayscale``, tuples as ``--train-drawers 0,1,2``);
 3. holds the work directory (:func:`siamjax.train.lock_workdir`: a second process on it
    is refused at once, naming the holder's pid) and checks it: a directory that holds a
    trained run of another config is refused before anything is written, naming the
@@ -169,10 +170,15 @@ def main(recipe, argv: list[str] | None = None, *, presets: Mapping[str, Callabl
                  help="evaluate the checkpoints in --workdir again; train nothing")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   for f in dataclasses.fields(recipe.Config):
-    if f.name != "preset":
-      p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="V",
-                     type=_parser_of(f),
-                     help=f"Config.{f.name} (preset default)")
+    flag, help_ = "--" + f.name.replace("_", "-"), f"Config.{f.name} (preset default)"
+    if f.name == "preset":
+      continue
+    if _kind(f) == "bool":  # --grayscale / --no-grayscale
+      p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                     help=help_)
+    else:
+      p.add_argument(flag, dest=f.name, default=None, metavar="V", type=_parser_of(f),
+                     help=help_)
   args = p.parse_args(argv)
   preset = "smoke" if args.smoke else getattr(args, "preset", None)
   if preset is None:
