@@ -628,8 +628,7 @@ def _fit(state, step_fn, data, workdir, kw):
       if end is None and step >= num_steps:
         end = "num_steps"
       signum = _agree(signals.signum or 0) if fetch or jax.process_count() == 1 else 0
-      if end is None and eval_fn is not None and eval_every and step % eval_every == 0 \
-          and not signum:
+      if end is None and eval_fn is not None and eval_every and step % eval_every == 0:
         t_eval = time.perf_counter()
         rec = evaluate(step, state)
         if bar is not None:
@@ -638,7 +637,7 @@ def _fit(state, step_fn, data, workdir, kw):
         if patience and meta["bad_evals"] >= patience:
           end = "early_stop"
         t_mark += time.perf_counter() - t_eval  # throughput excludes evaluation
-      if signum:
+      if signum and end is None:  # a run that ends at this step just finishes
         if latest is not None:
           _save(latest, step, state, meta)
         if bar is not None:

@@ -153,11 +153,14 @@ _DRIVER = textwrap.dedent("""
           os.kill(os.getpid(), signal.SIGINT)
         return t._eval(state)
       kw["eval_fn"] = ev
-    elif mode == "sigint_in_training":
+    elif mode.startswith("sigint_at_"):  # sigint_at_<step>[_early_stop]
+      at = int(mode.split("_")[2])
       def hook(step, state):
-        if step == 14:
+        if step == at:
           os.kill(os.getpid(), signal.SIGINT)
       kw["hooks"] = (hook,)
+      if mode.endswith("early_stop"):  # constant: the evaluation at step 20 stops the run
+        kw.update(eval_fn=lambda s: {"val_accuracy": 0.0}, patience=1)
     elif mode == "hold_lock":
       with train.lock_workdir(workdir):
         print("locked", flush=True)
@@ -193,7 +196,8 @@ def uninterrupted(tmp_path_factory):
     ("kill_between_best_and_latest", -signal.SIGKILL),
     ("kill_during_latest_write", -signal.SIGKILL),
     ("sigint_in_final_eval", None),  # a KeyboardInterrupt traceback (the CLI prints a line)
-    ("sigint_in_training", 130),
+    ("sigint_at_14", 130),
+    ("sigint_at_18", 130),  # stops on an evaluation and checkpoint step: both done first
 ])
 def test_crash_then_rerun_resumes_to_the_uninterrupted_result(tmp_path, uninterrupted, mode,
                                                               code):
@@ -203,9 +207,11 @@ def test_crash_then_rerun_resumes_to_the_uninterrupted_result(tmp_path, uninterr
       crashed.stderr[-2000:]
   if mode == "kill_during_latest_write":  # orbax's unfinished temporary folder is left
     assert list((workdir / "checkpoints").glob("30.orbax-checkpoint-tmp*"))
-  if mode == "sigint_in_training":  # the checkpoint is the interrupt point's, not older
+  if mode == "sigint_at_14":  # the checkpoint is the interrupt point's, not older
     assert "interrupted by SIGINT at step 16" in crashed.stderr
     assert train.checkpoint_steps(workdir)[-1] == 16
+  if mode == "sigint_at_18":
+    assert "at step 20" in crashed.stderr and train.checkpoint_steps(workdir)[-1] == 20
   rerun = _run(tmp_path, workdir, "plain")
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   np.testing.assert_array_equal(np.load(tmp_path / "plain.npy"), uninterrupted[0])
@@ -213,6 +219,19 @@ def test_crash_then_rerun_resumes_to_the_uninterrupted_result(tmp_path, uninterr
   assert len(keys) == len(set(keys))  # no duplicate metrics.jsonl lines
   _, res = _fit(workdir)
   assert res["trained_steps"] == 0 and res["history"] == uninterrupted[1]["history"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,steps", [("sigint_at_38", 40), ("sigint_at_18_early_stop", 20)])
+def test_an_interrupt_on_the_runs_last_step_lets_it_finish(tmp_path, mode, steps):
+  """A signal that arrives as the run ends (last step, early stop) is not an interruption:
+  the run finishes, so that a re-run does not train past where it stopped."""
+  done = _run(tmp_path, tmp_path / "w", mode)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert train.checkpoint_steps(tmp_path / "w")[-1] == steps
+  kw = {"eval_fn": lambda s: {"val_accuracy": 0.0}, "patience": 1} if steps == 20 else {}
+  _, again = _fit(tmp_path / "w", **kw)
+  assert again["finished"] and again["trained_steps"] == 0 and again["steps"] == steps
 
 
 @pytest.mark.slow
