@@ -1,38 +1,25 @@
 """A Siamese SmallCNN on any folder of class-named image folders, split by image.
 
-:func:`train_and_evaluate` loads ``data_dir/<class>/<image>`` files resized to
-``size x size`` (:func:`siamjax.data.folders.load_image_folder`; the smoke preset
-writes a small synthetic folder into the work directory first), and
-:func:`fit_and_evaluate`:
+:func:`train_and_evaluate` loads ``data_dir/<class>/<image>`` resized to ``size x size``
+(:func:`load_images`; ``synthetic``: a folder written first), and :func:`fit_and_evaluate`:
 
-1. holds out about ``val_fraction`` of each class's images
-   (:func:`siamjax.data.splits.split_per_class`, by ``seed``). The held-out images are
-   a TEST set: nothing (no epoch, no threshold) is chosen on them, and the results name
-   their figures ``test_*``;
-2. trains :class:`siamjax.encoders.SmallCNN` towers sharing weights with the weighted-L1
-   logit head of :class:`siamjax.models.SiameseNet`, pair BCE and Adam through
-   :func:`siamjax.train.run`: every step draws ``batch_pairs`` balanced pairs of training
-   images on the device (:func:`siamjax.sampling.sample_pairs` over the training
-   split's :class:`~siamjax.sampling.IndexTable`; the dropout key is split from the
-   step key), and a checkpoint is saved every epoch;
-3. evaluates the final parameters on the held-out images, every image encoded once:
-
-   * pair accuracy at logit 0 (probability 0.5) and the verification report (ROC-AUC,
-     EER) of ``eval_pairs`` pairs whose first image is a held-out probe and whose
-     second a training image, of the probe's class for half of them and of another
-     class for the rest (:func:`siamjax.sampling.sample_pairs` with ``partners=`` the
-     training table; classes uniform, members uniform within a class);
-   * ``n_way``-way one-shot accuracy: every held-out image against one training image
-     of its class and of ``n_way - 1`` other classes
-     (:func:`siamjax.sampling.sample_oneshot_trials`), with a 95% interval;
-   * ``mistakes.png``, the hardest wrongly judged pairs
-     (:func:`siamjax.evaluation.verification.hardest_mistakes` and
-     :func:`~siamjax.evaluation.verification.contact_sheet`), and ``roc.png``.
+1. holds out about ``val_fraction`` of each class's images (by ``seed``) as a TEST set:
+   nothing (no epoch, no threshold) is chosen on them;
+2. trains :class:`siamjax.encoders.SmallCNN` towers sharing weights, the weighted-L1 logit
+   head of :class:`siamjax.models.SiameseNet`, pair BCE and Adam through
+   :func:`siamjax.train.run`, each step on ``batch_pairs`` balanced training pairs drawn
+   on the device (:func:`siamjax.sampling.sample_pairs`); a checkpoint every epoch;
+3. evaluates the final parameters, every image encoded once: pair accuracy at logit 0 and
+   ROC-AUC/EER of ``eval_pairs`` (held-out probe, training image) pairs, half same-class;
+   ``n_way``-way one-shot accuracy of every held-out image against training images
+   (:func:`siamjax.sampling.sample_oneshot_trials`), with a 95% interval; ``roc.png``, and
+   ``mistakes.png`` of the hardest wrongly judged pairs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -76,8 +63,7 @@ class Config:
 PRESETS = {
     "default": Config,
     # A synthetic folder in the workdir; 2 epochs of 10 steps, a checkpoint after each.
-    "smoke": lambda: Config(synthetic=True, size=24, epochs=2, steps_per_epoch=10,
-                            steps_per_call=5),
+    "smoke": lambda: Config(synthetic=True, size=24, epochs=2, steps_per_epoch=10),
 }
 
 
@@ -87,35 +73,13 @@ def load_images(cfg: Config, workdir) -> tuple[np.ndarray, np.ndarray, list[str]
   Raises:
     ValueError: no ``data_dir`` (and not ``synthetic``), or a bad folder.
   """
+  if not (cfg.synthetic or cfg.data_dir):
+    raise ValueError("data_dir: pass --data-dir DIR (class-named image folders) or --smoke")
+  root = Path(workdir) / "synthetic_folder" if cfg.synthetic else Path(cfg.data_dir)
   if cfg.synthetic:
-    root = Path(workdir) / "synthetic_folder"
     folders.write_synthetic_image_folder(root, classes=4, per_class=8, seed=cfg.seed)
-  elif cfg.data_dir:
-    root = Path(cfg.data_dir)
-  else:
-    raise ValueError("data_dir: pass --data-dir DIR (a folder of class-named subfolders of "
-                     "images) or --smoke")
-  if cfg.size < 1:
-    raise ValueError(f"size must be >= 1, got {cfg.size}")
-  images, labels, names, _ = folders.load_image_folder(root, size=(cfg.size, cfg.size),
-                                                       grayscale=cfg.grayscale)
-  return images, labels, names, root
-
-
-def _check(cfg: Config, images, labels) -> None:
-  if images.ndim != 4 or images.shape[0] != labels.shape[0]:
-    raise ValueError(f"images must be [N, H, W, C] with N = labels' length, got "
-                     f"{images.shape} and {labels.shape}")
-  if cfg.steps_per_call < 1 or cfg.steps_per_epoch % cfg.steps_per_call:
-    raise ValueError(f"steps_per_epoch={cfg.steps_per_epoch} must be a multiple of "
-                     f"steps_per_call={cfg.steps_per_call}")
-  if cfg.batch_pairs < 2 or cfg.batch_pairs % 2 or cfg.batch_pairs % cfg.devices:
-    raise ValueError(f"batch_pairs must be even and divisible by devices={cfg.devices}, got "
-                     f"{cfg.batch_pairs}")
-  if cfg.eval_pairs < 2 or cfg.eval_pairs % 2:
-    raise ValueError(f"eval_pairs must be an even number >= 2, got {cfg.eval_pairs}")
-  if cfg.n_way < 2:
-    raise ValueError(f"n_way must be >= 2, got {cfg.n_way}")
+  return (*folders.load_image_folder(root, size=(cfg.size, cfg.size),
+                                     grayscale=cfg.grayscale)[:3], root)
 
 
 def _table(labels_N, rows, num_classes: int) -> sampling.IndexTable:
@@ -138,81 +102,72 @@ def fit_and_evaluate(images, labels, cfg: Config, workdir, *, class_names=None,
     eval_only: evaluate the checkpoint already in ``workdir``.
 
   Returns:
-    The results: ``test_pair_accuracy``, ``test_one_shot_accuracy`` (with
-    ``test_one_shot_ci95`` and ``test_one_shot_trials``), ``n_way``,
-    ``test_verification``, ``mistakes_shown``, the split sizes, ``history`` (the
-    training loss and pair accuracy of each epoch's last call), timings, ``protocols``.
+    ``test_pair_accuracy``, ``test_one_shot_accuracy`` (``_ci95``, ``_trials``), ``n_way``,
+    ``test_verification``, ``mistakes_shown``, split sizes, ``history`` (per epoch), timings.
   """
   images, labels = np.asarray(images), np.asarray(labels, np.int32)
-  _check(cfg, images, labels)
+  if images.ndim != 4 or images.shape[0] != labels.shape[0]:
+    raise ValueError(f"images must be [N, H, W, C], labels [N]; got {images.shape}, {labels.shape}")
+  if cfg.steps_per_call < 1 or cfg.steps_per_epoch % cfg.steps_per_call:  # before the init
+    raise ValueError(f"steps_per_call={cfg.steps_per_call} must divide steps_per_epoch")
+  if cfg.batch_pairs < 2 or cfg.batch_pairs % 2 or cfg.batch_pairs % cfg.devices:
+    raise ValueError(f"batch_pairs={cfg.batch_pairs} must be even and divisible by devices")
+  if cfg.eval_pairs < 2 or cfg.eval_pairs % 2 or cfg.n_way < 2:  # else: known after training
+    raise ValueError(f"eval_pairs={cfg.eval_pairs} must be even and >= 2, n_way={cfg.n_way} >= 2")
   workdir = Path(workdir)
   tr, te = splits.split_per_class(labels, cfg.val_fraction, cfg.seed)
   c = int(labels.max()) + 1
   n_way = min(cfg.n_way, c)
   train_table, test_table = _table(labels, tr, c), _table(labels, te, c)
-  if (small := np.flatnonzero(train_table.counts < 2)).size:
-    raise ValueError(f"val_fraction: class {int(small[0])} keeps "
-                     f"{int(train_table.counts[small[0]])} training image after the split, "
-                     f"but a positive pair needs two; add images or hold out fewer")
+  if (small := np.flatnonzero(train_table.counts < 2)).size:  # positive pairs need two
+    raise ValueError(f"val_fraction: class {int(small[0])} keeps 1 training image; hold out fewer")
   net = models.SiameseNet(encoder=encoders.SmallCNN())
-  b = cfg.batch_pairs
 
   def scale(u8):
     return u8.astype(jnp.float32) / 255.0
 
   def loss_fn(params, model_state, data, key):
     k_pairs, k_drop = jax.random.split(key)
-    pairs_Px2, similar_P = sampling.sample_pairs(k_pairs, data["classes"], b)
-    pairs_Px2, similar_P = parallel.shard_batch((pairs_Px2, similar_P))
+    pairs_Px2, similar_P = parallel.shard_batch(
+        sampling.sample_pairs(k_pairs, data["classes"], cfg.batch_pairs))
     x = scale(data["images"][pairs_Px2])
-    logits_P = net.apply({"params": params}, x[:, 0], x[:, 1], train=True,
-                         rngs={"dropout": k_drop})
+    logits_P = net.apply({"params": params}, x[:, 0], x[:, 1], train=True, rngs={"dropout": k_drop})
     acc = jnp.mean(((logits_P >= 0) == (similar_P > 0)).astype(jnp.float32))
     return jnp.mean(losses.pair_bce_loss(logits_P, similar_P)), (model_state,
                                                                  {"pair_accuracy": acc})
 
   k_init, k_run, k_pairs, k_shot = jax.random.split(jax.random.key(cfg.seed), 4)
   optimizer = optax.adam(cfg.learning_rate)
-  x0 = scale(jnp.asarray(images[:1]))
-  params = jax.jit(net.init)(k_init, x0, x0)["params"]
-  data = {"images": images, "classes": train_table}
+  params = jax.jit(net.init)(k_init, *[scale(jnp.asarray(images[:1]))] * 2)["params"]
   t0 = time.perf_counter()
   state, fit = train.run(
-      loss_fn, optimizer, train.init_state(params, optimizer, key=k_run), data,
-      num_steps=cfg.epochs * cfg.steps_per_epoch, steps_per_call=cfg.steps_per_call,
-      devices=cfg.devices, checkpoint_every=cfg.steps_per_epoch, workdir=workdir,
-      examples_per_step=b, progress=progress, hooks=hooks, unit="pairs",
-      restore_only=eval_only)
+      loss_fn, optimizer, train.init_state(params, optimizer, key=k_run),
+      {"images": images, "classes": train_table}, num_steps=cfg.epochs * cfg.steps_per_epoch,
+      steps_per_call=cfg.steps_per_call, devices=cfg.devices,
+      checkpoint_every=cfg.steps_per_epoch, workdir=workdir, examples_per_step=cfg.batch_pairs,
+      progress=progress, hooks=hooks, unit="pairs", restore_only=eval_only)
   session_time = time.perf_counter() - t0
 
   @jax.jit
   def evaluate(params, images):
-    n = images.shape[0]  # every image encoded once, 256 at a time
-    chunk = min(256, n)
-    padded = jnp.concatenate([images, jnp.zeros((-n % chunk,) + images.shape[1:],
-                                                 images.dtype)])
+    n, chunk = images.shape[0], min(256, images.shape[0])  # each image encoded once
+    padded = jnp.concatenate([images, jnp.zeros((-n % chunk, *images.shape[1:]), images.dtype)])
     emb = jax.lax.map(lambda x: net.apply({"params": params}, scale(x), method=net.embed),
                       padded.reshape((-1, chunk) + images.shape[1:]))
     emb_NxD = emb.reshape(-1, emb.shape[-1])[:n]
     pairs_Px2, similar_P = sampling.sample_pairs(k_pairs, test_table, cfg.eval_pairs,
                                                  partners=train_table)
-    logits_P = net.apply({"params": params}, emb_NxD[pairs_Px2[:, 0]],
-                         emb_NxD[pairs_Px2[:, 1]], method=net.head)
-    support_QxN, answers_Q = sampling.sample_oneshot_trials(k_shot, labels[te], train_table,
-                                                            n_way)
-    shot_QxN = net.apply({"params": params}, emb_NxD[te][:, None, :], emb_NxD[support_QxN],
-                         method=net.head)
-    correct = jnp.sum(jnp.argmax(shot_QxN, axis=1) == answers_Q)
-    return pairs_Px2, similar_P, logits_P, correct
+    head = functools.partial(net.apply, {"params": params}, method=net.head)
+    logits_P = head(emb_NxD[pairs_Px2[:, 0]], emb_NxD[pairs_Px2[:, 1]])
+    support_QxN, answers_Q = sampling.sample_oneshot_trials(k_shot, labels[te], train_table, n_way)
+    shot_QxN = head(emb_NxD[te][:, None, :], emb_NxD[support_QxN])
+    return pairs_Px2, similar_P, logits_P, jnp.sum(jnp.argmax(shot_QxN, axis=1) == answers_Q)
 
-  pairs, similar, logits, correct = jax.device_get(evaluate(state["params"],
-                                                            jnp.asarray(images)))
-  low, high = oneshot.accuracy_interval(int(correct), int(te.size))
+  pairs, similar, logits, correct = jax.device_get(evaluate(state["params"], images))
   worst = verification.hardest_mistakes(pairs, logits, similar)
   shown = 0
   if jax.process_index() == 0:
-    verification.save_roc_png(workdir / "roc.png", {"held-out pairs (test)": (-logits,
-                                                                                similar)},
+    verification.save_roc_png(workdir / "roc.png", {"held-out pairs (test)": (-logits, similar)},
                               title="image folder, held-out pairs")
     shown = verification.contact_sheet(
         workdir / "mistakes.png", images, pairs[worst], similar[worst],
@@ -220,39 +175,23 @@ def fit_and_evaluate(images, labels, cfg: Config, workdir, *, class_names=None,
         class_names=class_names, labels=labels)
   log = workdir / "metrics.jsonl"
   records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-  history = [{"epoch": r["step"] // cfg.steps_per_epoch, "loss": r["loss"],
-              "pair_accuracy": r["pair_accuracy"]} for r in records
-             if r.get("kind") == "train" and r["step"] % cfg.steps_per_epoch == 0]
   return {
-      "test_pair_accuracy": verification.accuracy_at(logits, similar, 0.0),
-      "test_one_shot_accuracy": int(correct) / int(te.size),
-      "test_one_shot_ci95": [low, high],
-      "test_one_shot_trials": int(te.size),
-      "n_way": n_way,
+      "test_pair_accuracy": verification.accuracy_at(logits, similar, 0.0), "n_way": n_way,
+      "test_one_shot_accuracy": int(correct) / int(te.size), "test_one_shot_trials": int(te.size),
+      "test_one_shot_ci95": list(oneshot.accuracy_interval(int(correct), int(te.size))),
       "test_verification": verification.verification_report(-logits, similar),
-      "threshold_units": "negated logit (same when -logit <= threshold)",
-      "mistakes_shown": shown,
+      "threshold_units": "negated logit (same when -logit <= threshold)", "steps": fit["steps"],
+      "image_shape": list(images.shape[1:]), "final_loss": fit["final_loss"],
       "images": {"train": int(tr.size), "test": int(te.size), "classes": c},
-      "image_shape": list(images.shape[1:]),
-      "epochs": fit["steps"] // cfg.steps_per_epoch,
-      "steps": fit["steps"],
-      "steps_per_epoch": cfg.steps_per_epoch,
-      "batch_pairs": b,
+      "epochs": fit["steps"] // cfg.steps_per_epoch, "mistakes_shown": shown,
       "train_time_s": fit["train_time_s"], "session_time_s": session_time,
       "compile_time_s": fit["compile_time_s"], "pairs_per_s": fit["examples_per_s"],
-      "final_loss": fit["final_loss"],
-      "history": history,
-      "protocols": {
-          "split": (f"about {cfg.val_fraction:g} of each class's images held out (seed "
-                    f"{cfg.seed}); the held-out images are a test set: nothing is chosen "
-                    f"on them; the final parameters are evaluated"),
-          "test_pairs": (f"{cfg.eval_pairs} pairs: a held-out probe and a training image, of "
-                         f"the probe's class for the first half and of another class for "
-                         f"the rest (classes uniform); accuracy at logit 0"),
-          "test_one_shot": (f"every held-out image against one training image of its class "
-                            f"and of {n_way - 1} other classes (uniform), argmax of the "
-                            f"head's logit; Wilson 95% interval"),
-      },
+      "history": [{"epoch": r["step"] // cfg.steps_per_epoch, "loss": r["loss"],
+                   "pair_accuracy": r["pair_accuracy"]} for r in records
+                  if r.get("kind") == "train" and r["step"] % cfg.steps_per_epoch == 0],
+      "protocols": {"split": f"about {cfg.val_fraction:g} of each class's images held out",
+                    "test_pairs": f"{cfg.eval_pairs} held-out probe + training image pairs",
+                    "test_one_shot": f"each held-out image vs training images of {n_way} classes"},
   }
 
 
