@@ -25,23 +25,10 @@ import numpy as np
 from siamjax import _checks
 from siamjax import distances as _distances
 
-__all__ = [
-    "prototypes",
-    "nearest_prototype",
-    "accuracy",
-    "confusion_matrix",
-    "init_bag",
-    "bag_embed",
-    "split_views",
-    "embed_all",
-]
+__all__ = ["prototypes", "nearest_prototype", "accuracy", "confusion_matrix", "init_bag",
+           "bag_embed", "split_views", "embed_all"]
 
 Params = Any
-
-
-# ---------------------------------------------------------------------------------
-# Prototypes and classification
-# ---------------------------------------------------------------------------------
 
 
 def prototypes(embeddings: jax.Array, labels: jax.Array, num_classes: int, *,
@@ -126,11 +113,6 @@ def confusion_matrix(predictions, labels, num_classes: int) -> np.ndarray:
   return out
 
 
-# ---------------------------------------------------------------------------------
-# Bag-of-n-grams encoder (pure function over a parameter dict)
-# ---------------------------------------------------------------------------------
-
-
 def init_bag(key: jax.Array, vocab_size: int, dim: int = 128) -> Params:
   """Parameters of :func:`bag_embed`: ``{"embed": [vocab_size, dim]}`` (row 0 = padding)."""
   if vocab_size < 2 or dim < 1:
@@ -176,11 +158,6 @@ def embed_all(embed_fn: Callable, params: Params, tokens: np.ndarray, *,
     return out.reshape(n_chunks * chunk, -1)
 
   return run(params, jnp.asarray(padded))[:n]
-
-
-# ---------------------------------------------------------------------------------
-# Views for split-view pre-training
-# ---------------------------------------------------------------------------------
 
 
 def split_views(key: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
