@@ -6,8 +6,8 @@
 
 Expected with the defaults (experiments/results/thucnews_fewshot.json): best variant
 splitview_finetune (chosen on validation) at 78.2 +- 0.3% 14-way test accuracy, TF-IDF +
-LR 69.8 +- 0.6%, the seed's model 23.5% (mean support) / 9.4% (sum); 401 s on a 2-core
-x86_64 CPU. Data: --data-dir, else $SIAMJAX_DATA_DIR (a folder with thucnews_titles/).
+LR 69.8 +- 0.6%, the seed's model 24.3% (mean support) / 6.6% (sum); 224 s on a 2-core
+AMD EPYC CPU. Data: --data-dir, else $SIAMJAX_DATA_DIR (a folder with thucnews_titles/).
 Needs the text extra (scikit-learn). Every model is a sub-run in <workdir>/seed<k>/;
 the flags, the work directory and the exit codes are those of every script
 (siamjax.recipes.cli): re-running a command resumes it.

@@ -3,11 +3,13 @@
   flock /tmp/siamjax-cpu.lock python experiments/omniglot_koch.py --preset quick \
       --workdir runs/omniglot_quick
 
-Expected: measured 0.8925 [0.858, 0.919] on Lake's 400 trials in 460 s (7 min 43 s for the
-whole process) on a 2-core AMD EPYC CPU, about 1,345 images/s with siamjax.xla.FAST_CPU_FLAGS,
-training stopped by its 430 s limit at step 2200 (experiments/results/omniglot_koch_quick.json;
-one seed, so expect a few points either way; the earlier flag set gave 0.885 at step 1500).
-Validation accuracy (other alphabets and drawers) is lower, 0.743. NOT the paper's network: a 4-block 32-channel
+Expected: measured 0.8975 [0.864, 0.924] on Lake's 400 trials, 369 s for the whole process
+on a 2-core AMD EPYC CPU (about 2,230 images/s with siamjax.xla.FAST_CPU_FLAGS): all 3000
+steps within the 430 s limit on that host; the best validation checkpoint, at step 2800
+(validation 0.778: other alphabets and drawers), is the one scored
+(experiments/results/omniglot_koch_quick.json; one seed, so expect a few points either
+way; a slower host of the same kind stopped at its time limit, step 2200, at 0.8925).
+NOT the paper's network: a 4-block 32-channel
 conv net with batch norm on 28x28 downsampled images, trained with an in-batch softmax over
 negative squared distances (126 characters x 2 drawers per step, 14 characters at a time
 from 9 alphabets so negatives share an alphabet), scored by nearest neighbour (squared L2)

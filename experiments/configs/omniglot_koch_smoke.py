@@ -2,7 +2,8 @@
 
   python experiments/omniglot_koch.py --preset smoke --workdir /tmp/omniglot_smoke
 
-Expected: about 30-45 s on a 2-core CPU (data decode on first use adds ~10 s); Lake 20-way accuracy is meaningless (a few dozen updates of a tiny net).
+Expected: about 15 s on a 2-core CPU (data decode on first use adds ~10 s); Lake 20-way
+accuracy is meaningless (a few dozen updates of a tiny net).
 SGD with momentum rather than Adam: `--devices 4` must give the `--devices 1` final loss to
 1e-5 (tests/test_parallel_omniglot.py). Adam's early updates are ``lr * sign(g)``, so float
 reduction-order noise in zero gradients (biases before batch norm) moves parameters by
