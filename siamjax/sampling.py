@@ -17,6 +17,8 @@ as ``groups``.
   optionally drawn a few at a time from one group.
 * :func:`sample_oneshot_trials`: one N-way one-shot trial per query, its candidates
   drawn from a gallery table (held-out queries against training images).
+* :func:`sample_oneshot_tasks`: random N-way one-shot tasks from a ``[C, D, H, W]`` bank
+  (Omniglot's characters x drawers), one query per class, within or across alphabets.
 * :func:`keras_pairs`: the alternating pairs of the Keras MNIST Siamese example.
 * :func:`epoch_batches`: the rows of consecutive batches of an epoch-wise shuffled pass
   (a ``prepare`` for :func:`siamjax.train.make_train_step`).
@@ -41,7 +43,8 @@ import numpy as np
 
 __all__ = [
     "IndexTable", "index_table", "grid_table", "sample_pairs", "sample_groups",
-    "sample_oneshot_trials", "keras_pairs", "epoch_batches", "sample_rows",
+    "sample_oneshot_trials", "sample_oneshot_tasks", "keras_pairs", "epoch_batches",
+    "sample_rows",
     "exhaustive_pairs", "AffineParams",
     "sample_affine", "affine_warp", "augment", "resize_images",
 ]
@@ -308,8 +311,7 @@ def sample_oneshot_trials(key: jax.Array, query_classes, gallery: IndexTable, n_
   class ``y``. (A fixed column for the true class would let a model that scores every
   candidate alike win every argmax.) Keep the queries out of ``gallery``, e.g. held-out
   images as queries against a table of training images. For Omniglot's characters x
-  drawers bank, :func:`siamjax.evaluation.oneshot.sample_oneshot_tasks` draws whole
-  tasks of images instead.
+  drawers bank, :func:`sample_oneshot_tasks` draws whole tasks of images instead.
 
   Args:
     key: a ``jax.random`` key.
@@ -359,6 +361,53 @@ def sample_oneshot_trials(key: jax.Array, query_classes, gallery: IndexTable, n_
   answers_Q = jnp.argmin(order_QxN, axis=1).astype(jnp.int32)  # where column 0 went
   members_QxN = jax.random.randint(k_mem, (q, n_way), 0, counts[classes_QxN])
   return table[classes_QxN, members_QxN].astype(jnp.int32), answers_Q
+
+
+def sample_oneshot_tasks(key: jax.Array, images: jax.Array, alphabet_ids: np.ndarray, *,
+                         n_way: int, n_tasks: int, within_alphabet: bool = True,
+                         drawers: tuple[int, ...] | None = None):
+  """Draws random N-way one-shot tasks (one query per class), on the device.
+
+  Each task picks ``n_way`` characters (from one alphabet when ``within_alphabet``, as
+  Lake's protocol; across all alphabets otherwise, as the Keras reimplementation of
+  Koch et al.), and two distinct drawers per character: one support image and one query.
+
+  Args:
+    key: a ``jax.random`` key.
+    images: ``[C, D, H, W]`` images (characters x drawers).
+    alphabet_ids: ``[C]`` host int array of alphabet ids.
+    n_way: classes per task.
+    n_tasks: number of tasks ``T``.
+    within_alphabet: distractors from the query's alphabet (harder) or from any.
+    drawers: drawer indices to draw from (default all).
+
+  Returns:
+    ``(support [T, N, H, W], query [T, N, H, W], answers [T, N])``; ``answers`` is
+    ``arange(N)`` per task (query ``i`` shows support class ``i``).
+  """
+  if n_way < 2:
+    raise ValueError(f"n_way must be >= 2, got {n_way}")
+  drawer_ids = jnp.asarray(drawers if drawers is not None else range(images.shape[1]))
+  k_char, k_draw = jax.random.split(key)
+  if within_alphabet:
+    ids = np.unique(np.asarray(alphabet_ids), return_inverse=True)[1].reshape(-1)
+    table, counts = index_table(ids, min_size=n_way, name="alphabet_ids")
+    table, counts = jnp.asarray(table), jnp.asarray(counts)
+    k_a, k_c = jax.random.split(k_char)
+    alph = jax.random.randint(k_a, (n_tasks,), 0, table.shape[0])
+    u = jax.random.uniform(k_c, (n_tasks, table.shape[1]))
+    u = jnp.where(jnp.arange(table.shape[1])[None, :] < counts[alph][:, None], u, 2.0)
+    pick = jnp.argsort(u, axis=1)[:, :n_way]
+    chars = jnp.take_along_axis(table[alph], pick, axis=1)
+  else:
+    u = jax.random.uniform(k_char, (n_tasks, images.shape[0]))
+    chars = jnp.argsort(u, axis=1)[:, :n_way]
+  ud = jax.random.uniform(k_draw, (n_tasks, n_way, drawer_ids.shape[0]))
+  two = drawer_ids[jnp.argsort(ud, axis=-1)[..., :2]]
+  support = images[chars, two[..., 0]]
+  query = images[chars, two[..., 1]]
+  answers = jnp.broadcast_to(jnp.arange(n_way, dtype=jnp.int32), (n_tasks, n_way))
+  return support, query, answers
 
 
 def keras_pairs(key: jax.Array, classes: IndexTable, n: int) -> tuple[jax.Array, jax.Array]:

@@ -5,7 +5,7 @@ A task set is ``support [T, N, ...]`` (one image per class), ``query [T, Q, ...]
 encoded once (``T * (N + Q)`` images, in chunks), each query is scored against its
 task's ``N`` support embeddings, and the prediction is the argmax. Lake's 20 runs are
 such a task set with ``T = N = Q = 20`` (:func:`siamjax.data.omniglot.load_lake_runs`);
-:func:`sample_oneshot_tasks` draws random ones on the device.
+:func:`siamjax.sampling.sample_oneshot_tasks` (re-exported here) draws random ones on the device.
 
 Models enter as two functions of a ``variables`` pytree (traced, so new parameters do
 not recompile): ``embed_fn(variables, images [B, ...]) -> [B, D]`` and
@@ -27,9 +27,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from siamjax import _checks
+from siamjax.sampling import sample_oneshot_tasks  # noqa: F401  (re-exported: a sampler)
 
 __all__ = [
     "OneShotResult", "oneshot_predictions", "evaluate_oneshot", "accuracy_interval",
@@ -153,51 +153,3 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
   trials = int(answers.size)
   low, high = accuracy_interval(correct, trials)
   return OneShotResult(correct / trials, low, high, trials, correct)
-
-
-def sample_oneshot_tasks(key: jax.Array, images: jax.Array, alphabet_ids: np.ndarray, *,
-                         n_way: int, n_tasks: int, within_alphabet: bool = True,
-                         drawers: tuple[int, ...] | None = None):
-  """Draws random N-way one-shot tasks (one query per class), on the device.
-
-  Each task picks ``n_way`` characters (from one alphabet when ``within_alphabet``, as
-  Lake's protocol; across all alphabets otherwise, as the Keras reimplementation of
-  Koch et al.), and two distinct drawers per character: one support image and one query.
-
-  Args:
-    key: a ``jax.random`` key.
-    images: ``[C, D, H, W]`` images (characters x drawers).
-    alphabet_ids: ``[C]`` host int array of alphabet ids.
-    n_way: classes per task.
-    n_tasks: number of tasks ``T``.
-    within_alphabet: distractors from the query's alphabet (harder) or from any.
-    drawers: drawer indices to draw from (default all).
-
-  Returns:
-    ``(support [T, N, H, W], query [T, N, H, W], answers [T, N])``; ``answers`` is
-    ``arange(N)`` per task (query ``i`` shows support class ``i``).
-  """
-  from siamjax.sampling import index_table  # sampling imports nothing from here
-  if n_way < 2:
-    raise ValueError(f"n_way must be >= 2, got {n_way}")
-  drawer_ids = jnp.asarray(drawers if drawers is not None else range(images.shape[1]))
-  k_char, k_draw = jax.random.split(key)
-  if within_alphabet:
-    ids = np.unique(np.asarray(alphabet_ids), return_inverse=True)[1].reshape(-1)
-    table, counts = index_table(ids, min_size=n_way, name="alphabet_ids")
-    table, counts = jnp.asarray(table), jnp.asarray(counts)
-    k_a, k_c = jax.random.split(k_char)
-    alph = jax.random.randint(k_a, (n_tasks,), 0, table.shape[0])
-    u = jax.random.uniform(k_c, (n_tasks, table.shape[1]))
-    u = jnp.where(jnp.arange(table.shape[1])[None, :] < counts[alph][:, None], u, 2.0)
-    pick = jnp.argsort(u, axis=1)[:, :n_way]
-    chars = jnp.take_along_axis(table[alph], pick, axis=1)
-  else:
-    u = jax.random.uniform(k_char, (n_tasks, images.shape[0]))
-    chars = jnp.argsort(u, axis=1)[:, :n_way]
-  ud = jax.random.uniform(k_draw, (n_tasks, n_way, drawer_ids.shape[0]))
-  two = drawer_ids[jnp.argsort(ud, axis=-1)[..., :2]]
-  support = images[chars, two[..., 0]]
-  query = images[chars, two[..., 1]]
-  answers = jnp.broadcast_to(jnp.arange(n_way, dtype=jnp.int32), (n_tasks, n_way))
-  return support, query, answers
