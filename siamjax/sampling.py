@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from siamjax import _checks
+
 __all__ = [
     "IndexTable", "index_table", "grid_table", "sample_pairs", "sample_groups",
     "sample_oneshot_trials", "sample_oneshot_tasks", "keras_pairs", "epoch_batches",
@@ -136,12 +138,16 @@ def _check_table(name: str, t) -> None:
                      f"{t.counts.shape}")
 
 
+def _host(x):
+  """``x`` as a NumPy array when it is concrete, else ``None`` (value checks run outside
+  ``jit`` only)."""
+  return np.asarray(x) if _checks._is_concrete(x) else None
+
+
 def _concrete_min(counts):
-  """``min(counts)`` when ``counts`` is concrete (checks run outside ``jit`` only)."""
-  try:
-    return int(np.min(np.asarray(counts)))
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return None
+  """``min(counts)`` when ``counts`` is concrete, else ``None``."""
+  host = _host(counts)
+  return None if host is None else int(np.min(host))
 
 
 def _distinct(key, n_rows: int, pool: int, k: int, valid=None) -> jax.Array:
@@ -342,10 +348,7 @@ def sample_oneshot_trials(key: jax.Array, query_classes, gallery: IndexTable, n_
   if y_Q.ndim != 1 or not jnp.issubdtype(y_Q.dtype, jnp.integer):
     raise ValueError(f"query_classes must be a [Q] integer array, got {y_Q.dtype} "
                      f"{y_Q.shape}")
-  try:  # checked outside jit only
-    y_host = np.asarray(y_Q)
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    y_host = None
+  y_host = _host(y_Q)
   if y_host is not None and y_host.size and (y_host.min() < 0 or y_host.max() >= c):
     raise ValueError(f"query_classes must be class ids in [0, {c}), found "
                      f"{int(y_host.min() if y_host.min() < 0 else y_host.max())}")
