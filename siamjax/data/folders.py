@@ -1,10 +1,11 @@
 """User data as arrays: a folder of class-named image folders, or a CSV of vector pairs.
 
-* :func:`load_image_folder`: ``root/<class>/<image>`` files of any size, resized to one
-  shape, as ``uint8`` arrays with integer labels.
+* :func:`load_image_folder`: ``root/<class>/<image>`` files of any size and Pillow mode,
+  resized to one shape, as ``uint8`` arrays with integer labels; the folder layout is
+  checked (split folders, nested folders and loose images are refused, naming the folder).
 * :func:`load_vector_pairs_csv`: each row a left vector, a right vector and a 0/1
-  label (the 200 + 200 + 1 column layout by default); a bad row raises ``ValueError``
-  naming its line.
+  label (the 200 + 200 + 1 column layout by default); a bad row raises
+  :class:`CSVDataError` (a ``ValueError``) naming its file, line and column.
 * :func:`write_synthetic_vector_pairs_csv`: a CSV with known separability, for tests,
   smoke runs and demos.
 """
@@ -17,7 +18,8 @@ import pathlib
 
 import numpy as np
 
-__all__ = ["IMAGE_SUFFIXES", "load_image_folder", "load_vector_pairs_csv",
+__all__ = ["IMAGE_SUFFIXES", "CSVDataError", "ImageFolderError", "SPLIT_NAMES",
+           "load_image_folder", "load_vector_pairs_csv",
            "write_synthetic_vector_pairs_csv", "write_synthetic_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -29,11 +31,25 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def _is_header(row: list[str]) -> bool:
-  try:
-    [float(c) for c in row]
-  except ValueError:
-    return True
-  return False
+  """A header is a row of names: every cell non-empty and none of them a number.
+
+  A row with a missing or non-numeric cell among numbers is a bad data row, never a
+  header, so detection cannot drop a data row.
+
+  >>> _is_header(["l0", "l1", "label"]), _is_header(["1.5", "abc", "1"]), _is_header(["", "x"])
+  (True, False, False)
+  """
+  return bool(row) and all(c.strip() and not _is_float(c) for c in row)
+
+
+def _header_flag(header) -> bool | None:
+  if header is None or isinstance(header, (bool, np.bool_)):
+    return None if header is None else bool(header)
+  raise ValueError(f"header must be True, False or None (detect), got {header!r}")
+
+
+class CSVDataError(ValueError):
+  """A vector-pair CSV that cannot be read as pairs: names the file, line and column."""
 
 
 def load_vector_pairs_csv(
@@ -57,37 +73,47 @@ def load_vector_pairs_csv(
     left_columns: width of the left vector (the split point).
     right_columns: width of the right vector; ``None`` takes every remaining column.
     label_column: position of the 0/1 label (1 = same class); ``-1`` is the last column.
-    header: whether the first row is a header; ``None`` detects it (a first row with
-      any non-numeric cell).
+    header: whether the first row is a header; ``None`` decides once for the file: the
+      first row is a header when it is a row of names (every cell non-empty and not a
+      number). A first row with a missing or non-numeric cell among numbers is a bad
+      data row and raises, so no data row is ever dropped.
     delimiter: the field separator.
 
   Returns:
     ``(left [P, L] float32, right [P, R] float32, similar [P] int32)``.
 
   Raises:
-    ValueError: naming the file line of a row with the wrong number of columns, a
-      non-numeric cell, or a label other than 0 or 1.
+    CSVDataError (a ``ValueError``): naming the file, line and column of a row with the
+      wrong number of columns, a missing, non-numeric or non-finite cell, or a label other
+      than 0 or 1; a file with no data rows, or whose rows all carry one label (a Siamese
+      model needs same and different pairs).
   """
   path = pathlib.Path(path)
-  if not path.exists():
-    raise ValueError(f"path: {path} does not exist")
+  if not path.is_file():
+    raise CSVDataError(f"path: {path} "
+                       f"{'is a folder, not a CSV file' if path.is_dir() else 'does not exist'}")
   if left_columns < 1 or (right_columns is not None and right_columns < 1):
     raise ValueError(f"left_columns and right_columns must be >= 1, got {left_columns}, "
                      f"{right_columns}")
-  with open(path, newline="") as f:
-    rows = list(csv.reader(f, delimiter=delimiter))
-  first = 0
-  if rows and (header if header is not None else _is_header(rows[0])):
-    first = 1
+  header = _header_flag(header)
+  try:
+    with open(path, newline="") as f:
+      rows = list(csv.reader(f, delimiter=delimiter))
+  except (UnicodeDecodeError, csv.Error) as e:
+    raise CSVDataError(f"{path} is not a readable text CSV ({e})") from None
+  detected = header is None
+  first = 1 if rows and (header if header is not None else _is_header(rows[0])) else 0
+  # With detection, an error on line 1 may be a header that holds a number: say how to skip it.
+  hint = " (if line 1 is a header, pass --header / header=True)" if detected and not first else ""
   body = [(line, row) for line, row in enumerate(rows[first:], start=first + 1) if row]
   if not body:
-    raise ValueError(f"path: {path} has no data rows")
+    raise CSVDataError(f"path: {path} has no data rows")
   width = len(body[0][1])
   if right_columns is None:
     right_columns = width - 1 - left_columns
     if right_columns < 1:
-      raise ValueError(f"path: line {body[0][0]} has {width} columns, too few for "
-                       f"left_columns={left_columns} + a right vector + a label")
+      raise CSVDataError(f"{path}: line {body[0][0]} has {width} columns, too few for "
+                         f"left_columns={left_columns} + a right vector + a label")
   expected = left_columns + right_columns + 1
   if not -expected <= label_column < expected:
     raise ValueError(f"label_column must be in [{-expected}, {expected}), got {label_column}")
@@ -95,24 +121,32 @@ def load_vector_pairs_csv(
   values = np.empty((len(body), expected), np.float64)
   for k, (line, row) in enumerate(body):
     if len(row) != expected:
-      raise ValueError(f"{path}: line {line} has {len(row)} columns, expected {expected} "
-                       f"({left_columns} left + {right_columns} right + 1 label)")
+      raise CSVDataError(f"{path}: line {line} has {len(row)} columns, expected {expected} "
+                         f"({left_columns} left + {right_columns} right + 1 label)"
+                         + (hint if line == 1 else ""))
     try:
       values[k] = [float(cell) for cell in row]
     except ValueError:
       bad = next(j for j, cell in enumerate(row) if not _is_float(cell))
-      raise ValueError(f"{path}: line {line}, column {bad + 1} is not a number: "
-                       f"{row[bad]!r}") from None
+      what = "is empty" if not row[bad].strip() else f"is not a number: {row[bad]!r}"
+      raise CSVDataError(f"{path}: line {line}, column {bad + 1} {what}"
+                         + (hint if line == 1 else "")) from None
   if not np.all(np.isfinite(values)):
     k, j = np.argwhere(~np.isfinite(values))[0]
-    raise ValueError(f"{path}: line {body[k][0]}, column {j + 1} is not finite: "
-                     f"{body[k][1][j]!r}")
+    raise CSVDataError(f"{path}: line {body[k][0]}, column {j + 1} is not finite: "
+                       f"{body[k][1][j]!r}")
   labels = values[:, label_at]
   bad_label = np.flatnonzero((labels != 0) & (labels != 1))
   if bad_label.size:
     k = int(bad_label[0])
-    raise ValueError(f"{path}: line {body[k][0]} has label {body[k][1][label_at]!r} in column "
-                     f"{label_at + 1}; labels must be 0 or 1 (1 = same class)")
+    raise CSVDataError(f"{path}: line {body[k][0]} has label {body[k][1][label_at]!r} in "
+                       f"column {label_at + 1}; labels must be 0 or 1 (1 = same class)"
+                       + (hint if body[k][0] == 1 else ""))
+  if np.all(labels == labels[0]):
+    raise CSVDataError(
+        f"{path}: all {labels.size} rows have label {int(labels[0])} (column {label_at + 1}); "
+        f"pairs need both labels, 1 (same class) and 0 (different): add pairs of the other "
+        f"label, or check --label-column")
   features = np.delete(values, label_at, axis=1).astype(np.float32)
   return (features[:, :left_columns], features[:, left_columns:],
           labels.astype(np.int32))
@@ -177,14 +211,79 @@ def write_synthetic_vector_pairs_csv(
 # ---------------------------------------------------------------------------------
 
 
+#: Folder names taken for train / validation / test splits rather than classes.
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing")
+
+
+class ImageFolderError(ValueError):
+  """An image folder whose layout or files cannot be read as classes: names the folder."""
+
+
+def _visible(folder: pathlib.Path) -> list[pathlib.Path]:
+  return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _is_image(p: pathlib.Path) -> bool:
+  return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _holds_images(folder: pathlib.Path) -> bool:
+  return any(_is_image(p) for p in folder.rglob("*")
+             if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _to_uint8(im, grayscale: bool, path) -> np.ndarray:
+  """One decoded Pillow image as ``[H, W]`` (grey) or ``[H, W, 3]`` uint8, any mode.
+
+  ``1``, ``L``, ``P`` (with or without transparency), ``LA``, ``RGB``, ``RGBA``, ``CMYK``,
+  ``YCbCr`` ...: Pillow's conversion (alpha dropped). 16-bit (``I;16*``) and ``I`` images
+  holding 16-bit values are scaled by 255/65535 (Pillow would clip them to 255).
+  """
+  from PIL import Image, ImageOps
+
+  im = ImageOps.exif_transpose(im)  # camera JPEGs: the orientation a viewer shows
+  target = "L" if grayscale else "RGB"
+  if im.mode.startswith("I;16") or im.mode == "I":
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+      raise ImageFolderError(
+          f"{path}: mode {im.mode} image holds values in [{a.min()}, {a.max()}], outside "
+          f"the 16-bit range [0, 65535]; save it as an 8- or 16-bit image")
+    im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))
+  elif im.mode == "F":
+    raise ImageFolderError(f"{path}: mode F (32-bit float) images have no fixed range; save "
+                           f"it as an 8- or 16-bit image")
+  elif im.mode == "P" and "transparency" in im.info:
+    im = im.convert("RGBA")  # Pillow asks for this before dropping the palette's alpha
+  try:
+    return np.asarray(im.convert(target), np.uint8)
+  except ValueError as e:  # a mode Pillow cannot convert
+    raise ImageFolderError(f"{path}: cannot convert mode {im.mode} to {target} ({e})") from None
+
+
 def load_image_folder(
     root: str | os.PathLike,
     *,
     size: tuple[int, int] = (64, 64),
     grayscale: bool = False,
     min_per_class: int = 2,
+    flatten_subfolders: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
   """Loads ``root/<class name>/<image file>`` images, resized to ``size``.
+
+  The layout is checked, never guessed: ``root`` holds one folder per class (hidden
+  folders and non-image files are skipped), each class folder holds its images.
+
+  * A ``root`` whose folders are splits (``train/``, ``val/``, ``test/``, see
+    :data:`SPLIT_NAMES`) each holding class folders is refused, naming the split folder
+    to pass instead.
+  * A class folder with subfolders of images is refused unless ``flatten_subfolders``,
+    which reads every image below a class folder as that class.
+  * Image files directly in ``root`` (outside any class folder) are refused.
+
+  Every Pillow mode becomes 8-bit: ``1``, ``L``, ``P``, ``RGB``, ``RGBA``, ``CMYK`` ...
+  through Pillow's conversion (alpha dropped), 16-bit (``I;16``, and ``I`` holding values
+  in [0, 65535]) scaled by 255/65535, not clipped; float (``F``) images are refused.
 
   Args:
     root: folder of class-named subfolders; files with an image suffix
@@ -192,33 +291,64 @@ def load_image_folder(
     size: ``(height, width)`` after resizing (bilinear, Pillow).
     grayscale: one channel instead of RGB.
     min_per_class: classes with fewer images are an error (pairs need two).
+    flatten_subfolders: read images in subfolders of a class folder as that class.
 
   Returns:
     ``(images [N, H, W, C] uint8, labels [N] int32, class_names [C], paths [N])``.
+
+  Raises:
+    ImageFolderError (a ``ValueError``): naming the folder or file and what to pass.
   """
   from PIL import Image  # Pillow: optional, only needed for image folders
 
   root = pathlib.Path(root)
   if not root.is_dir():
-    raise ValueError(f"root: {root} is not a folder")
-  class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    raise ImageFolderError(f"root: {root} is not a folder")
+  entries = _visible(root)
+  class_dirs = [d for d in entries if d.is_dir()]
+  splits = [d for d in class_dirs if d.name.lower() in SPLIT_NAMES
+            and any(c.is_dir() and _holds_images(c) for c in _visible(d))]
+  if splits:
+    names = ", ".join(f"{d.name}/" for d in splits)
+    first = next((d for d in splits if d.name.lower() in ("train", "training")), splits[0])
+    raise ImageFolderError(
+        f"root: {root} holds split folders ({names}) of class folders, not class folders; "
+        f"pass one split, e.g. --data-dir {first} (the recipe holds out its own test images)")
+  loose = [p for p in entries if _is_image(p)]
+  if loose:
+    raise ImageFolderError(
+        f"root: {root} holds {len(loose)} image file(s) outside any class folder (e.g. "
+        f"{loose[0].name}); put each class's images in a folder root/<class>/ of its own")
   if len(class_dirs) < 2:
-    raise ValueError(f"root: {root} needs at least two class subfolders, found "
-                     f"{[d.name for d in class_dirs]}")
+    raise ImageFolderError(f"root: {root} needs at least two class subfolders "
+                           f"(root/<class>/<image>), found {[d.name for d in class_dirs]}")
   h, w = size
   images, labels, paths = [], [], []
   for c, d in enumerate(class_dirs):
-    files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    nested = [s for s in _visible(d) if s.is_dir() and _holds_images(s)]
+    if nested and not flatten_subfolders:
+      subs = ", ".join(f"{s.name}/" for s in nested[:3]) + (", ..." if len(nested) > 3 else "")
+      raise ImageFolderError(
+          f"root: class folder {d} holds subfolders of images ({subs}); one level of class "
+          f"folders is read: pass --flatten-subfolders (flatten_subfolders=True) to read "
+          f"them as class {d.name!r}, or pass the folder whose subfolders are the classes")
+    if flatten_subfolders:
+      files = sorted(p for p in d.rglob("*") if _is_image(p)
+                     and not any(q.startswith(".") for q in p.relative_to(d).parts))
+    else:
+      files = [p for p in _visible(d) if _is_image(p)]
     if len(files) < min_per_class:
-      raise ValueError(f"root: class folder {d.name!r} has {len(files)} images, needs at "
-                       f"least {min_per_class}")
+      raise ImageFolderError(f"root: class folder {d} has {len(files)} image(s), needs at "
+                             f"least {min_per_class}")
     for p in files:
       try:
         with Image.open(p) as im:
-          im = im.convert("L" if grayscale else "RGB").resize((w, h), Image.BILINEAR)
-          images.append(np.asarray(im, np.uint8))
-      except OSError as e:
-        raise ValueError(f"root: cannot read image {p} ({e})") from e
+          im.load()
+          x = _to_uint8(im, grayscale, p)
+        images.append(np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR), np.uint8))
+      except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageFolderError(f"root: cannot read image {p} ({e}); delete or replace "
+                               f"it") from None
       labels.append(c)
       paths.append(str(p))
   x = np.stack(images)

@@ -173,7 +173,7 @@ def main(recipe, argv: list[str] | None = None, *, presets: Mapping[str, Callabl
     flag, help_ = "--" + f.name.replace("_", "-"), f"Config.{f.name} (preset default)"
     if f.name == "preset":
       continue
-    if _kind(f) == "bool":  # --grayscale / --no-grayscale
+    if _kind(f) in ("bool", "bool | None"):  # --grayscale / --no-grayscale; None: neither
       p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
                      help=help_)
     else:

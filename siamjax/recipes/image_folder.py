@@ -47,6 +47,7 @@ class Config:
   seed: int = 0  # the split, the initialisation, the pairs, the dropout, the evaluation
   devices: int = 1  # data-parallel devices (batch_pairs must divide evenly)
   data_dir: str | None = None  # the image folder: data_dir/<class name>/<image files>
+  flatten_subfolders: bool = False  # read data_dir/<class>/<sub>/.../<image> as <class>
   synthetic: bool = False  # write a 4-class synthetic folder into the workdir and use it
   size: int = 48  # images are resized to size x size
   grayscale: bool = False
@@ -71,7 +72,8 @@ def load_images(cfg: Config, workdir) -> tuple[np.ndarray, np.ndarray, list[str]
   """``(images [N, S, S, C] uint8, labels [N], class names, folder)`` of ``cfg``.
 
   Raises:
-    ValueError: no ``data_dir`` (and not ``synthetic``), or a bad folder.
+    ValueError: no ``data_dir`` (and not ``synthetic``), or a bad folder
+      (:func:`siamjax.data.folders.load_image_folder` names it and what to pass).
   """
   if not (cfg.synthetic or cfg.data_dir):
     raise ValueError("data_dir: pass --data-dir DIR (class-named image folders) or --smoke")
@@ -79,7 +81,8 @@ def load_images(cfg: Config, workdir) -> tuple[np.ndarray, np.ndarray, list[str]
   if cfg.synthetic:
     folders.write_synthetic_image_folder(root, classes=4, per_class=8, seed=cfg.seed)
   return (*folders.load_image_folder(root, size=(cfg.size, cfg.size),
-                                     grayscale=cfg.grayscale)[:3], root)
+                                     grayscale=cfg.grayscale,
+                                     flatten_subfolders=cfg.flatten_subfolders)[:3], root)
 
 
 def _table(labels_N, rows, num_classes: int) -> sampling.IndexTable:

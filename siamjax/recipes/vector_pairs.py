@@ -56,6 +56,7 @@ class Config:
   left_columns: int = 200
   right_columns: int = 200  # 0: every column after the left vector but the label
   label_column: int = -1  # -1: the last column
+  header: bool | None = None  # --header / --no-header; None: a first row of names is one
   head: str = "both"  # "contrastive", "bce" or "both"
   hidden: tuple[int, ...] = (128, 128, 64)  # MLP widths; the last is the embedding's
   dropout_rate: float = 0.1
@@ -95,7 +96,8 @@ def load_pairs(cfg: Config, workdir) -> tuple[np.ndarray, np.ndarray, np.ndarray
         right_columns=cfg.right_columns or cfg.left_columns, seed=cfg.seed)
   return (*folders.load_vector_pairs_csv(path, left_columns=cfg.left_columns,
                                          right_columns=cfg.right_columns or None,
-                                         label_column=cfg.label_column), path)
+                                         label_column=cfg.label_column,
+                                         header=cfg.header), path)
 
 
 def train_head(left, right, similar, cfg: Config, head: str, workdir, *,
@@ -120,7 +122,8 @@ def train_head(left, right, similar, cfg: Config, head: str, workdir, *,
     checkpoint's ``val_loss``, ``epochs_run``, ``best_epoch``, ``history`` (per epoch).
 
   Raises:
-    ValueError: mismatched shapes, an unknown head, or a batch that does not fit.
+    ValueError: mismatched shapes, an unknown head, a split without both labels, or a
+      batch that does not fit.
   """
   left, right = np.asarray(left, np.float32), np.asarray(right, np.float32)
   similar = np.asarray(similar)
@@ -130,6 +133,12 @@ def train_head(left, right, similar, cfg: Config, head: str, workdir, *,
   if head not in HEADS:
     raise ValueError(f"head must be 'contrastive', 'bce' or 'both', got {head!r}")
   tr, va, te = splits.split_indices(left.shape[0], tuple(cfg.fractions), cfg.seed)
+  for part, rows in (("training", tr), ("validation", va), ("test", te)):  # before training
+    if np.unique(similar[rows]).size < 2:
+      raise ValueError(f"similar: the {rows.size} {part} rows (of {similar.size}, split by "
+                       f"fractions={tuple(cfg.fractions)}) hold only label "
+                       f"{int(similar[rows][0])}; every split needs both labels: pass more "
+                       f"rows of each label")
   if not 1 <= cfg.batch_size <= tr.size or cfg.batch_size % cfg.devices:
     raise ValueError(f"batch_size must be in [1, {tr.size}] (the training rows) and divisible "
                      f"by devices={cfg.devices}, got {cfg.batch_size}")
