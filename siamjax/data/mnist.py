@@ -14,16 +14,20 @@ from __future__ import annotations
 import gzip
 import os
 import pathlib
+import zlib
 
 import numpy as np
 
-__all__ = ["FILES", "data_dir_from_env", "read_idx", "load_mnist", "load_mnist_tfds"]
+__all__ = ["FILES", "MIRROR", "data_dir_from_env", "read_idx", "load_mnist", "load_mnist_tfds"]
 
 #: Split name -> (image file, label file), the standard names from LeCun's site.
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+
+#: A public mirror of LeCun's files (the one tensorflow-datasets downloads from).
+MIRROR = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -53,24 +57,33 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   Returns:
     The array with the file's shape and dtype.
 
+  Raises:
+    ValueError: naming the file, when it is truncated, not gzip, or not IDX (delete it
+      and download it again).
+
   References:
     Y. LeCun, C. Cortes, C. Burges, "The MNIST database of handwritten digits",
     the IDX file format section.
   """
   path = pathlib.Path(path)
   opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  fix = f"delete it and download {path.name} again (e.g. from {MIRROR})"
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # truncated or corrupt gzip
+    raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
+                     f"{fix}") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-    raise ValueError(f"path {path} is not an IDX file (bad magic {raw[:4]!r})")
+    raise ValueError(f"{path} is not an IDX file (bad magic {raw[:4]!r}); {fix}")
   dtype = np.dtype(_IDX_DTYPES[raw[2]])
   ndim = raw[3]
   header = 4 + 4 * ndim
   shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", count=ndim, offset=4))
   count = int(np.prod(shape)) if shape else 1
   if len(raw) != header + count * dtype.itemsize:
-    raise ValueError(f"path {path}: IDX header says shape {shape} ({count} values) but the "
-                     f"file holds {len(raw) - header} data bytes")
+    raise ValueError(f"{path}: IDX header says shape {shape} ({count} values) but the "
+                     f"file holds {len(raw) - header} data bytes (truncated?); {fix}")
   return np.frombuffer(raw, dtype, count=count, offset=header).reshape(shape).astype(
       dtype.newbyteorder("="))
 
@@ -85,19 +98,33 @@ def load_mnist(split: str = "train", data_dir: str | os.PathLike | None = None
 
   Returns:
     ``(images [N, 28, 28] uint8, labels [N] int32)``.
+
+  Raises:
+    ValueError: an unknown split, a data directory that is not a folder, a missing,
+      truncated or corrupt file (named, with what to do).
   """
   if split not in FILES:
     raise ValueError(f"split must be one of {sorted(FILES)}, got {split!r}")
-  folder = data_dir_from_env(data_dir) / "mnist"
+  root = data_dir_from_env(data_dir)
+  if not root.is_dir():
+    raise ValueError(f"data_dir: {root} (from {'--data-dir' if data_dir else 'SIAMJAX_DATA_DIR'})"
+                     f" is not a folder; pass --data-dir DIR or set SIAMJAX_DATA_DIR to the "
+                     f"folder that holds mnist/")
+  folder = root / "mnist"
   image_file, label_file = (folder / name for name in FILES[split])
   for f in (image_file, label_file):
-    if not f.exists():
-      raise ValueError(f"data_dir: {f} does not exist (expected the MNIST IDX files in {folder})")
+    if not f.is_file():
+      raise ValueError(f"data_dir: {f} does not exist; place the MNIST IDX files "
+                       f"{', '.join(FILES[split])} (e.g. from {MIRROR}) in {folder}")
   images = read_idx(image_file)
   labels = read_idx(label_file)
   if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
     raise ValueError(f"data_dir: {image_file.name} {images.shape} and {label_file.name} "
                      f"{labels.shape} do not form [N, H, W] images with [N] labels")
+  if images.dtype != np.uint8 or labels.dtype != np.uint8 or (labels.size and labels.max() > 9):
+    raise ValueError(f"data_dir: {image_file.name} ({images.dtype}) and {label_file.name} "
+                     f"({labels.dtype}, up to {labels.max() if labels.size else None}) are not "
+                     f"MNIST's uint8 images and digit labels 0..9")
   return images.astype(np.uint8), labels.astype(np.int32)
 
 

@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import re
@@ -137,8 +138,18 @@ def _fetch(url: str, dest: Path) -> None:
       f.write(chunk)
 
 
-def _download(name: str, folder: Path) -> Path:
-  folder.mkdir(parents=True, exist_ok=True)
+def _place_it(name: str, folder: Path, data_dir_given: bool) -> str:
+  """How to provide ``name`` by hand: where to put it, and the flag or variable to set."""
+  if data_dir_given:
+    return (f"download {URLS[name]} on a machine that is online and place it at "
+            f"{folder / name} (the omniglot/ folder of your --data-dir / SIAMJAX_DATA_DIR)")
+  return (f"download {URLS[name]} on a machine that is online, place it at "
+          f"DIR/omniglot/{name} and pass --data-dir DIR (or export SIAMJAX_DATA_DIR=DIR); "
+          f"or place it at {folder / name}")
+
+
+def _download(name: str, folder: Path, data_dir_given: bool = False) -> Path:
+  folder.mkdir(parents=True, exist_ok=True)  # omniglot/ in an existing data dir, or the cache
   dest = folder / name
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".part")
   os.close(fd)
@@ -146,10 +157,10 @@ def _download(name: str, folder: Path) -> Path:
   try:
     try:
       _fetch(URLS[name], tmp)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
       raise OmniglotDataError(
-          f"could not download {name} from {URLS[name]} ({e}); when offline, copy the file "
-          f"into {folder} yourself") from None
+          f"could not download {name} ({e}); offline? "
+          f"{_place_it(name, folder, data_dir_given)}") from None
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     if digest != SHA256[name]:
       raise OmniglotDataError(
@@ -163,6 +174,12 @@ def _download(name: str, folder: Path) -> Path:
 
 def _locate(name: str, data_dir, download: bool, cache_dir) -> Path:
   root = resolve_data_dir(data_dir)
+  if root is not None and not root.is_dir():  # reported, never created
+    source = "--data-dir / data_dir" if data_dir is not None else "SIAMJAX_DATA_DIR"
+    raise OmniglotDataError(
+        f"data_dir: {root} (from {source}) is not a folder; pass --data-dir DIR or set "
+        f"SIAMJAX_DATA_DIR to an existing folder holding omniglot/{name} (it is never "
+        f"created; unset both to download into the cache)")
   if root is not None:
     for path in (root / "omniglot" / name, root / name):
       if path.is_file():
@@ -170,7 +187,7 @@ def _locate(name: str, data_dir, download: bool, cache_dir) -> Path:
   if download:
     folder = root / "omniglot" if root is not None else _cache_dir(cache_dir) / "downloads"
     path = folder / name
-    return path if path.is_file() else _download(name, folder)
+    return path if path.is_file() else _download(name, folder, root is not None)
   where = (f"{root / 'omniglot' / name}" if root is not None else
            "no data directory (pass --data-dir or set SIAMJAX_DATA_DIR)")
   raise OmniglotDataError(f"Omniglot file {name} not found: {where}; {_how_to_get(name)}")
