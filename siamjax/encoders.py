@@ -215,6 +215,9 @@ class SmallCNN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     x = _images(x).astype(self.dtype)
+    if min(x.shape[1:3]) < 16:  # 3x3, 3x3, pool 2, 3x3, 3x3, pool 2: 16 -> 1
+      raise ValueError(f"x: SmallCNN needs images of at least 16x16 pixels, got "
+                       f"{x.shape[1]}x{x.shape[2]}; resize them (image_folder: --size 16 or more)")
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="VALID", dtype=self.dtype,
                              param_dtype=self.param_dtype)
     pool = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))

@@ -387,13 +387,41 @@ def sample_oneshot_tasks(key: jax.Array, images: jax.Array, alphabet_ids: np.nda
   Returns:
     ``(support [T, N, H, W], query [T, N, H, W], answers [T, N])``; ``answers`` is
     ``arange(N)`` per task (query ``i`` shows support class ``i``).
+
+  Raises:
+    ValueError: ``n_way`` below 2 or above the number of characters (or, within
+      alphabets, of some alphabet's characters), ``n_tasks < 1``, fewer than two distinct
+      ``drawers`` (the support would be the query) or drawers out of range.
   """
+  if len(np.shape(images)) < 2:
+    raise ValueError(f"images must be [C, D, ...] (characters x drawers), got shape "
+                     f"{np.shape(images)}")
+  c, d = np.shape(images)[:2]
   if n_way < 2:
     raise ValueError(f"n_way must be >= 2, got {n_way}")
-  drawer_ids = jnp.asarray(drawers if drawers is not None else range(images.shape[1]))
+  if n_way > c:
+    raise ValueError(f"n_way={n_way} is larger than the {c} characters (classes) in images")
+  if n_tasks < 1:
+    raise ValueError(f"n_tasks must be >= 1, got {n_tasks}")
+  drawer_list = list(range(d)) if drawers is None else [int(v) for v in np.ravel(drawers)]
+  if len(set(drawer_list)) < 2 or len(set(drawer_list)) != len(drawer_list):
+    raise ValueError(f"drawers must name at least two distinct drawers (the support image "
+                     f"and the query must differ), got {tuple(drawer_list)}")
+  if min(drawer_list) < 0 or max(drawer_list) >= d:
+    raise ValueError(f"drawers must be in [0, {d}) (images has {d} drawers), got "
+                     f"{tuple(drawer_list)}")
+  drawer_ids = jnp.asarray(drawer_list)
   k_char, k_draw = jax.random.split(key)
   if within_alphabet:
-    ids = np.unique(np.asarray(alphabet_ids), return_inverse=True)[1].reshape(-1)
+    alphabet_ids = np.asarray(alphabet_ids)
+    if alphabet_ids.shape != (c,):
+      raise ValueError(f"alphabet_ids must be [C] = [{c}] (one per character), got shape "
+                       f"{alphabet_ids.shape}")
+    ids = np.unique(alphabet_ids, return_inverse=True)[1].reshape(-1)
+    if (sizes := np.bincount(ids)).min() < n_way:
+      raise ValueError(f"n_way={n_way}: alphabet {int(np.argmin(sizes))} has only "
+                       f"{int(sizes.min())} characters; within_alphabet tasks need n_way in "
+                       f"every alphabet (lower n_way or pass within_alphabet=False)")
     table, counts = index_table(ids, min_size=n_way, name="alphabet_ids")
     table, counts = jnp.asarray(table), jnp.asarray(counts)
     k_a, k_c = jax.random.split(k_char)

@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from siamjax import _checks
 from siamjax.sampling import sample_oneshot_tasks  # noqa: F401  (re-exported: a sampler)
@@ -68,11 +69,18 @@ def pixel_embed(variables, images: jax.Array) -> jax.Array:
 def accuracy_interval(correct: int, trials: int, *, z: float = 1.96) -> tuple[float, float]:
   """Wilson score interval for a binomial proportion (95% with ``z=1.96``).
 
+  Raises:
+    ValueError: ``trials <= 0``, ``correct`` outside ``[0, trials]``, or ``z <= 0``.
+
   >>> [round(v, 3) for v in accuracy_interval(368, 400)]
   [0.889, 0.943]
   """
-  if trials <= 0:
-    raise ValueError(f"trials must be > 0, got {trials}")
+  if not float(trials).is_integer() or trials <= 0:
+    raise ValueError(f"trials must be a whole number > 0, got {trials}")
+  if not float(correct).is_integer() or not 0 <= correct <= trials:
+    raise ValueError(f"correct must be a whole number in [0, trials={trials}], got {correct}")
+  if not z > 0:
+    raise ValueError(f"z must be > 0, got {z}")
   p = correct / trials
   denom = 1 + z * z / trials
   centre = (p + z * z / (2 * trials)) / denom
@@ -102,6 +110,12 @@ def oneshot_predictions(embed_fn: Callable, score_fn: Callable, variables, suppo
   >>> oneshot_predictions(lambda v, x: x, neg_squared_euclidean, None, s, q).tolist()
   [[2, 0]]
   """
+  return _predict(embed_fn, score_fn, variables, support, query, chunk_size=chunk_size)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("embed_fn", "score_fn", "chunk_size"))
+def _predict(embed_fn, score_fn, variables, support, query, *, chunk_size):
+  """``(predictions [T, Q], non-finite embeddings [], non-finite scores [])``."""
   t, n = support.shape[:2]
   q = query.shape[1]
   images = jnp.concatenate([support.reshape((t * n,) + support.shape[2:]),
@@ -116,7 +130,9 @@ def oneshot_predictions(embed_fn: Callable, score_fn: Callable, variables, suppo
   h_s = emb[:t * n].reshape(t, n, -1)
   h_q = emb[t * n:].reshape(t, q, -1)
   scores_TxQxN = score_fn(variables, h_q[:, :, None, :], h_s[:, None, :, :])
-  return jnp.argmax(scores_TxQxN, axis=-1).astype(jnp.int32)
+  bad_emb = jnp.sum(~jnp.all(jnp.isfinite(emb.reshape(total, -1)), axis=1))
+  bad_scores = jnp.sum(~jnp.isfinite(scores_TxQxN))
+  return jnp.argmax(scores_TxQxN, axis=-1).astype(jnp.int32), bad_emb, bad_scores
 
 
 def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support, query,
@@ -130,6 +146,10 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
 
   Returns:
     :class:`OneShotResult` (fractions, Wilson interval).
+
+  Raises:
+    ValueError: empty tasks, fewer than two classes, ``answers`` of the wrong shape or
+      outside ``[0, N)``, or any NaN/inf embedding or score (counted).
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[[0.0], [1.0]]]); q = jnp.array([[[0.9], [0.1]]])
@@ -145,11 +165,34 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
   if support.shape[0] != query.shape[0] or support.shape[2:] != query.shape[2:]:
     raise ValueError(f"support {support.shape} and query {query.shape} must agree on tasks "
                      f"and image shape")
+  t, n, q = support.shape[0], support.shape[1], query.shape[1]
+  if t == 0 or q == 0:
+    raise ValueError(f"query is empty (shape {query.shape}: {t} tasks of {q} queries); "
+                     f"pass at least one task with one query")
+  if n < 2:
+    raise ValueError(f"support must hold N >= 2 classes per task ([T, N, ...]), got shape "
+                     f"{support.shape}")
   if answers.shape != query.shape[:2]:
     raise ValueError(f"answers must have shape {query.shape[:2]} ([T, Q]), got {answers.shape}")
-  pred = oneshot_predictions(embed_fn, score_fn, variables, support, query,
-                             chunk_size=chunk_size)
-  correct = int(jax.device_get(jnp.sum(pred == answers)))
+  if not jnp.issubdtype(answers.dtype, jnp.integer):
+    raise ValueError(f"answers must be integer support indices, got dtype {answers.dtype}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  if _checks._is_concrete(answers):
+    out = np.asarray(answers)
+    bad = (out < 0) | (out >= n)
+    if bad.any():
+      raise ValueError(f"answers must be support indices in [0, {n}) for a {n}-way task; "
+                       f"{int(bad.sum())} of {out.size} are not (e.g. {int(out[bad][0])})")
+  pred, bad_emb, bad_scores = _predict(embed_fn, score_fn, variables, support, query,
+                                       chunk_size=chunk_size)
+  correct, bad_emb, bad_scores = (int(v) for v in jax.device_get(
+      (jnp.sum(pred == answers), bad_emb, bad_scores)))
+  if bad_emb or bad_scores:
+    raise ValueError(
+        f"embed_fn / score_fn: {bad_emb} of {t * (n + q)} embeddings and {bad_scores} of "
+        f"{t * q * n} scores are NaN or inf (support and query images included); check the "
+        f"images and the model's parameters")
   trials = int(answers.size)
   low, high = accuracy_interval(correct, trials)
   return OneShotResult(correct / trials, low, high, trials, correct)

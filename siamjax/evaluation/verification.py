@@ -45,7 +45,8 @@ def _scores_labels(scores, similar) -> tuple[np.ndarray, np.ndarray]:
   if similar.shape != scores.shape:
     raise ValueError(f"similar must have the shape of scores {scores.shape}, got {similar.shape}")
   if not np.all(np.isfinite(scores)):
-    raise ValueError("scores must be finite (found NaN or inf)")
+    raise ValueError(f"scores must be finite: {int(np.sum(~np.isfinite(scores)))} of "
+                     f"{scores.size} are NaN or inf")
   bad = np.setdiff1d(np.unique(similar), [0, 1])
   if bad.size:
     raise ValueError(f"similar must hold only 0 and 1 (1 = same class), found {bad[:5].tolist()}")
@@ -53,6 +54,29 @@ def _scores_labels(scores, similar) -> tuple[np.ndarray, np.ndarray]:
   if similar.all() or not similar.any():
     raise ValueError("similar must contain both same (1) and different (0) pairs")
   return scores, similar
+
+
+def _roc(far, tar, thresholds=None):
+  """Checks ROC arrays (as :func:`roc_curve` returns them); ``(far, tar, thresholds)``."""
+  far, tar = np.asarray(far, np.float64), np.asarray(tar, np.float64)
+  for name, v in (("far", far), ("tar", tar)):
+    if v.ndim != 1 or v.size < 2:
+      raise ValueError(f"{name} must be a [T] ROC array with T >= 2 points (from roc_curve), "
+                       f"got shape {v.shape}")
+    if not np.all((v >= 0) & (v <= 1)):
+      raise ValueError(f"{name} must hold rates in [0, 1] (NaN is not one), found "
+                       f"{v[~((v >= 0) & (v <= 1))][:3].tolist()}")
+    if np.any(np.diff(v) < 0):
+      raise ValueError(f"{name} must be non-decreasing along the curve, as roc_curve "
+                       f"returns it")
+  if tar.shape != far.shape:
+    raise ValueError(f"far and tar must have the same shape, got {far.shape} and {tar.shape}")
+  if thresholds is not None:
+    thresholds = np.asarray(thresholds, np.float64)
+    if thresholds.shape != far.shape:
+      raise ValueError(f"thresholds must have the shape of far {far.shape}, got "
+                       f"{thresholds.shape}")
+  return far, tar, thresholds
 
 
 def roc_curve(scores, similar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,11 +111,14 @@ def roc_curve(scores, similar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def auc(far: np.ndarray, tar: np.ndarray) -> float:
   """Area under a ROC curve (trapezoids), from :func:`roc_curve`'s ``far, tar``.
 
+  Raises:
+    ValueError: ``far`` / ``tar`` that are not one ROC curve: fewer than two points,
+      different shapes, rates outside [0, 1], or decreasing.
+
   >>> auc(*roc_curve([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])[:2])
   0.75
   """
-  far = np.asarray(far, np.float64)
-  tar = np.asarray(tar, np.float64)
+  far, tar, _ = _roc(far, tar)
   return float(np.sum(np.diff(far) * (tar[1:] + tar[:-1]) / 2.0))
 
 
@@ -107,12 +134,15 @@ def equal_error_rate(far, tar, thresholds) -> tuple[float, float]:
     ``(eer, threshold)``: the rate, and the score threshold of the first ROC point at
     or past the crossing.
 
+  Raises:
+    ValueError: arrays that are not one ROC curve (see :func:`auc`).
+
   >>> far, tar, t = roc_curve([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])
   >>> equal_error_rate(far, tar, t)
   (0.5, 0.8)
   """
-  far = np.asarray(far, np.float64)
-  frr = 1.0 - np.asarray(tar, np.float64)
+  far, tar, thresholds = _roc(far, tar, thresholds)
+  frr = 1.0 - tar
   gap = far - frr  # increases from -1 to +1 along the curve
   i = int(np.argmax(gap >= 0))
   if i == 0:
@@ -140,7 +170,7 @@ def threshold_at_far(far, tar, thresholds, target_far: float) -> dict:
   """
   if not 0.0 <= float(target_far) <= 1.0:
     raise ValueError(f"target_far must be in [0, 1], got {target_far}")
-  far = np.asarray(far, np.float64)
+  far, tar, thresholds = _roc(far, tar, thresholds)
   i = int(np.flatnonzero(far <= target_far)[-1])
   return {"target_far": float(target_far), "threshold": float(thresholds[i]),
           "far": float(far[i]), "tar": float(tar[i])}
