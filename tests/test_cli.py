@@ -139,3 +139,7 @@ def test_config_diff_names_fields_and_ignores_resumable_ones():
   assert cli.config_diff({"a": 1}, {"a": 2, "c": 3}) == [
       "a: 1 in the workdir, 2 now", "c: (absent) in the workdir, 3 now"]
   assert cli.config_diff({"num_steps": 1}, {"num_steps": 2}, {"num_steps"}) == []
+  # A field added to Config after the run: no difference at its default, one otherwise.
+  assert cli.config_diff({"a": 1}, {"a": 1, "c": None}, added={"c": None}) == []
+  assert cli.config_diff({"a": 1}, {"a": 1, "c": True}, added={"c": None}) == [
+      "c: (absent) in the workdir, True now"]

@@ -90,17 +90,26 @@ def _normal(obj):
   return json.loads(json.dumps(obj))
 
 
-def config_diff(saved: Mapping, wanted: Mapping, resumable=frozenset()) -> list[str]:
+def config_diff(saved: Mapping, wanted: Mapping, resumable=frozenset(),
+                added: Mapping | None = None) -> list[str]:
   """The fields, other than ``resumable`` ones, on which two config dicts differ.
+
+  ``added`` maps fields to their ``Config`` defaults: a field the workdir's config lacks
+  (added to ``Config`` after that run) is no difference while it keeps its default.
 
   >>> config_diff({"channels": 32, "num_steps": 10}, {"channels": 16, "num_steps": 20},
   ...             {"num_steps"})
   ['channels: 32 in the workdir, 16 now']
+  >>> config_diff({"channels": 32}, {"channels": 32, "header": None}, added={"header": None})
+  []
   """
   saved, wanted = _normal(dict(saved)), _normal(dict(wanted))
+  added = _normal(dict(added or {}))
   out = []
   for k in sorted(set(saved) | set(wanted)):
     if k in resumable or saved.get(k) == wanted.get(k):
+      continue
+    if k not in saved and k in added and wanted.get(k) == added[k]:
       continue
     out.append(f"{k}: {saved.get(k, '(absent)')!r} in the workdir, "
                f"{wanted.get(k, '(absent)')!r} now".replace("'", ""))
@@ -111,7 +120,7 @@ def _trained(workdir: Path) -> bool:
   return any(workdir.rglob("_CHECKPOINT_METADATA")) or (workdir / "results.json").exists()
 
 
-def _check_workdir(workdir: Path, name: str, cfg_dict: dict, resumable) -> None:
+def _check_workdir(workdir: Path, name: str, cfg_dict: dict, resumable, added=None) -> None:
   from siamjax import train
   path = workdir / "config.json"
   if not path.exists() or not _trained(workdir):
@@ -124,7 +133,7 @@ def _check_workdir(workdir: Path, name: str, cfg_dict: dict, resumable) -> None:
   if saved.get("recipe") != name:
     raise train.RunError(f"workdir {workdir} holds a run of {saved.get('recipe')!r}, not "
                          f"{name!r}; pass another --workdir")
-  diffs = config_diff(saved.get("config", {}), cfg_dict, resumable)
+  diffs = config_diff(saved.get("config", {}), cfg_dict, resumable, added)
   if diffs:
     raise train.RunError(f"workdir {workdir} holds a run with another config ("
                          f"{'; '.join(diffs)}); pass another --workdir, or delete it to "
@@ -198,7 +207,9 @@ def main(recipe, argv: list[str] | None = None, *, presets: Mapping[str, Callabl
     cfg_dict = dataclasses.asdict(cfg)
     with train.lock_workdir(workdir):
       _check_workdir(workdir, recipe.NAME, cfg_dict,
-                     ALWAYS_RESUMABLE | getattr(recipe, "RESUMABLE", frozenset()))
+                     ALWAYS_RESUMABLE | getattr(recipe, "RESUMABLE", frozenset()),
+                     {f.name: f.default for f in dataclasses.fields(recipe.Config)
+                      if f.default is not dataclasses.MISSING})
       done = results_lib.read_results(workdir)
       if (not args.eval_only and done is not None
           and _normal(done.get("config")) == _normal(cfg_dict)):
