@@ -33,7 +33,7 @@ def _preset(name: str):
   return load
 
 
-PRESETS = {name: _preset(name) for name in ("smoke", "quick", "paper")}
+PRESETS = {name: _preset(name) for name in ("smoke", "quick", "paper", "paper_fast")}
 
 
 def _by_device() -> str:
