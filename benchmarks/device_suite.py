@@ -35,25 +35,34 @@ Stages:
 
 Plan (one H200; FLOPs counted from the layer shapes: 1.82 GFLOP per 105x105 forward, a
 training pair ~10.9 GFLOP; the bf16 matmul peak seen on these machines ~790 TFLOP/s, so
-73k training pairs/s at 100%; we plan at 30% of peak for bf16 training, 22k pairs/s, and
-15% for the float32 (TF32) and PyTorch eager rows):
+73k training pairs/s at 100%; we plan at 30% of peak, ~22k pairs/s in bf16 and half
+that in float32, whose convolutions run as TF32 at about half the bf16 rate, with
+PyTorch eager at half siamjax's rate):
 
 =============  ===========  ==========================================================
 stage          limit (s)    what fills it
 =============  ===========  ==========================================================
 preflight      30           imports (~5 s), backend start (~3 s), nvidia-smi
-bench          180          timed work ~45 s: 3 implementations x 2 dtypes x batches
-                            128 + 512 x 110 training steps at 512 pairs ~ 0.6 PFLOP
-                            per row -> 2.6 s (bf16) / 5.2 s (fp32) per batch-512 row,
-                            inference ~1/3 of that, Lake's trials < 1 s; the rest is
-                            compilation (XLA ~6 x 10-15 s, torch.compile 4-8 shapes)
+bench          170          timed work ~50 s: a batch-512 training row is 110 steps
+                            (warm-up + 10 x 10) x 512 pairs x 10.9 GFLOP = 0.61 PFLOP
+                            -> 2.6 s in bf16, 5.2 s in float32; batch 128 a quarter;
+                            x 3 implementations (eager twice as slow) ~39 s; inference
+                            a third of that, Lake's trials < 1 s. The rest is
+                            compilation (XLA ~10 programs, torch.compile 4-8 shapes):
+                            the rows are written as they come, so a cut keeps them
 paper_fast     400          start + data decode ~20 s, compile ~30 s inside the
                             300 s training limit, final validation + Lake + the last
-                            checkpoint ~15 s
+                            checkpoint ~15 s, results ~10 s: ~345 s (the total cap
+                            leaves it 540 - preflight - bench >= 340 s)
 =============  ===========  ==========================================================
 
-Total planned 8.5 minutes (``--total-limit-s 540`` caps it: a stage never runs past the
-total). The ``run`` tool's command limit is 10 minutes.
+XLA's GPU flags are left at their defaults (autotune level 4, Triton GEMM and command
+buffers on in jax 0.11): XLA aborts at start on a flag it does not know, and a blind run
+on a machine lent for 15 minutes cannot afford that; the Koch network's time is in
+cuDNN convolutions, which the autotuner already picks per shape.
+
+Total planned ~8.7 minutes (10 + 170 + 345 s; ``--total-limit-s 540`` caps it: a stage
+never runs past the total). The ``run`` tool's command limit is 10 minutes.
 
 Data: the device copy has no ``../shared`` and no network. ``--prepare-data`` copies the
 three zips (14.8 MB) from ``$SIAMJAX_DATA_DIR/omniglot`` (or ``--source-data-dir``) into
@@ -84,7 +93,7 @@ OUT_FILES = ("suite.log", "preflight.json", "bench.json", "bench.png", "paper_fa
              "paper_fast_metrics.jsonl", "summary.json")
 MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
 # Seconds per stage (real run) and in all; see the plan in the module docstring.
-LIMITS = {"preflight": 30, "bench": 180, "paper_fast": 400}
+LIMITS = {"preflight": 30, "bench": 170, "paper_fast": 400}
 TOTAL_LIMIT_S = 540
 TRAIN_TIME_LIMIT_S = 300
 PREFLIGHT_MODULES = (("jax", "jax"), ("jaxlib", "jaxlib"), ("flax", "flax"),
@@ -481,6 +490,9 @@ def _run_stages(suite: Suite, args) -> int:
                             if p.is_file() and not p.name.startswith(".")}
   suite.summary["output_problems"] = problems
   failed = [s["stage"] for s in suite.summary["stages"] if s["status"] != "ok"]
+  suite.say("figures (again, for the end of the output):")
+  for f in suite.summary["figures"]:
+    suite.say(f"  {f['figure']}")
   suite.say(f"done in {time.perf_counter() - suite.t0:.0f} s; stages not ok: "
             f"{', '.join(failed) or 'none'}; output problems: {'; '.join(problems) or 'none'}")
   suite.write_summary()
