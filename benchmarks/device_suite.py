@@ -359,7 +359,7 @@ def _bench_figures(suite: Suite, path: Path) -> None:
       suite.figure(f"{what}: {r['step_s'] * 1e3:.2f} ms", seconds=r["step_s"])
   peak = rec.get("matmul_peak_tflops")
   if peak is not None:
-    text = (", ".join(f"{k} {v:.1f}" for k, v in peak.items() if isinstance(v, (int, float)))
+    text = (", ".join(f"{k} {v:.4g}" for k, v in peak.items() if isinstance(v, (int, float)))
             if isinstance(peak, dict) else str(peak))
     suite.figure(f"bench matmul peak TFLOP/s: {text}", matmul_peak_tflops=peak)
 
@@ -382,14 +382,18 @@ def _watch_metrics(suite: Suite, path: Path, every_s: float):
   return watch
 
 
+def _g(value, digits: int = 4) -> str:
+  return f"{value:.{digits}g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _paper_fast_figures(suite: Suite, res: dict) -> None:
   lo, hi = res.get("lake_20way_ci95") or (None, None)
-  suite.figure(f"paper_fast Lake 20-way within-alphabet: {res.get('lake_20way_accuracy')} "
-               f"[{lo}, {hi}] on {res.get('lake_trials')} trials",
+  suite.figure(f"paper_fast Lake 20-way within-alphabet: {_g(res.get('lake_20way_accuracy'))} "
+               f"[{_g(lo)}, {_g(hi)}] on {res.get('lake_trials')} trials",
                lake_20way_accuracy=res.get("lake_20way_accuracy"))
   suite.figure(f"paper_fast training: {res.get('steps')} steps, {res.get('pairs_seen')} pairs "
-               f"in {res.get('train_time_s')} s (compile {res.get('compile_time_s')} s), "
-               f"{res.get('pairs_per_s')} pairs/s, ended by {res.get('end')}",
+               f"in {_g(res.get('train_time_s'))} s (compile {_g(res.get('compile_time_s'))} "
+               f"s), {_g(res.get('pairs_per_s'))} pairs/s, ended by {res.get('end')}",
                pairs_per_s=res.get("pairs_per_s"), train_time_s=res.get("train_time_s"))
 
 
