@@ -1,7 +1,7 @@
 """Omniglot one-shot learning after Koch et al. (2015), evaluated on Lake's 20 runs.
 
 :func:`train_and_evaluate` takes a :class:`Config` (see ``experiments/configs/`` for the
-``smoke``, ``quick`` and ``paper`` presets) and a work directory, and:
+``smoke``, ``quick``, ``paper`` and ``paper_fast`` presets) and a work directory, and:
 
 1. loads the background set (training: ``train_drawers`` of the 30 alphabets), the
    evaluation set, and Lake's runs; the validation tasks are 20-way within-alphabet
