@@ -15,14 +15,14 @@ from siamjax.recipes import omniglot_koch as ok
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
-def _preset(name):
+def _preset(name):  # the presets experiments/omniglot_koch.py offers
   spec = importlib.util.spec_from_file_location(name, CONFIGS / f"omniglot_koch_{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
 
 
-@pytest.mark.parametrize("name", ["smoke", "quick", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "quick", "paper", "paper_fast"])
 def test_presets_build(name):
   cfg = _preset(name)
   assert cfg.preset == name
@@ -43,6 +43,36 @@ def test_paper_preset_is_koch():
   assert (cfg.rotation, cfg.shear, tuple(cfg.scale), cfg.translation, cfg.augment_prob) == (
       10.0, 0.3, (0.8, 1.2), 2.0, 0.5)
   assert len(cfg.train_drawers) == 12 and not set(cfg.train_drawers) & set(cfg.val_drawers)
+
+
+def test_paper_fast_preset_is_koch_in_bf16_within_its_budget():
+  cfg = _preset("paper_fast")
+  assert (cfg.model, cfg.loss, cfg.image_size, cfg.dtype) == ("koch", "pair_bce", 105,
+                                                              "bfloat16")
+  assert (cfg.rotation, cfg.shear, tuple(cfg.scale), cfg.translation, cfg.augment_prob) == (
+      10.0, 0.3, (0.8, 1.2), 2.0, 0.5) and cfg.augment
+  # All 20 drawers of the background alphabets; validation draws other (evaluation) alphabets.
+  assert cfg.train_drawers == tuple(range(20)) and cfg.val_tasks == 20
+  assert cfg.train_time_limit_s == 300
+  # No evaluation inside the window, at most two checkpoints in it (< 3% of the budget).
+  assert cfg.eval_every == 0 and cfg.patience == 0 and not cfg.extra_evals
+  assert 0 < cfg.checkpoint_every and cfg.num_steps // cfg.checkpoint_every <= 2
+  model = ok.Model(cfg)
+  x = jax.ShapeDtypeStruct((2, 105, 105, 1), jnp.float32)
+  params = jax.eval_shape(lambda a, b: model.net.init(jax.random.key(0), a, b), x, x)["params"]
+  leaves = jax.tree.leaves(params)
+  assert sum(int(np.prod(p.shape)) for p in leaves) == 38_951_745
+  assert {p.dtype for p in leaves} == {jnp.dtype(jnp.float32)}  # bf16 compute only
+  lr = ok.learning_rate(cfg)
+  assert float(lr(0)) == 0.0 and float(lr(cfg.warmup_steps)) == pytest.approx(cfg.learning_rate)
+  assert float(lr(cfg.num_steps)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_learning_rate_rejects_bad_schedules():
+  with pytest.raises(ValueError, match="lr_schedule"):
+    ok.learning_rate(ok.Config(lr_schedule="linear"))
+  with pytest.raises(ValueError, match="warmup_steps"):
+    ok.learning_rate(ok.Config(lr_schedule="cosine", warmup_steps=10, num_steps=10))
 
 
 def test_in_batch_softmax_matches_naive():

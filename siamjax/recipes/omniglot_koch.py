@@ -1,7 +1,7 @@
 """Omniglot one-shot learning after Koch et al. (2015), evaluated on Lake's 20 runs.
 
 :func:`train_and_evaluate` takes a :class:`Config` (see ``experiments/configs/`` for the
-``smoke``, ``quick`` and ``paper`` presets) and a work directory, and:
+``smoke``, ``quick``, ``paper`` and ``paper_fast`` presets) and a work directory, and:
 
 1. loads the background set (training: ``train_drawers`` of the 30 alphabets), the
    evaluation set, and Lake's runs; the validation tasks are 20-way within-alphabet
@@ -44,7 +44,7 @@ from siamjax.models import SiameseNet, koch_siamese
 from siamjax.sampling import augment, grid_table, index_table, resize_images
 from siamjax.sampling import sample_groups, sample_pairs
 
-__all__ = ["Config", "Model", "make_loss_fn", "training_data", "optimizer",
+__all__ = ["Config", "Model", "make_loss_fn", "training_data", "optimizer", "learning_rate",
            "train_and_evaluate", "pixel_baseline", "summary", "NAME", "RESUMABLE"]
 
 NAME = "omniglot_koch"
@@ -90,6 +90,10 @@ class Config:
   # Optimiser: "adam", "sgd" (momentum 0.9) or "koch_sgd".
   optimizer: str = "adam"
   learning_rate: float = 1e-3
+  # adam / sgd: "constant", or "cosine": linear warm-up from 0 over warmup_steps, then a
+  # cosine decay to 0 at num_steps (so num_steps, though resumable, shapes the schedule).
+  lr_schedule: str = "constant"
+  warmup_steps: int = 0
   # koch_sgd: {layer: (lr, final momentum, l2)}, epochs of pairs.
   sgd_layers: dict = dataclasses.field(default_factory=dict)
   pairs_per_epoch: int = 270_000
@@ -136,12 +140,31 @@ def _has_bn(cfg: Config) -> bool:
   return cfg.model == "conv4"
 
 
+def learning_rate(cfg: Config):
+  """``cfg``'s learning rate for ``adam`` / ``sgd``: a float, or an optax schedule.
+
+  >>> lr = learning_rate(Config(learning_rate=1.0, lr_schedule="cosine", warmup_steps=10,
+  ...                           num_steps=110))
+  >>> [round(float(lr(s)), 3) for s in (0, 5, 10, 60, 110)]
+  [0.0, 0.5, 1.0, 0.5, 0.0]
+  """
+  if cfg.lr_schedule == "constant":
+    return cfg.learning_rate
+  if cfg.lr_schedule == "cosine":
+    if not 0 <= cfg.warmup_steps < cfg.num_steps:
+      raise ValueError(f"warmup_steps must be in [0, num_steps={cfg.num_steps}), got "
+                       f"{cfg.warmup_steps}")
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                              cfg.num_steps, end_value=0.0)
+  raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+
+
 def optimizer(cfg: Config) -> optax.GradientTransformation:
   """The optax optimiser of ``cfg`` (``adam``, ``sgd`` with momentum 0.9, ``koch_sgd``)."""
   if cfg.optimizer == "adam":
-    return optax.adam(cfg.learning_rate)
+    return optax.adam(learning_rate(cfg))
   if cfg.optimizer == "sgd":
-    return optax.sgd(cfg.learning_rate, momentum=0.9)
+    return optax.sgd(learning_rate(cfg), momentum=0.9)
   if cfg.optimizer == "koch_sgd":
     if not cfg.sgd_layers:
       raise ValueError("optimizer='koch_sgd' needs sgd_layers {layer: (lr, momentum, l2)}")

@@ -1,0 +1,571 @@
+"""Every GPU figure the README needs, in one command, into one folder (issue 14).
+
+On a lent GPU machine (one H200 or H100), from the checkout's root, with the Omniglot
+zips prepared beforehand in ``device_data/`` (``--prepare-data``, below)::
+
+    PYTHONPATH=$PWD python3 benchmarks/device_suite.py --out $OUT --commit SHA
+
+On this project's CPU machines and in CI, the same code paths at tiny sizes (< 2 min)::
+
+    python benchmarks/device_suite.py --dry-run --out /tmp/suite
+
+One process tree; the parent imports no JAX (so it holds no GPU memory) and runs each
+stage as a child process with its own time limit, killed with its process group when
+the limit passes. Every stage's output is streamed into ``--out/suite.log`` and printed
+(``PYTHONUNBUFFERED=1``), one ``figure:`` line per figure as soon as it exists, and
+``summary.json`` is rewritten after every stage, so a timeout keeps what was measured.
+
+Stages:
+
+0. ``preflight`` (<= 15 s): the versions of jax (and its CUDA plugin), flax, optax,
+   orbax-checkpoint, chex, torch (CUDA, cuDNN), triton, and ``nvidia-smi``; aborts on a
+   failed import or a non-GPU JAX backend (``--dry-run`` allows both and says so).
+1. ``bench``: ``benchmarks/pairs_per_sec.py`` through its command line: siamjax against
+   PyTorch eager and ``torch.compile``, float32 and bf16, training / inference / Lake's
+   400 trials, batches 128 and 512 (no Keras: the device image lacks it).
+2. ``paper_fast``: ``experiments/omniglot_koch.py --preset paper_fast`` (Koch's network
+   trained for its 5-minute budget, then Lake's 400 trials), with its work directory
+   (~0.5 GB of checkpoints) in a temporary folder; only its ``results.json`` and
+   ``metrics.jsonl`` are copied into ``--out``.
+
+``--out`` receives at most these 7 files (the ``run`` tool brings back 8 at most, each
+< 16 MiB, at most two folders down; the suite checks that at the end):
+``suite.log``, ``preflight.json``, ``bench.json``, ``bench.png``, ``paper_fast.json``,
+``paper_fast_metrics.jsonl``, ``summary.json``.
+
+Plan (one H200; FLOPs counted from the layer shapes: 1.82 GFLOP per 105x105 forward, a
+training pair ~10.9 GFLOP; the bf16 matmul peak seen on these machines ~790 TFLOP/s, so
+73k training pairs/s at 100%; we plan at 30% of peak, ~22k pairs/s in bf16 and half
+that in float32, whose convolutions run as TF32 at about half the bf16 rate, with
+PyTorch eager at half siamjax's rate):
+
+=============  ===========  ==========================================================
+stage          limit (s)    what fills it
+=============  ===========  ==========================================================
+preflight      30           imports (~5 s), backend start (~3 s), nvidia-smi
+bench          170          timed work ~50 s: a batch-512 training row is 110 steps
+                            (warm-up + 10 x 10) x 512 pairs x 10.9 GFLOP = 0.61 PFLOP
+                            -> 2.6 s in bf16, 5.2 s in float32; batch 128 a quarter;
+                            x 3 implementations (eager twice as slow) ~39 s; inference
+                            a third of that, Lake's trials < 1 s. The rest is
+                            compilation (XLA ~10 programs, torch.compile 4-8 shapes):
+                            the rows are written as they come, so a cut keeps them
+paper_fast     400          start + data decode ~20 s, compile ~30 s inside the
+                            300 s training limit, final validation + Lake + the last
+                            checkpoint ~15 s, results ~10 s: ~345 s (the total cap
+                            leaves it 540 - preflight - bench >= 340 s)
+=============  ===========  ==========================================================
+
+XLA's GPU flags are left at their defaults (autotune level 4, Triton GEMM and command
+buffers on in jax 0.11): XLA aborts at start on a flag it does not know, and a blind run
+on a machine lent for 15 minutes cannot afford that; the Koch network's time is in
+cuDNN convolutions, which the autotuner already picks per shape.
+
+Total planned ~8.7 minutes (10 + 170 + 345 s; ``--total-limit-s 540`` caps it: a stage
+never runs past the total). The ``run`` tool's command limit is 10 minutes.
+
+Data: the device copy has no ``../shared`` and no network. ``--prepare-data`` copies the
+three zips (14.8 MB) from ``$SIAMJAX_DATA_DIR/omniglot`` (or ``--source-data-dir``) into
+``device_data/omniglot/`` (copies: symbolic links do not travel) and adds
+``/device_data/`` to ``.git/info/exclude``; name ``device_data`` in the ``run`` tool's
+``carry``. The suite reads that folder with downloads off. Provenance: the device copy
+has no ``.git``, so pass ``--commit`` (recorded in every JSON; passed on to the
+benchmark when its ``--help`` lists ``--commit``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_FILES = ("images_background.zip", "images_evaluation.zip", "all_runs.zip")
+OUT_FILES = ("suite.log", "preflight.json", "bench.json", "bench.png", "paper_fast.json",
+             "paper_fast_metrics.jsonl", "summary.json")
+MAX_FILES, MAX_BYTES, MAX_DEPTH = 8, 16 * 2**20, 2
+# Seconds per stage (real run) and in all; see the plan in the module docstring.
+LIMITS = {"preflight": 30, "bench": 170, "paper_fast": 400}
+TOTAL_LIMIT_S = 540
+TRAIN_TIME_LIMIT_S = 300
+PREFLIGHT_MODULES = (("jax", "jax"), ("jaxlib", "jaxlib"), ("flax", "flax"),
+                     ("optax", "optax"), ("orbax-checkpoint", "orbax.checkpoint"),
+                     ("chex", "chex"), ("torch", "torch"), ("triton", "triton"))
+# Tiny sizes of --dry-run: the same commands, seconds each on a 2-core CPU.
+DRY_BENCH = ["--smoke", "--batches", "2", "--modes", "train", "infer", "lake"]
+DRY_PAPER_FAST = ["--batch-pairs", "4", "--num-steps", "4", "--steps-per-call", "2",
+                  "--warmup-steps", "1", "--checkpoint-every", "2", "--val-tasks", "2"]
+REAL_BENCH = ["--batches", "128", "512", "--modes", "train", "infer", "lake",
+              "--dtypes", "float32", "bfloat16"]
+
+
+# ----------------------------------------------------------------------------- data
+
+def _exclude_file() -> Path:
+  try:
+    out = subprocess.run(["git", "rev-parse", "--git-path", "info/exclude"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    return (ROOT / out).resolve()
+  except (OSError, subprocess.SubprocessError):
+    return ROOT / ".git" / "info" / "exclude"
+
+
+def prepare_data(dest, source=None, *, exclude: bool = True) -> Path:
+  """Copies Lake's three Omniglot zips into ``dest/omniglot`` (files, not links).
+
+  Args:
+    dest: the folder to fill (``device_data`` in the checkout for the ``run`` tool).
+    source: a data folder with ``omniglot/*.zip`` (default ``$SIAMJAX_DATA_DIR``).
+    exclude: add ``dest`` to ``.git/info/exclude`` when it lies inside the checkout.
+
+  Returns:
+    ``dest``.
+
+  Raises:
+    ValueError: no source folder, or a zip missing from it.
+  """
+  source = source or os.environ.get("SIAMJAX_DATA_DIR")
+  if not source:
+    raise ValueError("source: no data folder; pass --source-data-dir or set SIAMJAX_DATA_DIR "
+                     "to a folder with omniglot/*.zip")
+  src, dest = Path(source) / "omniglot", Path(dest)
+  missing = [f for f in DATA_FILES if not (src / f).is_file()]
+  if missing:
+    raise ValueError(f"source: {src} lacks {', '.join(missing)}")
+  (dest / "omniglot").mkdir(parents=True, exist_ok=True)
+  for f in DATA_FILES:
+    target = dest / "omniglot" / f
+    if target.is_symlink():
+      target.unlink()
+    if not (target.is_file() and target.stat().st_size == (src / f).stat().st_size):
+      shutil.copy2(src / f, target)  # follows links; keeps mtime (the decode cache's key)
+  inside = dest.resolve().is_relative_to(ROOT)
+  if exclude and inside:
+    path = _exclude_file()
+    line = "/" + dest.resolve().relative_to(ROOT).as_posix() + "/"
+    text = path.read_text() if path.exists() else ""
+    if line not in text.split("\n"):
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(text + ("" if text.endswith("\n") or not text else "\n") + line + "\n")
+  return dest
+
+
+def _check_data(folder: Path) -> None:
+  missing = [f for f in DATA_FILES if not (folder / "omniglot" / f).is_file()]
+  if missing:
+    raise ValueError(f"data-dir: {folder}/omniglot lacks {', '.join(missing)}; run "
+                     f"python benchmarks/device_suite.py --prepare-data first (it copies "
+                     f"them from $SIAMJAX_DATA_DIR) and name its folder in the run tool's carry")
+
+
+# ----------------------------------------------------------------------------- preflight
+
+def _nvidia_smi() -> dict:
+  out = {}
+  for key, cmd in (("query", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
+                              "clocks.max.sm,power.limit", "--format=csv,noheader"]),
+                   ("text", ["nvidia-smi"])):
+    try:
+      out[key] = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as e:
+      out[key] = f"unavailable: {type(e).__name__}: {e}"
+  return out
+
+
+def preflight(dry_run: bool) -> dict:
+  """Versions, devices and the GPU; ``record["abort"]`` names why a real run must stop."""
+  import importlib
+  import importlib.metadata as md
+  t0 = time.perf_counter()
+  rec = {"versions": {}, "failed_imports": {}, "python": sys.version.split()[0]}
+  for dist, mod in PREFLIGHT_MODULES:
+    try:
+      m = importlib.import_module(mod)
+      rec["versions"][dist] = getattr(m, "__version__", None) or md.version(dist)
+    except Exception as e:  # noqa: BLE001 - any failure to import is a failed preflight
+      rec["failed_imports"][dist] = f"{type(e).__name__}: {e}"[:300]
+  rec["jax_plugins"] = sorted(f"{d.metadata['Name']} {d.version}" for d in md.distributions()
+                              if (d.metadata["Name"] or "").lower().startswith(
+                                  ("jax-cuda", "jax_cuda", "jax-rocm")))
+  if "jax" in rec["versions"]:
+    import jax
+    rec["jax_backend"] = jax.default_backend()
+    rec["jax_devices"] = [f"{d} ({d.device_kind})" for d in jax.devices()]
+    try:
+      rec["jax_environment"] = jax.print_environment_info(return_string=True)
+    except Exception as e:  # noqa: BLE001 - informational only
+      rec["jax_environment"] = f"unavailable: {e}"
+  if "torch" in rec["versions"]:
+    import torch
+    rec["torch_cuda"] = {"available": torch.cuda.is_available(), "cuda": torch.version.cuda,
+                         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available()
+                         else None,
+                         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                         else None}
+  rec["nvidia_smi"] = _nvidia_smi()
+  abort = []
+  if rec["failed_imports"]:
+    abort.append("failed imports: " + ", ".join(rec["failed_imports"]))
+  if rec.get("jax_backend") != "gpu":
+    abort.append(f"JAX backend is {rec.get('jax_backend')!r}, not 'gpu'")
+  rec["abort"] = None if dry_run or not abort else "; ".join(abort)
+  rec["dry_run_allowed"] = abort if dry_run else []
+  rec["time_s"] = round(time.perf_counter() - t0, 2)
+  return rec
+
+
+# ----------------------------------------------------------------------------- running
+
+class Suite:
+  """The parent process: runs the stages, streams their output, writes the summary."""
+
+  def __init__(self, args):
+    self.args, self.out = args, Path(args.out)
+    self.out.mkdir(parents=True, exist_ok=True)
+    self.log = open(self.out / "suite.log", "w", buffering=1)
+    self.t0 = time.perf_counter()
+    self.child = None
+    self.summary = {"suite": "benchmarks/device_suite.py", "dry_run": args.dry_run,
+                    "commit": args.commit, "command": " ".join(sys.argv),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "plan_s": {**LIMITS, "total": args.total_limit_s},
+                    "stages": [], "figures": [], "files": {}}
+    self.lock = threading.Lock()
+
+  def say(self, line: str) -> None:
+    with self.lock:
+      print(line, flush=True)
+      if not self.log.closed:
+        self.log.write(line + "\n")
+
+  def figure(self, text: str, **values) -> None:
+    self.summary["figures"].append({"figure": text, **values})
+    self.say(f"figure: {text}")
+
+  def write_summary(self) -> None:
+    self.summary["wall_s"] = round(time.perf_counter() - self.t0, 1)
+    tmp = self.out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(self.summary, indent=1) + "\n")
+    os.replace(tmp, self.out / "summary.json")
+
+  def left(self) -> float:
+    return self.args.total_limit_s - (time.perf_counter() - self.t0)
+
+  def stage(self, name: str, cmd: list[str], limit: float, env: dict, watch=None) -> int:
+    """Runs ``cmd`` in its own process group for at most ``limit`` s; returns its status."""
+    limit = max(min(limit, self.left()), 1.0)
+    self.say(f"== stage {name} (limit {limit:.0f} s): {' '.join(cmd)}")
+    t = time.perf_counter()
+    self.child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                  process_group=0)
+    reader = threading.Thread(target=self._pump, args=(self.child.stdout,), daemon=True)
+    reader.start()
+    stop = threading.Event()
+    watcher = None
+    if watch is not None:
+      watcher = threading.Thread(target=watch, args=(stop,), daemon=True)
+      watcher.start()
+    try:
+      rc = self.child.wait(timeout=limit)
+      status = "ok" if rc == 0 else "failed"
+    except subprocess.TimeoutExpired:
+      self._kill()
+      rc, status = 124, "timed_out"
+    stop.set()
+    reader.join(timeout=10)
+    if watcher is not None:
+      watcher.join(timeout=10)
+    self.child = None
+    wall = round(time.perf_counter() - t, 1)
+    self.summary["stages"].append({"stage": name, "status": status, "rc": rc, "wall_s": wall,
+                                   "limit_s": round(limit, 1), "command": cmd})
+    self.say(f"== stage {name}: {status} (rc {rc}) in {wall} s")
+    self.write_summary()
+    return rc
+
+  def _pump(self, stream) -> None:
+    for line in stream:
+      self.say("  | " + line.rstrip("\n"))
+
+  def _kill(self) -> None:
+    if self.child is None or self.child.poll() is not None:
+      return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+      try:
+        os.killpg(self.child.pid, sig)
+      except ProcessLookupError:
+        return
+      try:
+        self.child.wait(timeout=wait)
+        return
+      except subprocess.TimeoutExpired:
+        continue
+
+  def on_signal(self, signum, _frame) -> None:
+    self._kill()
+    self.say(f"suite stopped by {signal.Signals(signum).name}")
+    self.write_summary()
+    sys.exit(128 + signum)
+
+
+def _env(cache_dir: Path | None) -> dict:
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "")
+                                                     .split(os.pathsep) if p])
+  env["PYTHONUNBUFFERED"] = "1"
+  env.pop("SIAMJAX_DATA_DIR", None)  # the stages read --data-dir only, downloads off
+  if cache_dir is not None:
+    env["SIAMJAX_CACHE_DIR"] = str(cache_dir)
+  return env
+
+
+def _bench_help_has_commit(env) -> bool:
+  try:
+    text = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pairs_per_sec.py"),
+                           "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60).stdout
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return "--commit" in text
+
+
+def _bench_figures(suite: Suite, path: Path) -> None:
+  try:
+    rec = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    suite.say(f"bench: no readable {path.name}")
+    return
+  for r in rec.get("rows", []):
+    if r.get("skipped"):
+      suite.figure(f"bench {r.get('impl')} {r.get('variant', '')} skipped: {r['skipped']}")
+      continue
+    what = (f"bench {r.get('impl')} {r.get('variant')} {r.get('dtype')} {r.get('mode')} "
+            f"b={r.get('batch')}")
+    if r.get("pairs_per_s") is not None:
+      frac = r.get("fraction_of_peak")
+      suite.figure(f"{what}: {r['pairs_per_s']:.1f} pairs/s" + (
+          f", {frac:.1%} of the matmul peak" if isinstance(frac, (int, float)) else ""),
+          pairs_per_s=r["pairs_per_s"], fraction_of_peak=frac)
+    elif r.get("step_s") is not None:
+      suite.figure(f"{what}: {r['step_s'] * 1e3:.2f} ms", seconds=r["step_s"])
+  peak = rec.get("matmul_peak_tflops")
+  if peak is not None:
+    text = (", ".join(f"{k} {v:.4g}" for k, v in peak.items() if isinstance(v, (int, float)))
+            if isinstance(peak, dict) else str(peak))
+    suite.figure(f"bench matmul peak TFLOP/s: {text}", matmul_peak_tflops=peak)
+
+
+def _watch_metrics(suite: Suite, path: Path, every_s: float):
+  def watch(stop: threading.Event):
+    seen = 0
+    while not stop.wait(every_s):
+      try:
+        lines = path.read_text().splitlines()
+      except OSError:
+        continue
+      train = [json.loads(l) for l in lines[seen:] if '"train"' in l]
+      seen = len(lines)
+      if train:
+        r = train[-1]
+        rate = r.get("pairs_per_s")
+        suite.say(f"paper_fast: step {r.get('step')}, loss {r.get('loss'):.4f}"
+                  + (f", {rate:.0f} pairs/s" if rate else ""))
+  return watch
+
+
+def _g(value, digits: int = 4) -> str:
+  return f"{value:.{digits}g}" if isinstance(value, (int, float)) else str(value)
+
+
+def _paper_fast_figures(suite: Suite, res: dict) -> None:
+  lo, hi = res.get("lake_20way_ci95") or (None, None)
+  suite.figure(f"paper_fast Lake 20-way within-alphabet: {_g(res.get('lake_20way_accuracy'))} "
+               f"[{_g(lo)}, {_g(hi)}] on {res.get('lake_trials')} trials",
+               lake_20way_accuracy=res.get("lake_20way_accuracy"))
+  suite.figure(f"paper_fast training: {res.get('steps')} steps, {res.get('pairs_seen')} pairs "
+               f"in {_g(res.get('train_time_s'))} s (compile {_g(res.get('compile_time_s'))} "
+               f"s), {_g(res.get('pairs_per_s'))} pairs/s, ended by {res.get('end')}",
+               pairs_per_s=res.get("pairs_per_s"), train_time_s=res.get("train_time_s"))
+
+
+def check_outputs(out: Path, expected=OUT_FILES) -> list[str]:
+  """What is wrong with ``out`` for the ``run`` tool: missing, extra or too large files."""
+  problems = [f"{name} was not written" for name in expected if not (out / name).is_file()]
+  files = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
+  if len(files) > MAX_FILES:
+    problems.append(f"{len(files)} files, more than {MAX_FILES}")
+  for p in files:
+    rel = p.relative_to(out)
+    if p.stat().st_size >= MAX_BYTES:
+      problems.append(f"{rel} is {p.stat().st_size} bytes, not under {MAX_BYTES}")
+    if len(rel.parts) - 1 > MAX_DEPTH:
+      problems.append(f"{rel} is more than {MAX_DEPTH} folders down")
+  return problems
+
+
+def run_suite(args) -> int:
+  """The whole suite (see the module docstring); returns the exit status."""
+  suite = Suite(args)
+  previous = signal.signal(signal.SIGTERM, suite.on_signal)
+  try:
+    return _run_stages(suite, args)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    suite.log.close()
+
+
+def _run_stages(suite: Suite, args) -> int:
+  tmp = Path(tempfile.mkdtemp(prefix="siamjax-suite-"))
+  try:
+    data = Path(args.data_dir)
+    if args.dry_run and not all((data / "omniglot" / f).is_file() for f in DATA_FILES):
+      data = prepare_data(tmp / "device_data", args.source_data_dir, exclude=False)
+      suite.say(f"dry run: copied the Omniglot zips into {data} (--prepare-data's path)")
+    _check_data(data)
+    # A dry run reuses this machine's decode cache; a real run decodes into the temp dir.
+    env = _env(Path(args.cache_dir) if args.cache_dir else None if args.dry_run
+               else tmp / "cache")
+    suite.say(f"device suite{' (dry run)' if args.dry_run else ''}, commit {args.commit}, "
+              f"output {suite.out}, data {data}")
+    me = [sys.executable, str(Path(__file__).resolve())]
+    # 0. preflight
+    pre_env = {**env, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    rc = suite.stage("preflight", me + ["--stage-preflight", "--out", str(suite.out)]
+                     + (["--dry-run"] if args.dry_run else []), LIMITS["preflight"], pre_env)
+    try:
+      pre = json.loads((suite.out / "preflight.json").read_text())
+    except (OSError, json.JSONDecodeError):
+      pre = {"abort": f"preflight wrote no preflight.json (rc {rc})"}
+    suite.summary["preflight"] = {k: pre.get(k) for k in ("versions", "failed_imports",
+                                                          "jax_backend", "torch_cuda", "abort")}
+    if rc != 0 or pre.get("abort"):
+      suite.say(f"abort: {pre.get('abort') or f'preflight failed (rc {rc})'}")
+      suite.write_summary()
+      return 1
+    # 1. pairs/s
+    bench = [sys.executable, str(ROOT / "benchmarks" / "pairs_per_sec.py"),
+             "--out", str(suite.out / "bench.json"), "--png", str(suite.out / "bench.png"),
+             "--no-keras"] + (DRY_BENCH if args.dry_run else REAL_BENCH)
+    if args.commit and _bench_help_has_commit(env):
+      bench += ["--commit", args.commit]
+    suite.stage("bench", bench, args.bench_limit_s, env)
+    _bench_figures(suite, suite.out / "bench.json")
+    # 2. paper_fast, then Lake's evaluation
+    work = tmp / "paper_fast"
+    train_limit = args.train_time_limit_s
+    cmd = [sys.executable, str(ROOT / "experiments" / "omniglot_koch.py"),
+           "--preset", "paper_fast", "--workdir", str(work), "--data-dir", str(data),
+           "--no-download", "--no-progress", "--train-time-limit-s", str(train_limit)]
+    cmd += DRY_PAPER_FAST if args.dry_run else []
+    suite.stage("paper_fast", cmd, args.paper_fast_limit_s, env,
+                watch=_watch_metrics(suite, work / "metrics.jsonl", 2 if args.dry_run else 20))
+    for src, dst in (("results.json", "paper_fast.json"),
+                     ("metrics.jsonl", "paper_fast_metrics.jsonl")):
+      if (work / src).is_file():
+        shutil.copyfile(work / src, suite.out / dst)
+    try:
+      res = json.loads((suite.out / "paper_fast.json").read_text())
+    except (OSError, json.JSONDecodeError):
+      res = None
+      suite.say("paper_fast: no results.json (see the stage's output above)")
+    if res is not None:
+      res["git_commit"] = res.get("git_commit") or args.commit
+      res["device_suite"] = {"commit": args.commit, "dry_run": args.dry_run}
+      (suite.out / "paper_fast.json").write_text(json.dumps(res, indent=1) + "\n")
+      _paper_fast_figures(suite, res)
+  except ValueError as e:
+    suite.say(f"error: {e}")
+    suite.write_summary()
+    return 2
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  suite.write_summary()
+  problems = check_outputs(suite.out)
+  suite.summary["files"] = {p.name: p.stat().st_size for p in sorted(suite.out.iterdir())
+                            if p.is_file() and not p.name.startswith(".")}
+  suite.summary["output_problems"] = problems
+  failed = [s["stage"] for s in suite.summary["stages"] if s["status"] != "ok"]
+  suite.say("figures (again, for the end of the output):")
+  for f in suite.summary["figures"]:
+    suite.say(f"  {f['figure']}")
+  suite.say(f"done in {time.perf_counter() - suite.t0:.0f} s; stages not ok: "
+            f"{', '.join(failed) or 'none'}; output problems: {'; '.join(problems) or 'none'}")
+  suite.write_summary()
+  return 1 if (problems or failed) else 0
+
+
+def _default_commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=True, timeout=10).stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--out", help="the one folder every output goes into (required to run)")
+  p.add_argument("--dry-run", action="store_true",
+                 help="the same stages at tiny sizes on the CPU (< 2 min), for CI")
+  p.add_argument("--commit", default=None,
+                 help="the git commit of this checkout (default: git rev-parse HEAD; the "
+                      "device copy has no .git)")
+  p.add_argument("--data-dir", default=str(ROOT / "device_data"),
+                 help="a folder with omniglot/*.zip (default: device_data in the checkout)")
+  p.add_argument("--source-data-dir", default=None,
+                 help="where --prepare-data (and a dry run) copy the zips from "
+                      "(default $SIAMJAX_DATA_DIR)")
+  p.add_argument("--cache-dir", default=None,
+                 help="Omniglot decode cache (default: a temporary folder; a dry run uses "
+                      "this machine's)")
+  p.add_argument("--prepare-data", action="store_true",
+                 help="copy the Omniglot zips into --data-dir and git-ignore it, then exit")
+  p.add_argument("--train-time-limit-s", type=float, default=TRAIN_TIME_LIMIT_S,
+                 help="paper_fast's training budget (compilation included)")
+  p.add_argument("--bench-limit-s", type=float, default=LIMITS["bench"])
+  p.add_argument("--paper-fast-limit-s", type=float, default=LIMITS["paper_fast"])
+  p.add_argument("--total-limit-s", type=float, default=TOTAL_LIMIT_S)
+  p.add_argument("--stage-preflight", action="store_true", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  try:
+    if args.prepare_data:
+      dest = prepare_data(args.data_dir, args.source_data_dir)
+      size = sum(f.stat().st_size for f in (dest / "omniglot").iterdir())
+      print(f"copied {', '.join(DATA_FILES)} into {dest / 'omniglot'} ({size / 1e6:.1f} MB); "
+            f"name it in the run tool's carry")
+      return 0
+    if not args.out:
+      raise ValueError("out: pass --out DIR (the one folder the suite writes into)")
+    for name in ("train_time_limit_s", "bench_limit_s", "paper_fast_limit_s", "total_limit_s"):
+      if getattr(args, name) <= 0:
+        raise ValueError(f"{name.replace('_', '-')}: must be > 0, got {getattr(args, name)}")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.stage_preflight:
+    rec = preflight(args.dry_run)
+    for k in ("python", "versions", "failed_imports", "jax_plugins", "jax_backend",
+              "jax_devices", "torch_cuda"):
+      print(f"{k}: {rec.get(k)}")
+    print(rec["nvidia_smi"].get("text", ""))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "preflight.json").write_text(json.dumps(rec, indent=1, default=str) + "\n")
+    if rec["dry_run_allowed"]:
+      print(f"dry run: not aborting for {'; '.join(rec['dry_run_allowed'])}")
+    return 1 if rec["abort"] else 0
+  args.commit = args.commit or _default_commit()
+  return run_suite(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
