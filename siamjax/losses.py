@@ -7,15 +7,41 @@ example and never reduces.** The example is
 * the triplet for :func:`triplet_margin_loss`: ``[P]``;
 * the anchor for in-batch losses, which take embeddings ``[B, D]`` with integer labels
   ``[B]`` and form every pair or triplet on the device: ``[B]``, each anchor's *mean* over
-  its own pairs/triplets. An anchor with no valid pair/triplet (for example the only
-  member of its class) gets 0; :func:`valid_anchors` returns the mask of anchors that
-  have one.
+  its own pairs/triplets (or its element loss, for the losses defined per anchor). An
+  anchor without the partners its loss needs (for example the only member of its class)
+  gets 0; :func:`valid_anchors` returns the mask of anchors that carry a loss. The
+  exceptions, documented on each: :func:`multi_similarity_loss` and
+  :func:`lifted_structure_loss` keep each anchor's positive and negative terms apart, so
+  an anchor with only positives or only negatives still pays; so do
+  :func:`all_pairs_contrastive_loss` (a mean over every pair) and
+  :func:`in_batch_softmax_loss` (an anchor with two positives and no negative).
 
-Reduce with ``jnp.mean(loss)``; for in-batch losses on unbalanced batches
-``jnp.sum(loss) / jnp.maximum(jnp.sum(valid_anchors(labels)), 1)`` averages over the
-anchors that carry a loss. With the usual P x K batches (P classes, K samples each)
-every anchor has the same number of pairs, so the mean over anchors equals the mean
-over all pairs/triplets.
+Reduce with ``jnp.mean(loss)``; on unbalanced batches
+``jnp.sum(loss) / jnp.maximum(jnp.sum(valid_anchors(labels, need=NEED)), 1)`` averages
+over the anchors that carry a loss, with ``NEED`` the loss's:
+
+* ``"both"`` (a positive and a negative): :func:`batch_all_triplet_loss`,
+  :func:`batch_hard_triplet_loss`, :func:`semi_hard_triplet_loss`, :func:`ntxent_loss`,
+  :func:`circle_loss`;
+* ``"positive"``: :func:`in_batch_softmax_loss`;
+* ``"any"`` (any partner): :func:`all_pairs_contrastive_loss`,
+  :func:`multi_similarity_loss`, :func:`lifted_structure_loss`
+
+(pass ``valid``/``ref_labels``/``ref_valid`` to :func:`valid_anchors` as to the loss).
+With the usual P x K batches (P classes, K samples each) every anchor has the same
+number of pairs, so the mean over anchors equals the mean over all pairs/triplets.
+
+Masks and reference sets: every in-batch loss takes ``valid`` (``[B]`` bool; False rows,
+such as padding, are neither anchors nor partners and get 0) and a reference set
+``ref_embeddings [R, D]``, ``ref_labels [R]``, ``ref_valid [R]``: anchors then come from
+``embeddings`` and partners from the reference set, with pytorch-metric-learning's
+``ref_emb`` semantics (nothing is excluded, so a copy of an anchor in the reference set
+is a positive at distance 0). A cross-batch memory is such a reference set.
+
+Precision: float16/bfloat16 embeddings are computed in float32 and the in-batch losses
+return float32 (a mixed-precision step wants its loss in float32; a squared distance of
+embeddings near 1e4 does not fit in float16). The Euclidean distances are centred on the
+partners' mean first, so a large offset shared by the embeddings costs no accuracy.
 
 Label convention: ``similar = 1`` (or ``True``) marks a same-class pair, ``0`` a
 different-class pair (as in the Keras ``mnist_siamese.py`` example and most libraries).
@@ -136,7 +162,7 @@ def triplet_margin_loss(
     negative: jax.Array,
     *,
     margin: float = 1.0,
-    distance=_distances.euclidean,
+    distance="euclidean",
 ) -> jax.Array:
   """Triplet margin loss ``max(d(a, p) - d(a, n) + margin, 0)``, per triplet.
 
@@ -145,9 +171,11 @@ def triplet_margin_loss(
     positive: ``[P, D]`` embeddings of the anchor's class.
     negative: ``[P, D]`` embeddings of another class.
     margin: the gap by which negatives must be farther than positives.
-    distance: a function ``(a, b) -> [P]``; Euclidean by default (finite gradients at
-      zero distance, unlike ``optax.losses.triplet_margin_loss`` which adds ``eps``
-      inside the norm instead).
+    distance: ``"euclidean"`` (default; finite gradients at zero distance, unlike
+      ``optax.losses.triplet_margin_loss`` which adds ``eps`` inside the norm instead),
+      ``"squared_euclidean"`` or ``"cosine"`` (``1 - cos``), the names the in-batch
+      losses take, or a function ``(a, b) -> [P]`` such as
+      ``siamjax.distances.euclidean``.
 
   Returns:
     ``[P]`` per-triplet losses.
@@ -170,7 +198,25 @@ def triplet_margin_loss(
   _checks.same_shape("anchor", arrays[0], "negative", arrays[2])
   _checks.positive_scalar("margin", margin, allow_zero=True)
   a, p, n = arrays
+  distance = _pair_distance(distance)
   return jnp.maximum(distance(a, p) - distance(a, n) + margin, 0.0)
+
+
+_PAIR_DISTANCES = {"euclidean": _distances.euclidean,
+                   "squared_euclidean": _distances.squared_euclidean,
+                   "cosine": _distances.cosine_distance}
+
+
+def _pair_distance(distance):
+  """A distance name (as the in-batch losses take) or a callable, as a callable."""
+  if isinstance(distance, str):
+    if distance not in _PAIR_DISTANCES:
+      raise ValueError("distance must be 'euclidean', 'squared_euclidean', 'cosine' or a "
+                       f"function (a, b) -> [P], got {distance!r}")
+    return _PAIR_DISTANCES[distance]
+  if not callable(distance):
+    raise ValueError(f"distance must be a name or a function (a, b) -> [P], got {distance!r}")
+  return distance
 
 
 # ---------------------------------------------------------------------------------
@@ -420,7 +466,9 @@ def batch_all_triplet_loss(
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -432,7 +480,10 @@ def batch_all_triplet_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any).
+    ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any;
+    ``valid_anchors(labels)``): the per-anchor mean of pytorch-metric-learning's
+    ``TripletMarginLoss(margin, distance=LpDistance(normalize_embeddings=False))``
+    triplet losses (``CosineSimilarity()`` for ``"cosine"``), with ``ref_emb`` too.
 
   References:
     A. Hermans, L. Beyer, B. Leibe, "In Defense of the Triplet Loss for Person
@@ -487,7 +538,9 @@ def batch_hard_triplet_loss(
     soft: use the soft-plus margin instead of the hinge.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -499,7 +552,10 @@ def batch_hard_triplet_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
+    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
+    ``valid_anchors(labels)``), equal to PML's ``BatchHardMiner`` followed by
+    ``TripletMarginLoss(margin)`` (``smooth_loss=True, margin=0`` for ``soft``), with
+    ``ref_emb`` too.
 
   References:
     A. Hermans, L. Beyer, B. Leibe, "In Defense of the Triplet Loss for Person
@@ -552,7 +608,9 @@ def semi_hard_triplet_loss(
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -564,7 +622,9 @@ def semi_hard_triplet_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
+    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
+    ``valid_anchors(labels)``). pytorch-metric-learning has no equivalent (its
+    ``TripletMarginMiner("semihard")`` keeps every semi-hard triplet).
 
   References:
     F. Schroff, D. Kalenichenko, J. Philbin, "FaceNet: A Unified Embedding for Face
@@ -619,7 +679,9 @@ def all_pairs_contrastive_loss(
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -631,7 +693,10 @@ def all_pairs_contrastive_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor losses (0 when ``B == 1``).
+    ``[B]`` per-anchor losses (0 for an anchor without partners; an anchor with only
+    positives or only negatives still pays: ``valid_anchors(labels, need="any")``).
+    Each pair's term is half the square of PML's ``ContrastiveLoss(pos_margin=0,
+    neg_margin=margin)`` term.
 
   References:
     R. Hadsell, S. Chopra, Y. LeCun, CVPR 2006.
@@ -719,7 +784,8 @@ def multi_similarity_loss(
     distance: ``"cosine"`` (default: similarity ``1 - d``), ``"euclidean"`` or
       ``"squared_euclidean"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors.
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
     valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
     ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
       nothing excluded).
@@ -737,7 +803,7 @@ def multi_similarity_loss(
   >>> import jax.numpy as jnp
   >>> emb = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
   >>> [round(v, 4) for v in multi_similarity_loss(emb, jnp.array([0, 0, 1])).tolist()]
-  [0.1814, 0.1814, 0.0]
+  [0.1566, 0.1566, 0.0]
   """
   emb, labels = _in_batch_inputs(embeddings, labels)
   for name, v in (("alpha", alpha), ("beta", beta)):
@@ -782,7 +848,8 @@ def circle_loss(
     margin: the relaxation ``m``.
     gamma: the scale.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors.
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
     valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
     ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
       nothing excluded).
@@ -853,7 +920,8 @@ def lifted_structure_loss(
     neg_margin: negatives farther than this cost less.
     distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors.
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
     valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
     ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
       nothing excluded).
@@ -914,7 +982,9 @@ def ntxent_loss(
     temperature: softmax temperature.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -926,7 +996,9 @@ def ntxent_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor losses (0 for anchors without a positive).
+    ``[B]`` per-anchor losses (0 for anchors without a positive; an anchor without
+    negatives gets exactly 0 too: ``valid_anchors(labels)``), the per-anchor mean of
+    PML's ``NTXentLoss(temperature)`` positive-pair losses, with ``ref_emb`` too.
 
   References:
     T. Chen et al., "A Simple Framework for Contrastive Learning of Visual
@@ -973,7 +1045,13 @@ def in_batch_softmax_loss(
   Anchor ``i`` costs ``-mean_p log softmax_j(-d(e_i, e_j) / temperature)[p]`` where the
   softmax runs over every other embedding ``j != i`` of the batch and ``p`` over the
   anchor's positives. With two samples per class this is the n-pair loss; it is the loss
-  of siamjax's CPU Omniglot recipe (CALIBRATION.md: 84.5% on Lake's runs in 4 minutes).
+  of the Omniglot ``quick`` preset (:mod:`siamjax.recipes.omniglot_koch`; its result is
+  in the README's results table and ``experiments/results/omniglot_koch_quick.json``).
+  Per anchor it equals the element losses of pytorch-metric-learning's
+  ``SupConLoss(temperature, distance=LpDistance(normalize_embeddings=False, power=2))``
+  (``CosineSimilarity()`` for ``"cosine"``). An anchor with positives but no negatives
+  still carries a loss when it has two positives or more (the softmax then runs over its
+  positives): its anchors are ``valid_anchors(labels, need="positive")``.
 
   Args:
     embeddings: ``[B, D]`` floating embeddings.
@@ -982,7 +1060,9 @@ def in_batch_softmax_loss(
     distance: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``.
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
       partners, and their loss and gradient are 0 (their values must be finite).
     ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
