@@ -526,3 +526,73 @@ def test_valid_anchors_recipe_counts_exactly_the_anchors_with_a_loss(fn, need, l
   valid = jnp.asarray([True, True, False, True, True])
   mask = np.asarray(L.valid_anchors(labels, need=need, valid=valid))
   np.testing.assert_array_equal(np.asarray(fn(emb, labels, valid=valid))[~mask], 0.0)
+
+
+@pytest.mark.parametrize("fn", [L.multi_similarity_loss, L.circle_loss, L.lifted_structure_loss,
+                                L.batch_hard_triplet_loss], ids=lambda f: f.__name__)
+def test_memory_stays_linear_with_a_reference_set(fn):
+  """B = 4096 anchors against R = 8192 reference rows (a cross-batch memory), D = 1024."""
+  b, r, d = 4096, 8192, 1024
+  emb = jax.ShapeDtypeStruct((b, d), jnp.float32)
+  labels = jax.ShapeDtypeStruct((b,), jnp.int32)
+  ref = jax.ShapeDtypeStruct((r, d), jnp.float32)
+  ref_labels = jax.ShapeDtypeStruct((r,), jnp.int32)
+
+  def loss(e, lab, m, m_lab):
+    return jnp.mean(fn(e, lab, ref_embeddings=jax.lax.stop_gradient(m), ref_labels=m_lab))
+
+  stats = jax.jit(jax.value_and_grad(loss)).lower(emb, labels, ref, ref_labels).compile()
+  stats = stats.memory_analysis()
+  if stats is None:
+    pytest.skip("this backend reports no memory analysis")
+  total = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+  assert total < 0.25 * 2**30, f"{total / 2**30:.2f} GiB"  # [B, R] alone would be 0.125 GiB
+
+
+@pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
+def test_mask_and_reference_bad_input(fn):
+  emb, labels = _emb(6, 3), _labels(6, 2)
+  with pytest.raises(ValueError, match="valid must be a bool mask"):
+    fn(emb, labels, valid=jnp.ones(6, jnp.int32))
+  with pytest.raises(ValueError, match="valid has 5 entries but there are 6 rows"):
+    fn(emb, labels, valid=jnp.ones(5, bool))
+  with pytest.raises(ValueError, match="ref_labels is required"):
+    fn(emb, labels, ref_embeddings=emb)
+  with pytest.raises(ValueError, match="without ref_embeddings"):
+    fn(emb, labels, ref_labels=labels)
+  with pytest.raises(ValueError, match="ref_embeddings must have the embeddings' size D = 3"):
+    fn(emb, labels, ref_embeddings=_emb(4, 2), ref_labels=labels[:4])
+  with pytest.raises(ValueError, match="ref_labels has 5 entries but the embeddings have 4"):
+    fn(emb, labels, ref_embeddings=_emb(4, 3), ref_labels=labels[:5])
+  with pytest.raises(ValueError, match="ref_valid has 3 entries but there are 4 rows"):
+    fn(emb, labels, ref_embeddings=_emb(4, 3), ref_labels=labels[:4],
+       ref_valid=jnp.ones(3, bool))
+
+
+def test_new_losses_bad_hyper_parameters():
+  emb, labels = _emb(6, 3), _labels(6, 2)
+  for fn, kw, name in [(L.multi_similarity_loss, {"alpha": 0.0}, "alpha"),
+                       (L.multi_similarity_loss, {"beta": -1.0}, "beta"),
+                       (L.multi_similarity_loss, {"base": np.inf}, "base"),
+                       (L.multi_similarity_loss, {"distance": "l1"}, "distance"),
+                       (L.circle_loss, {"gamma": 0.0}, "gamma"),
+                       (L.circle_loss, {"margin": np.nan}, "margin"),
+                       (L.lifted_structure_loss, {"neg_margin": np.inf}, "neg_margin")]:
+    with pytest.raises(ValueError, match=name):
+      fn(emb, labels, **kw)
+  with pytest.raises(ValueError, match="need must be"):
+    L.valid_anchors(labels, need="all")
+
+
+def test_valid_anchors_with_a_reference_set():
+  labels = jnp.array([0, 1, 2])
+  ref_labels = jnp.array([0, 0, 1, 3])
+  np.testing.assert_array_equal(L.valid_anchors(labels, ref_labels=ref_labels),
+                                [True, True, False])
+  np.testing.assert_array_equal(
+      L.valid_anchors(labels, ref_labels=ref_labels, ref_valid=jnp.array([1, 1, 0, 1], bool)),
+      [True, False, False])
+  np.testing.assert_array_equal(L.valid_anchors(labels, need="positive", ref_labels=ref_labels),
+                                [True, True, False])
+  np.testing.assert_array_equal(L.valid_anchors(labels, need="any", ref_labels=ref_labels),
+                                [True, True, True])
