@@ -853,7 +853,8 @@ def software() -> dict:
           "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}
   if jax.default_backend() == "gpu":
     dev = jax.devices()[0]
-    info["jax_platform_version"] = getattr(dev.client, "platform_version", None)
+    info["jax_platform_version"] = getattr(getattr(dev, "client", None), "platform_version",
+                                           None)  # e.g. the CUDA and cuDNN XLA was built for
     info["jax_tf32"] = ("float32 convolutions and matmuls on TF32 (JAX's default precision "
                         "on GPUs); torch is set to match")
   try:
@@ -979,6 +980,7 @@ class Config:
   compile_search: bool = False  # torch.compile tries every setting too (else eager's choice)
   bf16_loss_rtol: float = BF16_LOSS_RTOL
   bf16_loss_atol: float = BF16_LOSS_ATOL
+  time_limit_s: float | None = None  # no new implementation x dtype block starts after it
 
 
 def _log_row(r: dict) -> None:
@@ -1061,10 +1063,24 @@ def run(cfg: Config, out: str, png: str | None, command: str,
         flush=True)
   state["flops"] = _flops_record()
   write()
+
+  def out_of_time(impl: str, variant: str, dtype: str) -> bool:
+    """Past ``cfg.time_limit_s``: no new block starts; a skipped row says so."""
+    spent = time.time() - t_start
+    if cfg.time_limit_s is None or spent < cfg.time_limit_s:
+      return False
+    rows.append({"impl": impl, "variant": variant, "dtype": dtype,
+                 "skipped": f"time limit: {spent:.0f} s spent of --time-limit-s "
+                            f"{cfg.time_limit_s:g}"})
+    log(rows[-1])
+    return True
+
   for dt in cfg.dtypes:
-    params[f"siamjax_{dt}"] = bench_siamjax(cfg, dt, rows, log)
+    if not out_of_time("siamjax", "jit", dt):
+      params[f"siamjax_{dt}"] = bench_siamjax(cfg, dt, rows, log)
     auto_conv = models.koch_siamese(dtype=jnp.dtype(dt)).encoder.conv_impl()
-    if cfg.compare_direct and auto_conv != "direct":
+    if (cfg.compare_direct and auto_conv != "direct"
+        and not out_of_time("siamjax", "jit-direct", dt)):
       params[f"siamjax_direct_{dt}"] = bench_siamjax(cfg, dt, rows, log, conv="direct")
   try:
     import torch  # noqa: F401
@@ -1077,6 +1093,8 @@ def run(cfg: Config, out: str, png: str | None, command: str,
     chosen: dict = {}  # eager's setting per (mode, batch, dtype), reused by torch.compile
     for compiled in ([False, True] if cfg.torch_compile else [False]):
       for dt in cfg.dtypes:
+        if out_of_time("torch", "compile" if compiled else "eager", dt):
+          continue
         try:
           params[f"torch_{'compile' if compiled else 'eager'}_{dt}"] = bench_torch(
               cfg, dt, compiled, rows, log, chosen)
@@ -1096,7 +1114,8 @@ def run(cfg: Config, out: str, png: str | None, command: str,
       info.update(keras=keras_koch.keras.__version__,
                   keras_backend=keras_koch.keras.backend.backend())
       for dt in cfg.dtypes:
-        params[f"keras_{dt}"] = bench_keras(cfg, dt, rows, log, keras_koch)
+        if not out_of_time("keras", f"keras3-{keras_koch.keras.backend.backend()}", dt):
+          params[f"keras_{dt}"] = bench_keras(cfg, dt, rows, log, keras_koch)
   else:
     rows.append({"impl": "keras", "skipped": "--no-keras"})
   state["complete"] = True

@@ -86,6 +86,9 @@ def main(argv=None) -> None:
   p.add_argument("--bf16-rtol", type=float,
                  help="relative tolerance of the bf16 loss check (default "
                       "harness.BF16_LOSS_RTOL, beside harness.BF16_LOSS_ATOL)")
+  p.add_argument("--time-limit-s", type=float,
+                 help="start no new implementation x dtype block after this many seconds "
+                      "(its rows are recorded as skipped); the JSON keeps what was measured")
   p.add_argument("--commit", help="git commit to record (for copies without .git)")
   p.add_argument("--markdown", metavar="JSON",
                  help="print the best-against-best table of a results JSON as Markdown (the "
@@ -105,6 +108,8 @@ def main(argv=None) -> None:
     return
   if args.bf16_rtol is not None and not args.bf16_rtol >= 0:
     p.error(f"--bf16-rtol must be >= 0, got {args.bf16_rtol}")
+  if args.time_limit_s is not None and not args.time_limit_s > 0:
+    p.error(f"--time-limit-s must be > 0, got {args.time_limit_s}")
   # Before JAX starts on a GPU: leave memory for torch in the same process.
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 
@@ -138,6 +143,7 @@ def main(argv=None) -> None:
   cfg.compare_direct = cfg.compare_direct and not args.no_direct
   cfg.augment = not args.no_augment
   cfg.compile_search = args.compile_search
+  cfg.time_limit_s = args.time_limit_s
   if args.bf16_rtol is not None:
     cfg.bf16_loss_rtol = args.bf16_rtol
   here = os.path.dirname(os.path.abspath(__file__))

@@ -465,3 +465,18 @@ def test_run_writes_the_json_after_every_row_and_keeps_it_when_cut_short(tmp_pat
   assert rec["cpu"]["isa"] == rec["machine"]["cpu_isa"] and isinstance(rec["cpu"]["amx"], bool)
   assert rec["cpu"]["model"] == rec["machine"]["cpu_model"]
   assert not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary file left behind
+
+
+def test_run_starts_no_block_past_its_time_limit(tmp_path, monkeypatch):
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("a block started past the time limit")
+
+  for name in ("bench_siamjax", "bench_torch", "bench_keras"):
+    monkeypatch.setattr(harness, name, must_not_run)
+  monkeypatch.setattr(harness, "_flops_record", lambda: {"stub": True})
+  out = tmp_path / "bench.json"
+  cfg = harness.Config(dtypes=("float32",), matmul_n=32, keras=False, time_limit_s=1e-9)
+  rec = harness.run(cfg, str(out), None, "pytest")
+  assert rec["complete"] is True and json.loads(out.read_text())["complete"] is True
+  timed_out = [r for r in rec["rows"] if "time limit" in r.get("skipped", "")]
+  assert {r["impl"] for r in timed_out} >= {"siamjax"} and rec["best_vs_best"] == []
