@@ -78,7 +78,8 @@ def load_flax_params(model: KochSiamese, params) -> KochSiamese:
   with torch.no_grad():
     for name in ("conv1", "conv2", "conv3", "conv4"):
       conv = getattr(model.tower, name)
-      conv.weight.copy_(torch.from_numpy(np.array(enc[name]["kernel"]).transpose(3, 2, 0, 1).copy()))
+      kernel = np.array(enc[name]["kernel"]).transpose(3, 2, 0, 1)
+      conv.weight.copy_(torch.from_numpy(kernel.copy()))
       conv.bias.copy_(torch.from_numpy(np.array(enc[name]["bias"])))
     model.tower.dense.weight.copy_(torch.from_numpy(np.array(enc["dense"]["kernel"]).T.copy()))
     model.tower.dense.bias.copy_(torch.from_numpy(np.array(enc["dense"]["bias"])))

@@ -166,12 +166,28 @@ def test_enable_fast_cpu_after_backend_init(monkeypatch):
 @pytest.mark.slow
 def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
   cfg = harness.Config(batches=(2,), repeats=1, steps=1, modes=("train", "lake"),
-                       dtypes=("float32",), torch_compile=False, lake_runs=1, bank_classes=4,
-                       bank_drawers=2, matmul_n=256)
+                       dtypes=("float32", "bfloat16"), torch_compile=False, lake_runs=1,
+                       bank_classes=4, bank_drawers=2, matmul_n=256, compare_direct=False)
   out = tmp_path / "bench.json"
   harness.run(cfg, str(out), str(tmp_path / "bench.png"), "pytest")
   rec = json.loads(out.read_text())
-  assert rec["param_check"]["ok"]
+  assert rec["param_check"]["ok"] and rec["complete"] is True
+  # every bf16 row is checked against float32's training loss, from the same init and data
+  for r in rec["rows"]:
+    if r.get("dtype") == "bfloat16" and not r.get("skipped"):
+      assert r["bf16_check"]["ok"] in (True, False)
+      if r["mode"] == "train":
+        assert r["bf16_check"]["steps"] == r["train_steps"] > 0
+        assert r["bf16_check"]["abs_diff"] == pytest.approx(
+            abs(r["loss"] - r["bf16_check"]["loss_float32"]))
+  assert {(e["mode"], e["batch"]) for e in rec["best_vs_best"]} == {("train", 2), ("lake", 20)}
+  assert all(e["fastest"]["siamjax"] for e in rec["best_vs_best"])
+  # each torch row tried both layouts on this machine and names the one it kept
+  for r in (r for r in rec["rows"] if r["impl"] == "torch" and not r.get("skipped")):
+    cands = r["settings"]["candidates"]
+    assert {c["layout"] for c in cands.values()} == {"contiguous", "channels_last"}
+    assert r["settings"]["chosen"] in cands and cands[r["settings"]["chosen"]]["layout"] == (
+        r["layout"])
   assert all(v == 38_951_745 for v in rec["param_check"]["counted"].values())
   rows = [r for r in rec["rows"] if not r.get("skipped")]
   modes = {(r["impl"], r["mode"]) for r in rows}
@@ -189,7 +205,7 @@ def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
   assert any("ready-made batches" in n for n in rec["notes"])
   if importlib.util.find_spec("keras") is not None:  # the Keras rows are optional
     keras_rows = [r for r in rows if r["impl"] == "keras"]
-    assert {r["mode"] for r in keras_rows} == {"train", "lake"}
+    assert {r["mode"] for r in keras_rows} == {"train", "lake"} and len(keras_rows) == 4
     assert all(r["params"] == 38_951_745 for r in keras_rows)
     assert rec["param_check"]["counted"]["keras_float32"] == 38_951_745
     assert next(k for k in sj if k.startswith("vs_keras_")) and rec["software"]["keras_backend"]
@@ -276,3 +292,191 @@ def test_train_step_contains_the_distortion():
     texts.append(step.lower(state, data).as_text())
   assert texts[0] != texts[1]
   assert texts[0].count("cos") > texts[1].count("cos")  # the rotation matrix
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _fake_row(impl, variant, dtype, mode, batch, step_s, **kw):
+  row = {"impl": impl, "variant": variant, "dtype": dtype, "mode": mode, "batch": batch,
+         "step_s": step_s, **kw}
+  if mode == "lake":
+    row["eval_s"] = step_s
+  else:
+    row["pairs_per_s"] = batch / step_s
+  return row
+
+
+def _fake_rows(bf16_loss=0.70):
+  """siamjax and torch train/infer rows at batch 8, float32 and bf16, and one Lake row."""
+  train = dict(loss=0.70, train_steps=4)
+  return [
+      _fake_row("siamjax", "jit", "float32", "train", 8, 1.0, **train),
+      _fake_row("siamjax", "jit-direct", "float32", "train", 8, 2.0, **train),
+      _fake_row("siamjax", "jit", "bfloat16", "train", 8, 1.5, loss=0.701, train_steps=4),
+      _fake_row("torch", "eager", "float32", "train", 8, 2.0, **train),
+      _fake_row("torch", "eager", "bfloat16", "train", 8, 0.8, loss=bf16_loss, train_steps=4),
+      _fake_row("torch", "eager", "float32", "infer", 8, 0.4),
+      _fake_row("torch", "eager", "bfloat16", "infer", 8, 0.2),
+      _fake_row("siamjax", "jit", "float32", "infer", 8, 0.3),
+      _fake_row("siamjax", "jit", "float32", "lake", 400, 3.0),
+      _fake_row("keras", "keras3-jax", "float32", "lake", 400, 4.0),
+      {"impl": "keras", "skipped": "--no-keras"},
+  ]
+
+
+def test_check_bf16_passes_close_losses_and_excludes_the_rest():
+  rows = _fake_rows(bf16_loss=0.70)
+  harness.check_bf16(rows, rtol=0.02, atol=0.01)
+  by = {(r["impl"], r["variant"], r["dtype"], r["mode"]): r for r in rows if "mode" in r}
+  check = by["torch", "eager", "bfloat16", "train"]["bf16_check"]
+  assert check["ok"] is True and check["abs_diff"] == 0.0 and check["steps"] == 4
+  assert check["tolerance"] == pytest.approx(0.01 + 0.02 * 0.70)
+  assert by["torch", "eager", "bfloat16", "infer"]["bf16_check"]["ok"] is True  # inherited
+  assert "bf16_check" not in by["torch", "eager", "float32", "train"]
+  assert not any(r.get("excluded_from_best") for r in rows)
+
+  rows = _fake_rows(bf16_loss=0.9)  # 0.2 away from float32's 0.70: fails
+  harness.check_bf16(rows, rtol=0.02, atol=0.01)
+  by = {(r["impl"], r["variant"], r["dtype"], r["mode"]): r for r in rows if "mode" in r}
+  check = by["torch", "eager", "bfloat16", "train"]["bf16_check"]
+  assert check["ok"] is False and check["abs_diff"] == pytest.approx(0.2)
+  for mode in ("train", "infer"):  # the inference row goes with its train rows
+    assert "beyond the tolerance" in by["torch", "eager", "bfloat16", mode]["excluded_from_best"]
+  assert by["siamjax", "jit", "bfloat16", "train"]["bf16_check"]["ok"] is True
+
+  rows = [_fake_row("torch", "eager", "bfloat16", "infer", 8, 0.2)]  # no train rows at all
+  harness.check_bf16(rows)
+  assert rows[0]["bf16_check"]["ok"] is None and "unchecked" in rows[0]["excluded_from_best"]
+  rows = _fake_rows()
+  rows[4]["train_steps"] = 5  # a different number of updates: not comparable
+  harness.check_bf16(rows)
+  assert rows[4]["bf16_check"]["ok"] is None and rows[4]["excluded_from_best"]
+  rows[4]["loss"] = None  # a NaN loss (written as null) fails
+  rows[4]["train_steps"] = 4
+  harness.check_bf16(rows)
+  assert rows[4]["bf16_check"]["ok"] is False
+
+
+def test_best_vs_best_compares_each_frameworks_fastest_counted_row():
+  rows = _fake_rows()
+  harness.check_bf16(rows)
+  best = {(e["mode"], e["batch"]): e for e in harness.best_vs_best(rows)}
+  train = best["train", 8]
+  assert train["fastest"]["siamjax"]["variant"] == "jit"  # 1.0 s: its fastest of three
+  assert train["fastest"]["torch"]["dtype"] == "bfloat16"  # 0.8 s, bf16 counted
+  assert train["fastest_reference"] == "torch eager bfloat16"
+  assert train["ratio"] == pytest.approx(0.8)  # torch's 0.8 s over siamjax's 1.0 s
+  assert train["same_precision"]["float32"]["torch"] == pytest.approx(2.0)
+  assert train["same_precision"]["bfloat16"]["torch"] == pytest.approx(0.8 / 1.5)
+  assert best["infer", 8]["ratio"] == pytest.approx(0.2 / 0.3)
+  lake = best["lake", 400]
+  assert lake["fastest_reference"].startswith("keras") and lake["ratio"] == pytest.approx(4 / 3)
+  assert lake["fastest"]["siamjax"]["eval_s"] == 3.0
+
+  rows = _fake_rows(bf16_loss=0.9)  # torch's bf16 fails its check: float32 is its best
+  harness.check_bf16(rows)
+  train = harness.best_vs_best(rows)[0]
+  assert train["fastest"]["torch"]["dtype"] == "float32" and train["ratio"] == pytest.approx(2.0)
+  assert "bfloat16" not in train["same_precision"] or "torch" not in train["same_precision"][
+      "bfloat16"]
+  assert any(x.startswith("torch eager bfloat16") for x in train["excluded"])
+  table = harness.format_best_table(harness.best_vs_best(rows))
+  assert "2.00x" in table and "excluded: torch eager bfloat16" in table
+  md = harness.format_best_markdown(harness.best_vs_best(rows)).splitlines()
+  assert md[0].startswith("| | siamjax fastest") and len(md) == 2 + 3  # train, infer, lake
+  assert "| **2.00×** |" in md[2] and "torch eager float32" in md[2]  # > 1 in bold
+  assert "Lake's trials (400)" in md[4] and "keras" in md[4]
+
+
+class _FakeClock:
+  """time.perf_counter that only the fake runs advance: timing without wall time."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_fastest_setting_keeps_the_faster_layout_and_records_the_others(monkeypatch):
+  clock = _FakeClock()
+  monkeypatch.setattr(harness.time, "perf_counter", clock)
+  cost = {"contiguous": 3.0, "channels_last": 1.0}
+  current, calls = [None], []
+
+  def enter(s):
+    current[0] = s
+
+  def run():
+    calls.append(current[0].layout)
+    clock.now += cost[current[0].layout]
+    return len(calls)
+
+  settings = [harness.Setting("contiguous", 2), harness.Setting("channels_last", 2)]
+  t, best, record = harness.fastest_setting(settings, enter, run, lambda _: None, repeats=3)
+  assert best.layout == "channels_last" and record["chosen"] == "channels_last/2t"
+  assert t.times_s == [1.0, 1.0, 1.0] and t.last == len(calls)
+  assert record["candidates"]["contiguous/2t"]["call_s"] == [3.0]  # the loser: one timed call
+  assert calls == ["contiguous", "contiguous", "channels_last", "channels_last",
+                   "channels_last", "channels_last"]
+  t, best, record = harness.fastest_setting(settings[:1], enter, run, lambda _: None, 2)
+  assert best == settings[0] and record["candidates"] == {} and len(t.times_s) == 2
+
+
+def test_torch_settings_try_both_layouts_and_the_cpu_count():
+  pytest.importorskip("torch")
+  cpu = harness.torch_settings(on_gpu=False)
+  assert {s.layout for s in cpu} == {"contiguous", "channels_last"}
+  assert os.cpu_count() in {s.threads for s in cpu}
+  gpu = harness.torch_settings(on_gpu=True)
+  assert [s.name for s in gpu] == ["contiguous", "channels_last"]
+
+
+class _CutShort(Exception):
+  pass
+
+
+def test_run_writes_the_json_after_every_row_and_keeps_it_when_cut_short(tmp_path, monkeypatch):
+  out = tmp_path / "bench.json"
+  seen = []
+
+  def fake_siamjax(cfg, dtype, rows, log, conv="auto"):
+    for mode, step_s in (("train", 1.0), ("infer", 0.5)):
+      rows.append(_fake_row("siamjax", "jit", dtype, mode, 2, step_s, loss=0.7, train_steps=2,
+                            tflops=0.1, steps_per_repeat=1, compile_and_first_s=1.0,
+                            pairs_per_s_spread=[1.0, 2.0], step_s_all=[step_s]))
+      log(rows[-1])
+      seen.append(len(json.loads(out.read_text())["rows"]))  # on disk after each row
+    raise _CutShort  # the run is cut short here
+
+  monkeypatch.setattr(harness, "bench_siamjax", fake_siamjax)
+  monkeypatch.setattr(harness, "_flops_record", lambda: {"stub": True})
+  cfg = harness.Config(batches=(2,), repeats=1, dtypes=("float32",), matmul_n=32)
+  with pytest.raises(_CutShort):
+    harness.run(cfg, str(out), None, "pytest", commit="abc123")
+  assert seen == [1, 2]
+  rec = json.loads(out.read_text())
+  assert rec["complete"] is False and rec["git_commit"] == "abc123"
+  assert [r["mode"] for r in rec["rows"]] == ["train", "infer"]
+  assert [e["mode"] for e in rec["best_vs_best"]] == ["train", "infer"]
+  assert rec["matmul_peak_tflops"]["jax_float32"] > 0  # measured before the first row
+  assert "fraction_of_peak" in rec["rows"][0]
+  assert rec["cpu"]["isa"] == rec["machine"]["cpu_isa"] and isinstance(rec["cpu"]["amx"], bool)
+  assert rec["cpu"]["model"] == rec["machine"]["cpu_model"]
+  assert not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary file left behind
+
+
+def test_run_starts_no_block_past_its_time_limit(tmp_path, monkeypatch):
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("a block started past the time limit")
+
+  for name in ("bench_siamjax", "bench_torch", "bench_keras"):
+    monkeypatch.setattr(harness, name, must_not_run)
+  monkeypatch.setattr(harness, "_flops_record", lambda: {"stub": True})
+  out = tmp_path / "bench.json"
+  cfg = harness.Config(dtypes=("float32",), matmul_n=32, keras=False, time_limit_s=1e-9)
+  rec = harness.run(cfg, str(out), None, "pytest")
+  assert rec["complete"] is True and json.loads(out.read_text())["complete"] is True
+  timed_out = [r for r in rec["rows"] if "time limit" in r.get("skipped", "")]
+  assert {r["impl"] for r in timed_out} >= {"siamjax"} and rec["best_vs_best"] == []
