@@ -31,12 +31,16 @@ from siamjax.distances import (
 from siamjax.encoders import MLP, Koch, SmallCNN, TextCNN
 from siamjax.losses import (
     all_pairs_contrastive_loss,
+    arcface_loss,
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
     contrastive_loss,
+    cosface_loss,
     in_batch_softmax_loss,
     ntxent_loss,
     pair_bce_loss,
+    proxy_anchor_loss,
+    proxy_nca_loss,
     semi_hard_triplet_loss,
     triplet_margin_loss,
     valid_anchors,
@@ -53,6 +57,7 @@ __all__ = [
     "contrastive_loss", "pair_bce_loss", "triplet_margin_loss", "batch_all_triplet_loss",
     "batch_hard_triplet_loss", "semi_hard_triplet_loss", "all_pairs_contrastive_loss",
     "ntxent_loss", "in_batch_softmax_loss", "valid_anchors",
+    "proxy_nca_loss", "proxy_anchor_loss", "arcface_loss", "cosface_loss",
     "Koch", "MLP", "SmallCNN", "TextCNN",
     "SiameseNet", "koch_siamese",
 ]
