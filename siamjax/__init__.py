@@ -4,6 +4,8 @@ Modules (one concept each):
 
 * :mod:`siamjax.distances`: distances and similarity maps between embeddings.
 * :mod:`siamjax.losses`: contrastive, pair BCE, triplet and in-batch mining losses.
+* :mod:`siamjax.memory`: cross-batch memory (XBM), a ring buffer of past embeddings
+  that in-batch losses use as their reference set.
 * :mod:`siamjax.encoders`: Flax encoders (Koch 2015 convnet, MLP, SmallCNN, TextCNN).
 * :mod:`siamjax.fourier`: 'valid' convolutions as DFT matrix products (Koch's fast CPU path).
 * :mod:`siamjax.models`: Siamese networks built from an encoder and a pair head.
@@ -16,8 +18,8 @@ Modules (one concept each):
   import them explicitly.
 """
 
-from siamjax import (distances, encoders, evaluation, fourier, losses, models, parallel,
-                     sampling, train)
+from siamjax import (distances, encoders, evaluation, fourier, losses, memory, models,
+                     parallel, sampling, train)
 from siamjax.distances import (
     cosine_distance,
     cosine_similarity,
@@ -50,8 +52,8 @@ from siamjax.models import SiameseNet, koch_siamese
 __version__ = "0.1.0"
 
 __all__ = [
-    "distances", "encoders", "evaluation", "fourier", "losses", "models", "parallel",
-    "sampling", "train",
+    "distances", "encoders", "evaluation", "fourier", "losses", "memory", "models",
+    "parallel", "sampling", "train",
     "l1", "euclidean", "squared_euclidean", "cosine_similarity", "cosine_distance",
     "inverse_distance_similarity", "exp_similarity", "pairwise_distances",
     "contrastive_loss", "pair_bce_loss", "triplet_margin_loss", "batch_all_triplet_loss",
