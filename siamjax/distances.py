@@ -1,5 +1,8 @@
 """Distances and similarities between embeddings.
 
+float16 and bfloat16 inputs are computed in float32 inside (their squares overflow
+above ``|x| ~ 181`` in float16) and the result is returned in the input dtype.
+
 Every function takes two arrays of embeddings ``a, b`` of shape ``[..., D]`` and returns
 one value per embedding pair, of shape ``[...]``. Leading axes broadcast, so
 ``euclidean(x[:, None], y[None])`` is a ``[N, M]`` distance matrix (but prefer
@@ -48,6 +51,13 @@ def _pair(a, b) -> tuple[jax.Array, jax.Array]:
   return a, b
 
 
+def _up(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, jnp.dtype]:
+  """Both inputs in the working dtype (float32 for half precision) and the output dtype."""
+  dtype = jnp.result_type(a, b)
+  work = _work_dtype(dtype)
+  return a.astype(work), b.astype(work), dtype
+
+
 def safe_sqrt(x: jax.Array) -> jax.Array:
   """``sqrt(x)`` for ``x >= 0`` with a finite (zero) gradient at ``x == 0``.
 
@@ -88,8 +98,8 @@ def l1(a: jax.Array, b: jax.Array) -> jax.Array:
   >>> float(l1(jnp.array([0.0, 1.0]), jnp.array([2.0, -1.0])))
   4.0
   """
-  a, b = _pair(a, b)
-  return jnp.sum(jnp.abs(a - b), axis=-1)
+  a, b, dtype = _up(*_pair(a, b))
+  return jnp.sum(jnp.abs(a - b), axis=-1).astype(dtype)
 
 
 def squared_euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -110,8 +120,8 @@ def squared_euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
   >>> float(squared_euclidean(jnp.array([0.0, 0.0]), jnp.array([3.0, 4.0])))
   25.0
   """
-  a, b = _pair(a, b)
-  return jnp.sum(jnp.square(a - b), axis=-1)
+  a, b, dtype = _up(*_pair(a, b))
+  return jnp.sum(jnp.square(a - b), axis=-1).astype(dtype)
 
 
 def euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -134,7 +144,8 @@ def euclidean(a: jax.Array, b: jax.Array) -> jax.Array:
   >>> jax.grad(lambda x: euclidean(x, x))(jnp.ones(2)).tolist()
   [0.0, 0.0]
   """
-  return safe_sqrt(squared_euclidean(a, b))
+  a, b, dtype = _up(*_pair(a, b))
+  return safe_sqrt(jnp.sum(jnp.square(a - b), axis=-1)).astype(dtype)
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.Array:
@@ -159,10 +170,10 @@ def cosine_similarity(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.A
   >>> float(cosine_similarity(jnp.array([1.0, 0.0]), jnp.array([1.0, 1.0])))  # doctest: +NUMBER
   0.7071
   """
-  a, b = _pair(a, b)
+  a, b, dtype = _up(*_pair(a, b))
   norm_a = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(a), axis=-1)), eps)
   norm_b = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(b), axis=-1)), eps)
-  return jnp.sum(a * b, axis=-1) / (norm_a * norm_b)
+  return (jnp.sum(a * b, axis=-1) / (norm_a * norm_b)).astype(dtype)
 
 
 def cosine_distance(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.Array:
@@ -183,7 +194,8 @@ def cosine_distance(a: jax.Array, b: jax.Array, *, eps: float = 1e-8) -> jax.Arr
   >>> float(cosine_distance(jnp.array([1.0, 0.0]), jnp.array([-1.0, 0.0])))
   2.0
   """
-  return 1.0 - cosine_similarity(a, b, eps=eps)
+  a, b, dtype = _up(*_pair(a, b))
+  return (1.0 - cosine_similarity(a, b, eps=eps)).astype(dtype)
 
 
 def inverse_distance_similarity(d: jax.Array) -> jax.Array:
@@ -238,7 +250,10 @@ def pairwise_distances(
   """All distances between the rows of ``x`` and ``y`` through one matrix product.
 
   Computes ``||x_i||^2 + ||y_j||^2 - 2 <x_i, y_j>`` (clamped at 0) so memory is
-  ``O(N M)``, never the ``O(N M D)`` of broadcasting ``x[:, None] - y[None]``.
+  ``O(N M)``, never the ``O(N M D)`` of broadcasting ``x[:, None] - y[None]``. For the
+  Euclidean distances both sides are first centred on the mean of ``y``, so a large
+  offset shared by the embeddings (``1e3 u + noise``) does not cancel catastrophically;
+  float16/bfloat16 inputs are computed in float32 and returned in their own dtype.
 
   Args:
     x: ``[N, D]`` floating embeddings.
@@ -264,16 +279,39 @@ def pairwise_distances(
   _checks.rank("y", y, 2, "[M, D] embeddings")
   if x.shape[1] != y.shape[1]:
     raise ValueError(f"x and y must have the same embedding size D, got {x.shape} and {y.shape}")
-  dot = jnp.matmul(x, y.T, precision=precision)
+  if distance not in ("euclidean", "squared_euclidean", "cosine"):
+    raise ValueError(
+        f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")
+  dtype = jnp.result_type(x, y)
+  work = _work_dtype(dtype)
+  return _pairwise(x.astype(work), y.astype(work), distance, precision).astype(dtype)
+
+
+def _work_dtype(dtype) -> jnp.dtype:
+  """float32 for float16/bfloat16 (their squares overflow or lose digits), else ``dtype``."""
+  return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
+
+
+def _pairwise(x: jax.Array, y: jax.Array, distance: str,
+              precision=jax.lax.Precision.HIGHEST, centre: bool = True) -> jax.Array:
+  """:func:`pairwise_distances` without the checks or the dtype round trip (private).
+
+  Euclidean distances are translation-invariant, so both sides are first centred on
+  the mean of ``y`` (a constant for the gradient, which is exact since the distances do
+  not depend on it): the Gram expansion then cancels no large shared offset.
+  Pass ``centre=False`` when the caller has centred both already.
+  """
   if distance == "cosine":
+    dot = jnp.matmul(x, y.T, precision=precision)
     nx = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(x), axis=-1)), 1e-8)
     ny = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(y), axis=-1)), 1e-8)
     return 1.0 - dot / (nx[:, None] * ny[None, :])
+  if centre:
+    mean = jax.lax.stop_gradient(jnp.mean(y, axis=0, keepdims=True))
+    x, y = x - mean, y - mean
+  dot = jnp.matmul(x, y.T, precision=precision)
   sq = jnp.sum(jnp.square(x), -1)[:, None] + jnp.sum(jnp.square(y), -1)[None, :] - 2.0 * dot
   sq = jnp.maximum(sq, 0.0)
   if distance == "squared_euclidean":
     return sq
-  if distance == "euclidean":
-    return safe_sqrt(sq)
-  raise ValueError(
-      f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")
+  return safe_sqrt(sq)

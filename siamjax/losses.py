@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from siamjax import _checks
 from siamjax import distances as _distances
@@ -183,14 +184,41 @@ def _in_batch_inputs(embeddings, labels) -> tuple[jax.Array, jax.Array]:
   return emb, labels
 
 
-def valid_anchors(labels: jax.Array) -> jax.Array:
-  """``[B]`` bool mask of anchors with at least one positive and one negative.
+_NEEDS = ("both", "positive", "any")
+
+
+def valid_anchors(
+    labels: jax.Array,
+    *,
+    need: str = "both",
+    valid: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+) -> jax.Array:
+  """``[B]`` bool mask of the anchors that carry a loss.
+
+  Which anchors carry a loss depends on the loss (each loss's docstring names its
+  ``need``; the module docstring has the table):
+
+  * ``need="both"`` (default): at least one positive and one negative partner
+    (the triplet losses, :func:`ntxent_loss`, :func:`circle_loss`);
+  * ``need="positive"``: at least one positive (:func:`in_batch_softmax_loss`);
+  * ``need="any"``: at least one partner of either kind
+    (:func:`all_pairs_contrastive_loss`, :func:`multi_similarity_loss`,
+    :func:`lifted_structure_loss`).
 
   Args:
     labels: ``[B]`` integer class ids.
+    need: ``"both"``, ``"positive"`` or ``"any"``, as above.
+    valid: optional ``[B]`` bool; False rows are neither anchors nor partners.
+    ref_labels: optional ``[R]`` labels of a reference set: partners then come from it
+      and no anchor is excluded from its own partners (pass what the loss got).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` bool: True where the in-batch losses can form a pair/triplet for the anchor.
+    ``[B]`` bool: True where the loss is defined for the anchor, so that
+    ``jnp.sum(loss) / jnp.maximum(jnp.sum(valid_anchors(labels, need=...)), 1)`` is the
+    mean over those anchors.
 
   References:
     See :func:`batch_hard_triplet_loss`.
@@ -198,36 +226,136 @@ def valid_anchors(labels: jax.Array) -> jax.Array:
   >>> import jax.numpy as jnp
   >>> valid_anchors(jnp.array([0, 0, 1])).tolist()
   [True, True, False]
+  >>> valid_anchors(jnp.array([0, 0, 1]), need="any").tolist()
+  [True, True, True]
   """
+  if need not in _NEEDS:
+    raise ValueError(f"need must be 'both', 'positive' or 'any', got {need!r}")
   labels = _checks.as_array("labels", labels)
-  same = labels[:, None] == labels[None, :]
-  n_pos = jnp.sum(same, axis=1) - 1
-  n_neg = labels.shape[0] - 1 - n_pos
-  return (n_pos > 0) & (n_neg > 0)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+  _checks.rank("labels", labels, 1, "[batch] class ids")
+  b = labels.shape[0]
+  valid_B = _mask("valid", valid, b)
+  if ref_labels is None:
+    if ref_valid is not None:
+      raise ValueError("ref_valid was given without ref_labels")
+    ref_L, ref_valid_R = labels, valid_B
+    not_self = ~jnp.eye(b, dtype=bool)
+  else:
+    ref_L = _checks.as_array("ref_labels", ref_labels)
+    if not jnp.issubdtype(ref_L.dtype, jnp.integer):
+      raise ValueError(f"ref_labels must be integer class ids, got dtype {ref_L.dtype}")
+    _checks.rank("ref_labels", ref_L, 1, "[R] class ids")
+    ref_valid_R = _mask("ref_valid", ref_valid, ref_L.shape[0])
+    not_self = True
+  partner = not_self & valid_B[:, None] & ref_valid_R[None, :]
+  same = labels[:, None] == ref_L[None, :]
+  has_pos = jnp.any(same & partner, axis=1)
+  has_neg = jnp.any(~same & partner, axis=1)
+  if need == "both":
+    return has_pos & has_neg
+  if need == "positive":
+    return has_pos
+  return has_pos | has_neg
+
+
+def _mask(name: str, mask, n: int) -> jax.Array:
+  """Checks an optional ``[n]`` bool row mask; all True when ``None``."""
+  if mask is None:
+    return jnp.ones((n,), dtype=bool)
+  mask = _checks.as_array(name, mask)
+  if mask.dtype != jnp.bool_:
+    raise ValueError(f"{name} must be a bool mask, got dtype {mask.dtype}")
+  _checks.rank(name, mask, 1, f"[{n}] bool, one per row")
+  if mask.shape[0] != n:
+    raise ValueError(f"{name} has {mask.shape[0]} entries but there are {n} rows")
+  return mask
+
+
+def _chunk_size(chunk_size) -> int:
+  if (isinstance(chunk_size, (bool, np.bool_))
+      or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  return int(chunk_size)
+
+
+def _anchor_rows(anchor_indices, b: int) -> jax.Array:
+  """Checks ``anchor_indices`` (``[A]`` rows of ``[0, b)``; range checked when concrete)."""
+  if anchor_indices is None:
+    return jnp.arange(b)
+  rows_A = _checks.as_array("anchor_indices", anchor_indices)
+  if not jnp.issubdtype(rows_A.dtype, jnp.integer):
+    raise ValueError(f"anchor_indices must be integer rows, got dtype {rows_A.dtype}")
+  _checks.rank("anchor_indices", rows_A, 1, "[A] rows of embeddings")
+  _checks.nonempty("anchor_indices", rows_A)
+  if _checks._is_concrete(rows_A):
+    r = np.asarray(rows_A)
+    bad = r[(r < 0) | (r >= b)]
+    if bad.size:
+      raise ValueError(
+          f"anchor_indices must be rows in [0, {b}) of embeddings, found {bad[:5].tolist()}")
+  return rows_A
+
+
+def _reference(emb, ref_embeddings, ref_labels, ref_valid):
+  """Checks the reference-set keywords; returns ``None`` or ``(ref [R, D], labels, valid)``."""
+  if ref_embeddings is None:
+    if ref_labels is not None or ref_valid is not None:
+      raise ValueError("ref_labels/ref_valid were given without ref_embeddings")
+    return None
+  ref = _checks.floating("ref_embeddings", ref_embeddings)
+  _checks.rank("ref_embeddings", ref, 2, "[R, D]")
+  _checks.nonempty("ref_embeddings", ref)
+  if ref.shape[1] != emb.shape[1]:
+    raise ValueError(
+        f"ref_embeddings must have the embeddings' size D = {emb.shape[1]}, got {ref.shape}")
+  if ref_labels is None:
+    raise ValueError("ref_labels is required with ref_embeddings ([R] class ids)")
+  ref_labels = _checks.class_labels("ref_labels", ref_labels, ref.shape[0])
+  return ref, ref_labels, _mask("ref_valid", ref_valid, ref.shape[0])
+
+
+def _compute_dtype(*arrays) -> jnp.dtype:
+  """float32 for half-precision inputs (the losses are computed and returned in it)."""
+  dtype = jnp.result_type(*arrays)
+  return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
 
 
 def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
-                       chunk_size: int, anchor_indices=None) -> jax.Array:
-  """Applies ``reduce(dist_CxB, same_CxB, not_self_CxB) -> [C]`` to chunks of anchors.
+                       chunk_size: int, anchor_indices=None, valid=None,
+                       ref_embeddings=None, ref_labels=None, ref_valid=None) -> jax.Array:
+  """Applies ``reduce(dist_CxR, pos_CxR, neg_CxR) -> [C]`` to chunks of anchors.
 
-  Each chunk's ``[C, B]`` distances come from one matrix product against the whole
-  batch; the body is rematerialised in the backward pass, so the saved residuals are
-  the chunks' inputs only and memory stays ``O(C B)``.
+  The partners are the batch itself (each anchor excluded from its own partners) or,
+  with ``ref_embeddings``, the reference set (nothing excluded). ``pos``/``neg`` mark the
+  positive/negative partners of each anchor; rows with ``valid``/``ref_valid`` False are
+  no one's partner, and an anchor whose ``valid`` is False has no partner at all and
+  gets 0. Each chunk's ``[C, R]`` distances come from one matrix product against the
+  partners; the body is rematerialised in the backward pass, so the saved residuals are
+  the chunks' inputs only and memory stays ``O(C R)``. Half-precision inputs are
+  computed in float32 and the result is float32.
   """
   if distance not in ("euclidean", "squared_euclidean", "cosine"):
     raise ValueError(
         f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  idx_B = jnp.arange(emb.shape[0])
-  if anchor_indices is None:
-    rows_A = idx_B
+  chunk_size = _chunk_size(chunk_size)
+  b = emb.shape[0]
+  valid_B = _mask("valid", valid, b)
+  ref = _reference(emb, ref_embeddings, ref_labels, ref_valid)
+  rows_A = _anchor_rows(anchor_indices, b)
+  dtype = _compute_dtype(emb, *(() if ref is None else (ref[0],)))
+  emb = emb.astype(dtype)
+  if ref is None:
+    partners_R, labels_R, valid_R = emb, labels, valid_B
   else:
-    rows_A = _checks.as_array("anchor_indices", anchor_indices)
-    if not jnp.issubdtype(rows_A.dtype, jnp.integer):
-      raise ValueError(f"anchor_indices must be integer rows, got dtype {rows_A.dtype}")
-    _checks.rank("anchor_indices", rows_A, 1, "[A] rows of embeddings")
-    _checks.nonempty("anchor_indices", rows_A)
+    partners_R, labels_R, valid_R = ref[0].astype(dtype), ref[1], ref[2]
+  if distance != "cosine":  # translation-invariant: centre once (see distances._pairwise)
+    w_R = valid_R[:, None].astype(dtype)  # on the valid partners (padding may be far off)
+    mean = jnp.sum(w_R * partners_R, axis=0, keepdims=True) / jnp.maximum(jnp.sum(w_R), 1.0)
+    mean = jax.lax.stop_gradient(mean)
+    emb, partners_R = emb - mean, partners_R - mean
+  idx_B = jnp.arange(b)
   a = rows_A.shape[0]
   c = min(chunk_size, a)
   n_chunks = -(-a // c)
@@ -236,10 +364,13 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
 
   @jax.checkpoint
   def body(rows_C):
-    dist_CxB = _distances.pairwise_distances(emb[rows_C], emb, distance=distance)
-    same_CxB = labels[rows_C][:, None] == labels[None, :]
-    not_self_CxB = rows_C[:, None] != idx_B[None, :]
-    return reduce(dist_CxB, same_CxB, not_self_CxB)
+    dist_CxR = _distances._pairwise(emb[rows_C], partners_R, distance, centre=False)
+    same_CxR = labels[rows_C][:, None] == labels_R[None, :]
+    partner_CxR = valid_B[rows_C][:, None] & valid_R[None, :]
+    if ref is None:
+      partner_CxR = partner_CxR & (rows_C[:, None] != idx_B[None, :])
+    out = reduce(dist_CxR, same_CxR & partner_CxR, ~same_CxR & partner_CxR)
+    return jnp.where(valid_B[rows_C], out, 0.0)
 
   out = jax.lax.map(body, anchor_idx) if n_chunks > 1 else body(anchor_idx[0])[None]
   return out.reshape(-1)[:a]
@@ -267,6 +398,10 @@ def batch_all_triplet_loss(
     distance: str = "euclidean",
     chunk_size: int = 256,
     anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
 ) -> jax.Array:
   """Batch-all triplet loss: every valid (anchor, positive, negative) in the batch.
 
@@ -286,6 +421,13 @@ def batch_all_triplet_loss(
       (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
+    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
+      partners, and their loss and gradient are 0 (their values must be finite).
+    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
+      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
+      excluded: a copy of an anchor inside it is a positive at distance 0.
+    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
     ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any).
@@ -302,9 +444,7 @@ def batch_all_triplet_loss(
   emb, labels = _in_batch_inputs(embeddings, labels)
   _checks.positive_scalar("margin", margin, allow_zero=True)
 
-  def reduce(dist, same, not_self):
-    pos = same & not_self
-    neg = ~same
+  def reduce(dist, pos, neg):
     keys_sorted, _, prefix, n_neg = _sorted_negatives(dist, neg)
     threshold = dist + margin  # [C, B]: one query per candidate positive
     k = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="left"))(keys_sorted, threshold)
@@ -314,7 +454,8 @@ def batch_all_triplet_loss(
     n_triplets = jnp.sum(pos, axis=1) * n_neg
     return jnp.where(n_triplets > 0, total / jnp.maximum(n_triplets, 1), 0.0)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
 
 
 def batch_hard_triplet_loss(
@@ -326,6 +467,10 @@ def batch_hard_triplet_loss(
     soft: bool = False,
     chunk_size: int = 256,
     anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
 ) -> jax.Array:
   """Batch-hard triplet loss: each anchor's farthest positive against its closest negative.
 
@@ -343,6 +488,13 @@ def batch_hard_triplet_loss(
       (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
+    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
+      partners, and their loss and gradient are 0 (their values must be finite).
+    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
+      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
+      excluded: a copy of an anchor inside it is a positive at distance 0.
+    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
@@ -359,9 +511,7 @@ def batch_hard_triplet_loss(
   emb, labels = _in_batch_inputs(embeddings, labels)
   _checks.positive_scalar("margin", margin, allow_zero=True)
 
-  def reduce(dist, same, not_self):
-    pos = same & not_self
-    neg = ~same
+  def reduce(dist, pos, neg):
     hardest_pos = jnp.max(jnp.where(pos, dist, -jnp.inf), axis=1)
     hardest_neg = jnp.min(jnp.where(neg, dist, jnp.inf), axis=1)
     valid = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
@@ -369,7 +519,8 @@ def batch_hard_triplet_loss(
     loss = jax.nn.softplus(gap) if soft else jnp.maximum(gap + margin, 0.0)
     return jnp.where(valid, loss, 0.0)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
 
 
 def semi_hard_triplet_loss(
@@ -380,6 +531,10 @@ def semi_hard_triplet_loss(
     distance: str = "euclidean",
     chunk_size: int = 256,
     anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
 ) -> jax.Array:
   """Semi-hard triplet loss (FaceNet's online mining).
 
@@ -398,6 +553,13 @@ def semi_hard_triplet_loss(
       (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
+    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
+      partners, and their loss and gradient are 0 (their values must be finite).
+    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
+      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
+      excluded: a copy of an anchor inside it is a positive at distance 0.
+    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
@@ -414,9 +576,7 @@ def semi_hard_triplet_loss(
   emb, labels = _in_batch_inputs(embeddings, labels)
   _checks.positive_scalar("margin", margin, allow_zero=True)
 
-  def reduce(dist, same, not_self):
-    pos = same & not_self
-    neg = ~same
+  def reduce(dist, pos, neg):
     keys_sorted, vals_sorted, _, n_neg = _sorted_negatives(dist, neg)
     k = jax.vmap(lambda s, q: jnp.searchsorted(s, q, side="right"))(keys_sorted, dist)
     farthest = jnp.maximum(n_neg - 1, 0)[:, None]
@@ -428,7 +588,8 @@ def semi_hard_triplet_loss(
     total = jnp.sum(jnp.where(valid, per_pair, 0.0), axis=1)
     return jnp.where(n_pairs > 0, total / jnp.maximum(n_pairs, 1), 0.0)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
 
 
 def all_pairs_contrastive_loss(
@@ -439,6 +600,10 @@ def all_pairs_contrastive_loss(
     distance: str = "euclidean",
     chunk_size: int = 256,
     anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
 ) -> jax.Array:
   """Contrastive loss over every pair in the batch, averaged per anchor.
 
@@ -455,6 +620,13 @@ def all_pairs_contrastive_loss(
       (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
+    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
+      partners, and their loss and gradient are 0 (their values must be finite).
+    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
+      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
+      excluded: a copy of an anchor inside it is a positive at distance 0.
+    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
     ``[B]`` per-anchor losses (0 when ``B == 1``).
@@ -469,14 +641,16 @@ def all_pairs_contrastive_loss(
   emb, labels = _in_batch_inputs(embeddings, labels)
   _checks.positive_scalar("margin", margin, allow_zero=True)
 
-  def reduce(dist, same, not_self):
-    y = same.astype(dist.dtype)
+  def reduce(dist, pos, neg):
+    y = pos.astype(dist.dtype)
+    not_self = pos | neg
     per_pair = 0.5 * y * jnp.square(dist) + 0.5 * (1 - y) * jnp.square(
         jnp.maximum(margin - dist, 0.0))
     n = jnp.sum(not_self, axis=1)
     return jnp.sum(jnp.where(not_self, per_pair, 0.0), axis=1) / jnp.maximum(n, 1)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
 
 
 def ntxent_loss(
@@ -486,6 +660,10 @@ def ntxent_loss(
     temperature: float = 0.07,
     chunk_size: int = 256,
     anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
 ) -> jax.Array:
   """NT-Xent (normalised temperature-scaled cross-entropy), per anchor.
 
@@ -504,6 +682,13 @@ def ntxent_loss(
       (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
+    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
+      partners, and their loss and gradient are 0 (their values must be finite).
+    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
+      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
+      excluded: a copy of an anchor inside it is a positive at distance 0.
+    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive).
@@ -520,10 +705,9 @@ def ntxent_loss(
   emb, labels = _in_batch_inputs(embeddings, labels)
   _checks.positive_scalar("temperature", temperature)
 
-  def reduce(dist, same, not_self):
+  def reduce(dist, pos, neg):
     logits = (1.0 - dist) / temperature  # cosine similarity / temperature
-    pos = same & not_self
-    neg = ~same
+    not_self = pos | neg
     shift = jax.lax.stop_gradient(jnp.max(jnp.where(not_self, logits, -jnp.inf), axis=1))
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)[:, None]
     neg_sum = jnp.sum(jnp.where(neg, jnp.exp(logits - shift), 0.0), axis=1, keepdims=True)
@@ -532,7 +716,8 @@ def ntxent_loss(
     total = jnp.sum(jnp.where(pos, per_pair, 0.0), axis=1)
     return jnp.where(n_pos > 0, total / jnp.maximum(n_pos, 1), 0.0)
 
-  return _map_anchor_chunks(reduce, "cosine", emb, labels, chunk_size, anchor_indices)
+  return _map_anchor_chunks(reduce, "cosine", emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
 
 
 def in_batch_softmax_loss(
@@ -543,6 +728,10 @@ def in_batch_softmax_loss(
     distance: str = "squared_euclidean",
     chunk_size: int = 256,
     anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
 ) -> jax.Array:
   """In-batch softmax over negative distances (n-pair / one-shot prototypical loss), per anchor.
 
@@ -559,6 +748,13 @@ def in_batch_softmax_loss(
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (all ``B`` by default); the result is then ``[A]``.
+    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
+      partners, and their loss and gradient are 0 (their values must be finite).
+    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
+      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
+      excluded: a copy of an anchor inside it is a positive at distance 0.
+    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive).
@@ -576,15 +772,17 @@ def in_batch_softmax_loss(
   emb, labels = _in_batch_inputs(embeddings, labels)
   _checks.positive_scalar("temperature", temperature)
 
-  def reduce(dist, same, not_self):
-    logits = jnp.where(not_self, -dist / temperature, -jnp.inf)
+  def reduce(dist, pos, neg):
+    partner = pos | neg
+    has_partner = jnp.any(partner, axis=1, keepdims=True)  # else a finite dummy row
+    logits = jnp.where(partner, -dist / temperature, jnp.where(has_partner, -jnp.inf, 0.0))
     log_p = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
-    pos = same & not_self
     n_pos = jnp.sum(pos, axis=1)
     total = jnp.sum(jnp.where(pos, log_p, 0.0), axis=1)
     return jnp.where(n_pos > 0, -total / jnp.maximum(n_pos, 1), 0.0)
 
-  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices)
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
 
 
 # ---------------------------------------------------------------------------------
@@ -597,14 +795,14 @@ def in_batch_softmax_loss(
 # one ``[B, C]`` matrix product. Labels must be class ids in ``[0, C)``: outside ``jit``
 # anything else raises ``ValueError``; under ``jit`` (where values are unknown) an
 # out-of-range label gives NaN for its anchor instead of a silently clamped index.
-# float16/bfloat16 inputs are computed in float32 and the result is cast back.
+# float16/bfloat16 inputs are computed and returned in float32, as everywhere here.
 
 
 def _proxy_inputs(embeddings, labels, class_name: str, classes, valid):
   """Checks ``[B, D]`` embeddings, ``[B]`` labels, ``[C, D]`` classes and the valid mask.
 
-  Returns ``(emb, classes, labels, valid, in_range, out_dtype)`` with ``emb`` and
-  ``classes`` in a common floating dtype of at least float32.
+  Returns ``(emb, classes, labels, valid, in_range)`` with ``emb`` and ``classes`` in
+  their common dtype (float32 for half-precision inputs, as the in-batch losses).
   """
   emb, labels = _in_batch_inputs(embeddings, labels)
   classes = _checks.floating(class_name, classes)
@@ -613,24 +811,17 @@ def _proxy_inputs(embeddings, labels, class_name: str, classes, valid):
   if classes.shape[1] != emb.shape[1]:
     raise ValueError(f"{class_name} must be [C, D] with the embeddings' D = {emb.shape[1]}, "
                      f"got shape {classes.shape}")
-  b, n_classes = emb.shape[0], classes.shape[0]
-  if valid is None:
-    valid = jnp.ones((b,), bool)
-  else:
-    valid = _checks.as_array("valid", valid)
-    if valid.dtype != jnp.bool_:
-      raise ValueError(f"valid must be a bool mask, got dtype {valid.dtype}")
-    if valid.shape != (b,):
-      raise ValueError(f"valid must have shape [B] = ({b},), got {valid.shape}")
+  n_classes = classes.shape[0]
+  valid = _mask("valid", valid, emb.shape[0])
   if _checks._is_concrete(labels) and _checks._is_concrete(valid):
-    bad = labels[valid & ((labels < 0) | (labels >= n_classes))]
+    bad = np.asarray(labels)[np.asarray(valid)]
+    bad = bad[(bad < 0) | (bad >= n_classes)]
     if bad.size:
       raise ValueError(f"labels must be class ids in [0, {n_classes}) (one row of "
                        f"{class_name} per class), found {sorted(set(bad.tolist()))[:5]}")
   in_range = (labels >= 0) & (labels < n_classes)
-  out_dtype = jnp.result_type(emb.dtype, classes.dtype)
-  dtype = jnp.promote_types(out_dtype, jnp.float32)
-  return emb.astype(dtype), classes.astype(dtype), labels, valid, in_range, out_dtype
+  dtype = _compute_dtype(emb, classes)
+  return emb.astype(dtype), classes.astype(dtype), labels, valid, in_range
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -645,13 +836,13 @@ def _cosine_to_classes(emb: jax.Array, classes: jax.Array) -> jax.Array:
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def _softmax_cross_entropy(logits, labels, valid, in_range, out_dtype):
+def _softmax_cross_entropy(logits, labels, valid, in_range):
   """Per-row ``logsumexp(logits) - logits[label]``: 0 where not valid, NaN out of range."""
   n_classes = logits.shape[1]
   target = jnp.take_along_axis(logits, jnp.clip(labels, 0, n_classes - 1)[:, None], axis=1)
   loss = jax.nn.logsumexp(logits, axis=1) - target[:, 0]
   loss = jnp.where(in_range, loss, jnp.nan)
-  return jnp.where(valid, loss, 0.0).astype(out_dtype)
+  return jnp.where(valid, loss, 0.0)
 
 
 def _target_mask(labels, n_classes):
@@ -698,11 +889,11 @@ def proxy_nca_loss(
   >>> [round(v, 4) for v in proxy_nca_loss(emb, jnp.array([0, 1]), proxies).tolist()]
   [0.1269, 0.1269]
   """
-  emb, proxies, labels, valid, in_range, out_dtype = _proxy_inputs(
+  emb, proxies, labels, valid, in_range = _proxy_inputs(
       embeddings, labels, "proxies", proxies, valid)
   _checks.positive_scalar("scale", scale)
   logits = 2.0 * scale * _cosine_to_classes(emb, proxies)
-  return _softmax_cross_entropy(logits, labels, valid, in_range, out_dtype)
+  return _softmax_cross_entropy(logits, labels, valid, in_range)
 
 
 def _masked_log1p_sum_exp(x, mask, axis):
@@ -760,7 +951,7 @@ def proxy_anchor_loss(
   >>> round(float(proxy_anchor_loss(emb, jnp.array([0, 1]), proxies)), 4)
   3.24
   """
-  emb, proxies, labels, valid, in_range, out_dtype = _proxy_inputs(
+  emb, proxies, labels, valid, in_range = _proxy_inputs(
       embeddings, labels, "proxies", proxies, valid)
   _checks.positive_scalar("margin", margin, allow_zero=True)
   _checks.positive_scalar("alpha", alpha)
@@ -774,8 +965,7 @@ def proxy_anchor_loss(
   n_with_pos = jnp.sum(jnp.any(pos, axis=0))
   loss = (jnp.where(n_with_pos > 0, jnp.sum(pos_term) / jnp.maximum(n_with_pos, 1), 0.0)
           + jnp.sum(neg_term) / n_classes)
-  loss = jnp.where(jnp.all(in_range | ~valid), loss, jnp.nan)
-  return loss.astype(out_dtype)
+  return jnp.where(jnp.all(in_range | ~valid), loss, jnp.nan)
 
 
 def arcface_loss(
@@ -821,7 +1011,7 @@ def arcface_loss(
   >>> [round(v, 4) for v in arcface_loss(emb, jnp.array([0, 1]), w, scale=4.0).tolist()]
   [0.0294, 0.0294]
   """
-  emb, weights, labels, valid, in_range, out_dtype = _proxy_inputs(
+  emb, weights, labels, valid, in_range = _proxy_inputs(
       embeddings, labels, "weights", weights, valid)
   _checks.positive_scalar("margin", margin, allow_zero=True)
   _checks.positive_scalar("scale", scale)
@@ -834,7 +1024,7 @@ def arcface_loss(
   cos_m, sin_m = jnp.cos(margin), jnp.sin(margin)
   with_margin = jnp.where(c >= -cos_m, c * cos_m - sin * sin_m, c - margin * sin_m)
   logits = scale * jnp.where(target, with_margin, cos)
-  return _softmax_cross_entropy(logits, labels, valid, in_range, out_dtype)
+  return _softmax_cross_entropy(logits, labels, valid, in_range)
 
 
 def cosface_loss(
@@ -875,11 +1065,11 @@ def cosface_loss(
   >>> [round(v, 4) for v in cosface_loss(emb, jnp.array([0, 1]), w, scale=4.0).tolist()]
   [0.0716, 0.0716]
   """
-  emb, weights, labels, valid, in_range, out_dtype = _proxy_inputs(
+  emb, weights, labels, valid, in_range = _proxy_inputs(
       embeddings, labels, "weights", weights, valid)
   _checks.positive_scalar("margin", margin, allow_zero=True)
   _checks.positive_scalar("scale", scale)
   cos = _cosine_to_classes(emb, weights)
   target = _target_mask(labels, weights.shape[0])
   logits = scale * jnp.where(target, cos - margin, cos)
-  return _softmax_cross_entropy(logits, labels, valid, in_range, out_dtype)
+  return _softmax_cross_entropy(logits, labels, valid, in_range)

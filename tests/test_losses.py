@@ -402,3 +402,40 @@ def test_in_batch_bad_input(fn):
   else:
     with pytest.raises(ValueError, match="temperature"):
       fn(emb, labels, temperature=0.0)
+
+
+# -------------------------------------------------------------------------------------
+# valid masks and reference sets (the PML equality is in test_losses_pml.py)
+# -------------------------------------------------------------------------------------
+
+ALL_IN_BATCH = [L.batch_all_triplet_loss, L.batch_hard_triplet_loss, L.semi_hard_triplet_loss,
+                L.all_pairs_contrastive_loss, L.ntxent_loss, L.in_batch_softmax_loss]
+
+
+@pytest.mark.parametrize("fn", ALL_IN_BATCH, ids=lambda f: f.__name__)
+def test_valid_mask_equals_dropping_the_rows(fn):
+  emb, labels = _emb(11, 4), jnp.asarray(RNG.integers(0, 3, size=11), jnp.int32)
+  valid = jnp.asarray(RNG.random(11) < 0.7)
+  keep = np.flatnonzero(np.asarray(valid))
+  out = fn(emb, labels, valid=valid, chunk_size=4)
+  np.testing.assert_allclose(out[keep], fn(emb[keep], labels[keep]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out[~np.asarray(valid)], 0.0)
+  g = jax.grad(lambda e: jnp.sum(fn(e, labels, valid=valid)))(emb)
+  np.testing.assert_array_equal(g[~np.asarray(valid)], 0.0)
+
+
+@pytest.mark.parametrize("fn", ALL_IN_BATCH, ids=lambda f: f.__name__)
+def test_reference_set_partners_are_exactly_the_reference_rows(fn):
+  # Anchor i against a reference set R equals the in-batch loss of anchor 0 in the batch
+  # [a_i; R] (self excluded, every row of R a partner), so a copy of a_i in R is a positive.
+  emb, labels = _emb(5, 4), jnp.asarray([0, 1, 2, 0, 1], jnp.int32)
+  ref, ref_labels = jnp.concatenate([_emb(6, 4), emb[:2]]), jnp.asarray([0, 0, 1, 1, 2, 1, 0, 1])
+  ref_valid = jnp.asarray([True] * 5 + [False, True, True])
+  out = fn(emb, labels, ref_embeddings=ref, ref_labels=ref_labels, ref_valid=ref_valid,
+           chunk_size=2)
+  keep = np.flatnonzero(np.asarray(ref_valid))
+  want = [fn(jnp.concatenate([emb[i:i + 1], ref[keep]]),
+             jnp.concatenate([labels[i:i + 1], ref_labels[keep]]),
+             anchor_indices=jnp.array([0]))[0] for i in range(5)]
+  # atol: the copy's Gram-matrix distance is sqrt(rounding) ~ 1e-3, not exactly 0
+  np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)

@@ -202,7 +202,7 @@ def test_float16_large_embeddings_are_finite(name):
   x16 = jnp.asarray(1e4 * _unit(x), jnp.float16)
   value, grads = jax.jit(jax.value_and_grad(fn, argnums=(0, 2)))(x16, jnp.asarray(y),
                                                         jnp.asarray(w, jnp.float16))
-  assert value.dtype == jnp.float16 and np.isfinite(float(value))
+  assert value.dtype == jnp.float32 and np.isfinite(float(value))  # computed in float32
   assert all(np.all(np.isfinite(np.asarray(g, np.float32))) for g in grads)
 
 
@@ -218,7 +218,7 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
     L.cosface_loss(x, y, w[0])
   with pytest.raises(ValueError, match="valid must be a bool mask"):
     L.proxy_nca_loss(x, y, w, valid=jnp.ones(len(y)))
-  with pytest.raises(ValueError, match="valid must have shape"):
+  with pytest.raises(ValueError, match="valid has 3 entries"):
     L.proxy_nca_loss(x, y, w, valid=jnp.ones(3, bool))
   with pytest.raises(ValueError, match="margin is in radians"):
     L.arcface_loss(x, y, w, margin=180.0)
