@@ -130,35 +130,35 @@ def _pml_per_anchor(loss_dict, b, torch):
 
 
 def _pml_xbm(kind, d, size, margin):
-  pml = pytest.importorskip("pytorch_metric_learning")
-  from pytorch_metric_learning import distances, losses, reducers
+  pytest.importorskip("pytorch_metric_learning")
+  from pytorch_metric_learning import distances, losses, miners, reducers
   dist = distances.LpDistance(normalize_embeddings=False)
+  miner = None
   if kind == "contrastive":
     inner = losses.ContrastiveLoss(pos_margin=0, neg_margin=margin, distance=dist,
                                    reducer=reducers.DoNothingReducer())
   else:
     inner = losses.TripletMarginLoss(margin=margin, distance=dist,
                                      reducer=reducers.DoNothingReducer())
-  assert pml.__version__.startswith("2.")
-  return losses.CrossBatchMemory(inner, d, memory_size=size)
+    if kind == "batch_hard":
+      miner = miners.BatchHardMiner(distance=dist)
+  return losses.CrossBatchMemory(inner, d, memory_size=size, miner=miner)
 
 
-def _siamjax_losses(kind):
-  fns = [naive_contrastive if kind == "contrastive" else naive_batch_all]
-  if "ref_embeddings" in L.all_pairs_contrastive_loss.__code__.co_varnames:
-    fns.append(L.all_pairs_contrastive_loss if kind == "contrastive"
-               else L.batch_all_triplet_loss)
-  return fns
+# kind -> the losses compared with PML: a naive one written here and siamjax's own
+SIAMJAX = {"contrastive": [naive_contrastive, L.all_pairs_contrastive_loss],
+           "triplet": [naive_batch_all, L.batch_all_triplet_loss],
+           "batch_hard": [L.batch_hard_triplet_loss]}
 
 
-@pytest.mark.parametrize("kind", ["contrastive", "triplet"])
+@pytest.mark.parametrize("kind", list(SIAMJAX))
 @pytest.mark.parametrize("b,size,seed", [(5, 12, 0), (4, 4, 1), (3, 7, 2)])
 def test_cross_batch_loss_equals_pml_cross_batch_memory(kind, b, size, seed):
   """Values and gradients, step by step: before the memory fills, as it wraps, after."""
   torch = pytest.importorskip("torch")
   d, margin, n_steps = 3, 1.5, 6
   pml = _pml_xbm(kind, d, size, margin)
-  fns = _siamjax_losses(kind)
+  fns = SIAMJAX[kind]
   with jax.enable_x64(True):
     mems = [memory.init(size, d, jnp.float64) for _ in fns]
 
@@ -213,7 +213,7 @@ def test_exclude_self_false_and_valid_rows():
 def test_cross_batch_loss_shards_with_cross_device_loss():
   if jax.device_count() < 2:
     pytest.skip("needs 2 devices (conftest makes 8 fake CPU devices)")
-  fn = _siamjax_losses("contrastive")[-1]
+  fn = L.all_pairs_contrastive_loss
   rng = np.random.default_rng(6)
   mem = memory.init(10, 3)
   for _ in range(2):  # some history in the memory
@@ -244,7 +244,7 @@ def test_cross_batch_loss_shards_with_cross_device_loss():
 def test_jitted_train_step_with_memory_runs_and_does_not_retrace():
   import chex
   import optax
-  fn = _siamjax_losses("contrastive")[-1]
+  fn = L.all_pairs_contrastive_loss
   opt = optax.adam(1e-2)
   k_w, k_data = jax.random.split(jax.random.key(0))
   params = {"w1": 0.3 * jax.random.normal(k_w, (6, 8)), "w2": jnp.eye(8, 4)}
