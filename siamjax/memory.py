@@ -51,6 +51,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from siamjax import _checks
 
@@ -282,14 +283,23 @@ def cross_batch_loss(
     return loss_fn(emb, labels, **reference(mem), **extra, **kwargs)
   if b > mem.size:
     raise ValueError(f"embeddings has {b} rows, more than the memory's {mem.size} slots")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+  if (isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer))
+      or chunk_size < 1):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  chunk_size = int(chunk_size)
   own = last_slots(mem, b)
   rows = jnp.arange(b) if anchor_indices is None else _checks.as_array(
       "anchor_indices", anchor_indices)
   if not jnp.issubdtype(rows.dtype, jnp.integer):
     raise ValueError(f"anchor_indices must be integer rows, got dtype {rows.dtype}")
   _checks.rank("anchor_indices", rows, 1, "[A] rows of embeddings")
+  _checks.nonempty("anchor_indices", rows)
+  if _checks._is_concrete(rows):
+    r = np.asarray(rows)
+    bad = r[(r < 0) | (r >= b)]
+    if bad.size:
+      raise ValueError(
+          f"anchor_indices must be rows in [0, {b}) of embeddings, found {bad[:5].tolist()}")
   if valid is not None:
     valid = _checks.as_array("valid", valid)
     if valid.dtype != jnp.bool_ or valid.shape != (b,):

@@ -101,6 +101,11 @@ def test_bad_inputs_raise_value_errors():
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):
     memory.cross_batch_loss(naive_contrastive, mem, jnp.zeros((2, 3)),
                             jnp.zeros(2, jnp.int32), chunk_size=0)
+  with pytest.raises(ValueError, match=r"anchor_indices must be rows in \[0, 2\)"):
+    memory.cross_batch_loss(naive_contrastive, mem, jnp.zeros((2, 3)),
+                            jnp.zeros(2, jnp.int32), anchor_indices=jnp.array([2]))
+  with pytest.raises(ValueError, match="the memory stores D = 3"):
+    memory.cross_batch_loss(naive_contrastive, mem, jnp.zeros((2, 4)), jnp.zeros(2, jnp.int32))
 
 
 # -- cross_batch_loss against PML's CrossBatchMemory --------------------------------------------
@@ -196,18 +201,18 @@ def test_exclude_self_false_and_valid_rows():
   x = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
   y = jnp.array([0, 0, 1, 1])
   mem = memory.push(memory.init(6, 2), x, y)
-  plain = memory.cross_batch_loss(naive_contrastive, mem, x, y, exclude_self=False)
+  xbl = jax.jit(functools.partial(memory.cross_batch_loss, naive_contrastive),
+                static_argnames="exclude_self")
+  plain = xbl(mem, x, y, exclude_self=False)
   np.testing.assert_allclose(plain, naive_contrastive(x, y, **memory.reference(mem)))
   # each anchor's own copy is a positive at distance 0: it adds a zero term to the mean
-  excluded = memory.cross_batch_loss(naive_contrastive, mem, x, y)
+  excluded = xbl(mem, x, y)
   np.testing.assert_allclose(plain, excluded * 3 / 4, rtol=1e-6)
   keep = jnp.array([True, False, True, True])
-  masked = memory.cross_batch_loss(naive_contrastive, mem, x, y, valid=keep)
-  np.testing.assert_allclose(masked, jnp.where(keep, excluded, 0.0), rtol=1e-6)
+  np.testing.assert_allclose(xbl(mem, x, y, valid=keep), jnp.where(keep, excluded, 0.0),
+                             rtol=1e-6)
   rows = jnp.array([3, 0])
-  np.testing.assert_allclose(
-      memory.cross_batch_loss(naive_contrastive, mem, x, y, anchor_indices=rows),
-      excluded[rows], rtol=1e-6)
+  np.testing.assert_allclose(xbl(mem, x, y, anchor_indices=rows), excluded[rows], rtol=1e-6)
 
 
 def test_cross_batch_loss_shards_with_cross_device_loss():
