@@ -7,15 +7,41 @@ example and never reduces.** The example is
 * the triplet for :func:`triplet_margin_loss`: ``[P]``;
 * the anchor for in-batch losses, which take embeddings ``[B, D]`` with integer labels
   ``[B]`` and form every pair or triplet on the device: ``[B]``, each anchor's *mean* over
-  its own pairs/triplets. An anchor with no valid pair/triplet (for example the only
-  member of its class) gets 0; :func:`valid_anchors` returns the mask of anchors that
-  have one.
+  its own pairs/triplets (or its element loss, for the losses defined per anchor). An
+  anchor without the partners its loss needs (for example the only member of its class)
+  gets 0; :func:`valid_anchors` returns the mask of anchors that carry a loss. The
+  exceptions, documented on each: :func:`multi_similarity_loss` and
+  :func:`lifted_structure_loss` keep each anchor's positive and negative terms apart, so
+  an anchor with only positives or only negatives still pays; so do
+  :func:`all_pairs_contrastive_loss` (a mean over every pair) and
+  :func:`in_batch_softmax_loss` (an anchor with two positives and no negative).
 
-Reduce with ``jnp.mean(loss)``; for in-batch losses on unbalanced batches
-``jnp.sum(loss) / jnp.maximum(jnp.sum(valid_anchors(labels)), 1)`` averages over the
-anchors that carry a loss. With the usual P x K batches (P classes, K samples each)
-every anchor has the same number of pairs, so the mean over anchors equals the mean
-over all pairs/triplets.
+Reduce with ``jnp.mean(loss)``; on unbalanced batches
+``jnp.sum(loss) / jnp.maximum(jnp.sum(valid_anchors(labels, need=NEED)), 1)`` averages
+over the anchors that carry a loss, with ``NEED`` the loss's:
+
+* ``"both"`` (a positive and a negative): :func:`batch_all_triplet_loss`,
+  :func:`batch_hard_triplet_loss`, :func:`semi_hard_triplet_loss`, :func:`ntxent_loss`,
+  :func:`circle_loss`;
+* ``"positive"``: :func:`in_batch_softmax_loss`;
+* ``"any"`` (any partner): :func:`all_pairs_contrastive_loss`,
+  :func:`multi_similarity_loss`, :func:`lifted_structure_loss`
+
+(pass ``valid``/``ref_labels``/``ref_valid`` to :func:`valid_anchors` as to the loss).
+With the usual P x K batches (P classes, K samples each) every anchor has the same
+number of pairs, so the mean over anchors equals the mean over all pairs/triplets.
+
+Masks and reference sets: every in-batch loss takes ``valid`` (``[B]`` bool; False rows,
+such as padding, are neither anchors nor partners and get 0) and a reference set
+``ref_embeddings [R, D]``, ``ref_labels [R]``, ``ref_valid [R]``: anchors then come from
+``embeddings`` and partners from the reference set, with pytorch-metric-learning's
+``ref_emb`` semantics (nothing is excluded, so a copy of an anchor in the reference set
+is a positive at distance 0). A cross-batch memory is such a reference set.
+
+Precision: float16/bfloat16 embeddings are computed in float32 and the in-batch losses
+return float32 (a mixed-precision step wants its loss in float32; a squared distance of
+embeddings near 1e4 does not fit in float16). The Euclidean distances are centred on the
+partners' mean first, so a large offset shared by the embeddings costs no accuracy.
 
 Label convention: ``similar = 1`` (or ``True``) marks a same-class pair, ``0`` a
 different-class pair (as in the Keras ``mnist_siamese.py`` example and most libraries).
@@ -49,6 +75,9 @@ __all__ = [
     "batch_hard_triplet_loss",
     "semi_hard_triplet_loss",
     "all_pairs_contrastive_loss",
+    "multi_similarity_loss",
+    "circle_loss",
+    "lifted_structure_loss",
     "ntxent_loss",
     "in_batch_softmax_loss",
     "valid_anchors",
@@ -134,7 +163,7 @@ def triplet_margin_loss(
     negative: jax.Array,
     *,
     margin: float = 1.0,
-    distance=_distances.euclidean,
+    distance="euclidean",
 ) -> jax.Array:
   """Triplet margin loss ``max(d(a, p) - d(a, n) + margin, 0)``, per triplet.
 
@@ -143,9 +172,11 @@ def triplet_margin_loss(
     positive: ``[P, D]`` embeddings of the anchor's class.
     negative: ``[P, D]`` embeddings of another class.
     margin: the gap by which negatives must be farther than positives.
-    distance: a function ``(a, b) -> [P]``; Euclidean by default (finite gradients at
-      zero distance, unlike ``optax.losses.triplet_margin_loss`` which adds ``eps``
-      inside the norm instead).
+    distance: ``"euclidean"`` (default; finite gradients at zero distance, unlike
+      ``optax.losses.triplet_margin_loss`` which adds ``eps`` inside the norm instead),
+      ``"squared_euclidean"`` or ``"cosine"`` (``1 - cos``), the names the in-batch
+      losses take, or a function ``(a, b) -> [P]`` such as
+      ``siamjax.distances.euclidean``.
 
   Returns:
     ``[P]`` per-triplet losses.
@@ -168,7 +199,25 @@ def triplet_margin_loss(
   _checks.same_shape("anchor", arrays[0], "negative", arrays[2])
   _checks.positive_scalar("margin", margin, allow_zero=True)
   a, p, n = arrays
+  distance = _pair_distance(distance)
   return jnp.maximum(distance(a, p) - distance(a, n) + margin, 0.0)
+
+
+_PAIR_DISTANCES = {"euclidean": _distances.euclidean,
+                   "squared_euclidean": _distances.squared_euclidean,
+                   "cosine": _distances.cosine_distance}
+
+
+def _pair_distance(distance):
+  """A distance name (as the in-batch losses take) or a callable, as a callable."""
+  if isinstance(distance, str):
+    if distance not in _PAIR_DISTANCES:
+      raise ValueError("distance must be 'euclidean', 'squared_euclidean', 'cosine' or a "
+                       f"function (a, b) -> [P], got {distance!r}")
+    return _PAIR_DISTANCES[distance]
+  if not callable(distance):
+    raise ValueError(f"distance must be a name or a function (a, b) -> [P], got {distance!r}")
+  return distance
 
 
 # ---------------------------------------------------------------------------------
@@ -418,7 +467,9 @@ def batch_all_triplet_loss(
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -430,7 +481,10 @@ def batch_all_triplet_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any).
+    ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any;
+    ``valid_anchors(labels)``): the per-anchor mean of pytorch-metric-learning's
+    ``TripletMarginLoss(margin, distance=LpDistance(normalize_embeddings=False))``
+    triplet losses (``CosineSimilarity()`` for ``"cosine"``), with ``ref_emb`` too.
 
   References:
     A. Hermans, L. Beyer, B. Leibe, "In Defense of the Triplet Loss for Person
@@ -485,7 +539,9 @@ def batch_hard_triplet_loss(
     soft: use the soft-plus margin instead of the hinge.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -497,7 +553,10 @@ def batch_hard_triplet_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
+    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
+    ``valid_anchors(labels)``), equal to PML's ``BatchHardMiner`` followed by
+    ``TripletMarginLoss(margin)`` (``smooth_loss=True, margin=0`` for ``soft``), with
+    ``ref_emb`` too.
 
   References:
     A. Hermans, L. Beyer, B. Leibe, "In Defense of the Triplet Loss for Person
@@ -550,7 +609,9 @@ def semi_hard_triplet_loss(
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -562,7 +623,9 @@ def semi_hard_triplet_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative).
+    ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
+    ``valid_anchors(labels)``). pytorch-metric-learning has no equivalent (its
+    ``TripletMarginMiner("semihard")`` keeps every semi-hard triplet).
 
   References:
     F. Schroff, D. Kalenichenko, J. Philbin, "FaceNet: A Unified Embedding for Face
@@ -617,7 +680,9 @@ def all_pairs_contrastive_loss(
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -629,7 +694,10 @@ def all_pairs_contrastive_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor losses (0 when ``B == 1``).
+    ``[B]`` per-anchor losses (0 for an anchor without partners; an anchor with only
+    positives or only negatives still pays: ``valid_anchors(labels, need="any")``).
+    Each pair's term is half the square of PML's ``ContrastiveLoss(pos_margin=0,
+    neg_margin=margin)`` term.
 
   References:
     R. Hadsell, S. Chopra, Y. LeCun, CVPR 2006.
@@ -648,6 +716,242 @@ def all_pairs_contrastive_loss(
         jnp.maximum(margin - dist, 0.0))
     n = jnp.sum(not_self, axis=1)
     return jnp.sum(jnp.where(not_self, per_pair, 0.0), axis=1) / jnp.maximum(n, 1)
+
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
+
+
+def _finite_scalar(name: str, value) -> None:
+  """Checks a hyper-parameter that may be any finite number (skipped for tracers)."""
+  if _checks._is_concrete(value) and not np.isfinite(float(np.asarray(value))):
+    raise ValueError(f"{name} must be finite, got {value}")
+
+
+def _log1p_sum_exp(x_CxR, mask_CxR):
+  """``log(1 + sum_mask exp(x))`` per row, stable, with finite gradients (0 on empty rows)."""
+  x_m = jnp.where(mask_CxR, x_CxR, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.maximum(jnp.max(x_m, axis=1), 0.0))
+  total_minus_one = jnp.expm1(-top) + jnp.sum(jnp.exp(x_m - top[:, None]), axis=1)
+  return top + jnp.log1p(total_minus_one)  # log1p: exact when every term is tiny
+
+
+def _masked_logsumexp(x_CxR, mask_CxR):
+  """``logsumexp`` of each row's masked entries; 0 for a row with none (PML's convention)."""
+  any_C = jnp.any(mask_CxR, axis=1)
+  x_m = jnp.where(mask_CxR, x_CxR, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.where(any_C, jnp.max(x_m, axis=1), 0.0))
+  total = jnp.sum(jnp.exp(x_m - top[:, None]), axis=1)
+  return jnp.where(any_C, top + jnp.log(jnp.where(any_C, total, 1.0)), 0.0)
+
+
+def multi_similarity_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    alpha: float = 2.0,
+    beta: float = 50.0,
+    base: float = 0.5,
+    distance: str = "cosine",
+    chunk_size: int = 256,
+    anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+) -> jax.Array:
+  """Multi-similarity loss (Wang et al. 2019), per anchor.
+
+  With cosine similarities ``s`` (the default), anchor ``a`` costs
+
+  ``1/alpha log(1 + sum_p exp(-alpha (s_ap - base))) +
+  1/beta log(1 + sum_n exp(beta (s_an - base)))``
+
+  over its positives ``p`` and negatives ``n`` (no pair mining: combine it with your
+  own, as pytorch-metric-learning separates ``MultiSimilarityMiner``). With a distance
+  ``d`` (``"euclidean"``, ``"squared_euclidean"``) the signs flip as in PML:
+  ``exp(alpha (d_ap - base))`` and ``exp(beta (base - d_an))``.
+
+  Exception to the module's "0 for an anchor without pairs" rule: each term is kept on
+  its own, so an anchor without positives still pays its negative term and one without
+  negatives its positive term (PML's element loss); only an anchor with no partner at
+  all gets 0. Anchors carrying a loss: ``valid_anchors(labels, need="any")``.
+
+  Args:
+    embeddings: ``[B, D]`` floating embeddings.
+    labels: ``[B]`` integer class ids.
+    alpha: scale of the positive term.
+    beta: scale of the negative term.
+    base: the similarity (or distance) around which pairs are weighed.
+    distance: ``"cosine"`` (default: similarity ``1 - d``), ``"euclidean"`` or
+      ``"squared_euclidean"``.
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
+    valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
+    ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
+      nothing excluded).
+    ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
+
+  Returns:
+    ``[B]`` per-anchor losses; ``jnp.mean`` of it equals
+    ``pytorch_metric_learning.losses.MultiSimilarityLoss(alpha, beta, base)``.
+
+  References:
+    X. Wang, X. Han, W. Huang, D. Dong, M. R. Scott, "Multi-Similarity Loss with General
+    Pair Weighting for Deep Metric Learning", CVPR 2019, eq. (12) without its mining.
+
+  >>> import jax.numpy as jnp
+  >>> emb = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+  >>> [round(v, 4) for v in multi_similarity_loss(emb, jnp.array([0, 0, 1])).tolist()]
+  [0.1566, 0.1566, 0.0]
+  """
+  emb, labels = _in_batch_inputs(embeddings, labels)
+  for name, v in (("alpha", alpha), ("beta", beta)):
+    _checks.positive_scalar(name, v)
+  _finite_scalar("base", base)
+  sign = -1.0 if distance == "cosine" else 1.0  # PML: similarities count the other way
+
+  def reduce(dist, pos, neg):
+    v = 1.0 - dist if distance == "cosine" else dist
+    pos_term = _log1p_sum_exp(alpha * sign * (v - base), pos) / alpha
+    neg_term = _log1p_sum_exp(beta * sign * (base - v), neg) / beta
+    return pos_term + neg_term
+
+  return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
+
+
+def circle_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    margin: float = 0.4,
+    gamma: float = 80.0,
+    chunk_size: int = 256,
+    anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+) -> jax.Array:
+  """Circle loss (Sun et al. 2020) on cosine similarities, per anchor.
+
+  ``softplus(logsumexp_p(-gamma a_p (s_ap - (1 - m))) + logsumexp_n(gamma a_n (s_an - m)))``
+  with the weights ``a_p = relu(1 + m - s_ap)`` and ``a_n = relu(s_an + m)`` held
+  constant in the gradient (``stop_gradient``), as in the paper and PML. An anchor without
+  a positive or a negative gets 0 (``valid_anchors(labels)``). The loss is defined on
+  cosine similarity only, so there is no ``distance`` argument.
+
+  Args:
+    embeddings: ``[B, D]`` floating embeddings (normalised inside).
+    labels: ``[B]`` integer class ids.
+    margin: the relaxation ``m``.
+    gamma: the scale.
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
+    valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
+    ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
+      nothing excluded).
+    ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
+
+  Returns:
+    ``[B]`` per-anchor losses, equal to the element losses of
+    ``pytorch_metric_learning.losses.CircleLoss(m=margin, gamma=gamma)`` (whose default
+    reducer then averages over the nonzero ones).
+
+  References:
+    Y. Sun et al., "Circle Loss: A Unified Perspective of Pair Similarity Optimization",
+    CVPR 2020, eq. (6).
+
+  >>> import jax.numpy as jnp
+  >>> emb = jnp.array([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+  >>> loss = circle_loss(emb, jnp.array([0, 0, 1, 1]))
+  >>> bool(jnp.all(loss < 1e-3))
+  True
+  """
+  emb, labels = _in_batch_inputs(embeddings, labels)
+  _finite_scalar("margin", margin)
+  _checks.positive_scalar("gamma", gamma)
+
+  def reduce(dist, pos, neg):
+    s = 1.0 - dist
+    s_const = jax.lax.stop_gradient(s)
+    logit_p = -gamma * jnp.maximum(1.0 + margin - s_const, 0.0) * (s - (1.0 - margin))
+    logit_n = gamma * jnp.maximum(s_const + margin, 0.0) * (s - margin)
+    z = _masked_logsumexp(logit_p, pos) + _masked_logsumexp(logit_n, neg)
+    both = jnp.any(pos, axis=1) & jnp.any(neg, axis=1)
+    return jnp.where(both, jax.nn.softplus(jnp.where(both, z, 0.0)), 0.0)
+
+  return _map_anchor_chunks(reduce, "cosine", emb, labels, chunk_size, anchor_indices,
+                            valid, ref_embeddings, ref_labels, ref_valid)
+
+
+def lifted_structure_loss(
+    embeddings: jax.Array,
+    labels: jax.Array,
+    *,
+    pos_margin: float = 0.0,
+    neg_margin: float = 1.0,
+    distance: str = "euclidean",
+    chunk_size: int = 256,
+    anchor_indices: jax.Array | None = None,
+    valid: jax.Array | None = None,
+    ref_embeddings: jax.Array | None = None,
+    ref_labels: jax.Array | None = None,
+    ref_valid: jax.Array | None = None,
+) -> jax.Array:
+  """Generalized lifted structure loss (Hermans et al. 2017), per anchor.
+
+  ``relu(logsumexp_p(d_ap - pos_margin) + logsumexp_n(neg_margin - d_an))``, an empty
+  logsumexp counting as 0. With ``distance="cosine"`` the margins apply to
+  ``d = 1 - cos``.
+
+  Exception to the module's "0 for an anchor without pairs" rule: an anchor without
+  positives still pays its negative term and one without negatives its positive term
+  (PML's element loss); only an anchor with no partner at all gets 0. Anchors carrying a
+  loss: ``valid_anchors(labels, need="any")``.
+
+  Args:
+    embeddings: ``[B, D]`` floating embeddings.
+    labels: ``[B]`` integer class ids.
+    pos_margin: positives closer than this cost less.
+    neg_margin: negatives farther than this cost less.
+    distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"``.
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
+    valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
+    ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
+      nothing excluded).
+    ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
+
+  Returns:
+    ``[B]`` per-anchor losses, equal to the element losses of
+    ``pytorch_metric_learning.losses.GeneralizedLiftedStructureLoss(neg_margin,
+    pos_margin, distance=LpDistance(normalize_embeddings=False))`` (whose default
+    reducer is the mean).
+
+  References:
+    A. Hermans, L. Beyer, B. Leibe, "In Defense of the Triplet Loss for Person
+    Re-Identification", arXiv:1703.07737, 2017, section 2 (generalizing H. O. Song et
+    al., "Deep Metric Learning via Lifted Structured Feature Embedding", CVPR 2016).
+
+  >>> import jax.numpy as jnp
+  >>> emb = jnp.array([[0.0], [0.5], [3.0]])
+  >>> [round(v, 4) for v in lifted_structure_loss(emb, jnp.array([0, 0, 1])).tolist()]
+  [0.0, 0.0, 0.0]
+  """
+  emb, labels = _in_batch_inputs(embeddings, labels)
+  _finite_scalar("pos_margin", pos_margin)
+  _finite_scalar("neg_margin", neg_margin)
+
+  def reduce(dist, pos, neg):
+    z = _masked_logsumexp(dist - pos_margin, pos) + _masked_logsumexp(neg_margin - dist, neg)
+    return jnp.maximum(z, 0.0)
 
   return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
                             valid, ref_embeddings, ref_labels, ref_valid)
@@ -679,7 +983,9 @@ def ntxent_loss(
     temperature: softmax temperature.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Every row still serves as a
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
       positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
       anchors against the all-gathered global batch.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
@@ -691,7 +997,9 @@ def ntxent_loss(
     ref_valid: optional ``[R]`` bool mask of the reference rows.
 
   Returns:
-    ``[B]`` per-anchor losses (0 for anchors without a positive).
+    ``[B]`` per-anchor losses (0 for anchors without a positive; an anchor without
+    negatives gets exactly 0 too: ``valid_anchors(labels)``), the per-anchor mean of
+    PML's ``NTXentLoss(temperature)`` positive-pair losses, with ``ref_emb`` too.
 
   References:
     T. Chen et al., "A Simple Framework for Contrastive Learning of Visual
@@ -738,7 +1046,13 @@ def in_batch_softmax_loss(
   Anchor ``i`` costs ``-mean_p log softmax_j(-d(e_i, e_j) / temperature)[p]`` where the
   softmax runs over every other embedding ``j != i`` of the batch and ``p`` over the
   anchor's positives. With two samples per class this is the n-pair loss; it is the loss
-  of siamjax's CPU Omniglot recipe (CALIBRATION.md: 84.5% on Lake's runs in 4 minutes).
+  of the Omniglot ``quick`` preset (:mod:`siamjax.recipes.omniglot_koch`; its result is
+  in the README's results table and ``experiments/results/omniglot_koch_quick.json``).
+  Per anchor it equals the element losses of pytorch-metric-learning's
+  ``SupConLoss(temperature, distance=LpDistance(normalize_embeddings=False, power=2))``
+  (``CosineSimilarity()`` for ``"cosine"``). An anchor with positives but no negatives
+  still carries a loss when it has two positives or more (the softmax then runs over its
+  positives): its anchors are ``valid_anchors(labels, need="positive")``.
 
   Args:
     embeddings: ``[B, D]`` floating embeddings.
@@ -747,7 +1061,9 @@ def in_batch_softmax_loss(
     distance: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"``.
     chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``.
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself.
     valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
       partners, and their loss and gradient are 0 (their values must be finite).
     ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,

@@ -158,3 +158,45 @@ def test_pairwise_bad_input():
     D.pairwise_distances(jnp.ones((3,)), jnp.ones((2, 3)))
   with pytest.raises(ValueError, match=r"\bd\b must have a floating"):
     D.exp_similarity(jnp.ones(3, jnp.int32))
+
+
+# -------------------------------------------------------------------------------------
+# Numerics: half precision, a large shared offset
+# -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_half_precision_is_computed_in_float32_and_returned_in_its_dtype(dtype):
+  # norms near 1e4: ||x||^2 alone overflows float16 (max 65504), the distance does not
+  x = jnp.asarray(RNG.uniform(-1e4, 1e4, size=(6, 4)), dtype)
+  y = jnp.asarray(RNG.uniform(-1e4, 1e4, size=(5, 4)), dtype)
+  x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
+  for distance in ("euclidean", "cosine"):
+    out = D.pairwise_distances(x, y, distance=distance)
+    assert out.dtype == dtype
+    want = D.pairwise_distances(x32, y32, distance=distance).astype(dtype)
+    np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), rtol=1e-2,
+                               atol=1e-3)
+    assert np.all(np.isfinite(out.astype(np.float32)))
+  for fn in (D.euclidean, D.cosine_similarity, D.cosine_distance, D.l1):
+    out = fn(x[:5], y)
+    assert out.dtype == dtype and np.all(np.isfinite(out.astype(np.float32)))
+    np.testing.assert_allclose(out.astype(np.float32),
+                               fn(x32[:5], y32).astype(dtype).astype(np.float32), rtol=1e-2)
+
+
+def test_gram_distances_are_accurate_with_a_large_shared_offset():
+  # 1e3 u + N(0, 1): ||x||^2 ~ 1e6 and the Gram expansion used to lose 0.35 in float32
+  u = RNG.normal(size=16)
+  x = 1e3 * u / np.linalg.norm(u) + RNG.normal(size=(32, 16))
+  y = x[:7] + RNG.normal(size=(7, 16))
+  direct = np.sqrt(((x[:, None] - y[None]) ** 2).sum(-1))  # float64, the direct formula
+  out = D.pairwise_distances(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+  np.testing.assert_allclose(out, direct, atol=1e-3)
+  sq = D.pairwise_distances(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                            distance="squared_euclidean")
+  np.testing.assert_allclose(sq, direct**2, rtol=1e-4, atol=1e-3)
+  g = jax.grad(lambda a: jnp.sum(D.pairwise_distances(a, jnp.asarray(y, jnp.float32))))(
+      jnp.asarray(x, jnp.float32))
+  g_direct = ((x[:, None] - y[None]) / direct[..., None]).sum(1)
+  np.testing.assert_allclose(g, g_direct, atol=1e-3)

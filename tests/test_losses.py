@@ -439,3 +439,160 @@ def test_reference_set_partners_are_exactly_the_reference_rows(fn):
              anchor_indices=jnp.array([0]))[0] for i in range(5)]
   # atol: the copy's Gram-matrix distance is sqrt(rounding) ~ 1e-3, not exactly 0
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+
+
+# -------------------------------------------------------------------------------------
+# Numerics and the silent-input fixes (each test reproduced its bug before the fix)
+# -------------------------------------------------------------------------------------
+
+ALL_WITH_NEW = ALL_IN_BATCH + [L.multi_similarity_loss, L.circle_loss, L.lifted_structure_loss]
+ON_DISTANCE = [f for f in ALL_WITH_NEW if f not in (L.ntxent_loss, L.circle_loss)]
+
+
+@pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
+def test_every_loss_is_finite_in_float16_up_to_1e4(fn):
+  emb = jnp.asarray(RNG.uniform(-1e4, 1e4, size=(12, 4)), jnp.float16)
+  labels = _labels(12, 3)
+  for distance in (["euclidean", "squared_euclidean", "cosine"] if fn in ON_DISTANCE
+                   else [None]):
+    kw = {} if distance is None else {"distance": distance}
+    out = fn(emb, labels, **kw)
+    assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
+    want = fn(emb.astype(jnp.float32), labels, **kw)
+    np.testing.assert_allclose(out, want, rtol=1e-5)
+    if distance != "squared_euclidean":  # its true gradient (~1e5) exceeds float16's range
+      g = jax.grad(lambda e: jnp.sum(fn(e, labels, **kw)))(emb)  # noqa: B023
+      assert g.dtype == jnp.float16 and np.all(np.isfinite(g.astype(np.float32)))
+
+
+def test_batch_hard_is_accurate_with_a_large_shared_offset():
+  u = RNG.normal(size=16)
+  x = 1e3 * u / np.linalg.norm(u) + RNG.normal(size=(24, 16))
+  labels = _labels(24, 6)
+  with jax.enable_x64(True):
+    want = naive_batch_hard(jnp.asarray(x), labels)  # float64, the direct formula
+  out = L.batch_hard_triplet_loss(jnp.asarray(x, jnp.float32), labels, chunk_size=5)
+  np.testing.assert_allclose(out, want, atol=1e-3)  # was off by 0.04
+
+
+@pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
+def test_anchor_indices_out_of_range_raise(fn):
+  emb, labels = _emb(6, 3), _labels(6, 2)
+  for bad in ([0, 6], [-1, 2]):  # used to be clamped: row 6 became row 5, its own positive
+    with pytest.raises(ValueError, match=r"anchor_indices must be rows in \[0, 6\)"):
+      fn(emb, labels, anchor_indices=jnp.array(bad))
+  out = fn(emb, labels, anchor_indices=np.array([5, 0]))
+  np.testing.assert_allclose(out, fn(emb, labels)[np.array([5, 0])], rtol=1e-6)
+
+
+@pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
+def test_chunk_size_accepts_numpy_integers(fn):
+  emb, labels = _emb(9, 3), _labels(9, 3)
+  np.testing.assert_allclose(fn(emb, labels, chunk_size=np.int64(4)),
+                             fn(emb, labels, chunk_size=4), rtol=1e-6)
+  for bad in (True, 2.0, np.int64(0)):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+      fn(emb, labels, chunk_size=bad)
+
+
+@pytest.mark.parametrize("name,fn", [("euclidean", D.euclidean),
+                                     ("squared_euclidean", D.squared_euclidean),
+                                     ("cosine", D.cosine_distance)])
+def test_triplet_margin_loss_takes_distance_names(name, fn):
+  a, p, n = _emb(5, 3), _emb(5, 3), _emb(5, 3)  # "cosine" used to raise TypeError
+  np.testing.assert_allclose(L.triplet_margin_loss(a, p, n, distance=name),
+                             L.triplet_margin_loss(a, p, n, distance=fn), rtol=1e-6)
+  with pytest.raises(ValueError, match="distance must be"):
+    L.triplet_margin_loss(a, p, n, distance="manhattan")
+
+
+NEEDS = [(L.batch_all_triplet_loss, "both"), (L.batch_hard_triplet_loss, "both"),
+         (L.semi_hard_triplet_loss, "both"), (L.ntxent_loss, "both"), (L.circle_loss, "both"),
+         (L.in_batch_softmax_loss, "positive"), (L.all_pairs_contrastive_loss, "any"),
+         (L.multi_similarity_loss, "any"), (L.lifted_structure_loss, "any")]
+
+
+@pytest.mark.parametrize("fn,need", NEEDS, ids=lambda x: getattr(x, "__name__", x))
+@pytest.mark.parametrize("labels", [[0, 0, 0, 0, 0], [0, 0, 1, 2, 2], [0, 1, 2, 3, 4]],
+                         ids=["one_class", "mixed", "all_singletons"])
+def test_valid_anchors_recipe_counts_exactly_the_anchors_with_a_loss(fn, need, labels):
+  # The module docstring's sum(loss) / sum(valid_anchors(labels, need=...)) is the mean over
+  # the anchors that carry a loss only if every anchor outside the mask has loss 0 (it used
+  # to fail for all_pairs_contrastive_loss and, with one class, in_batch_softmax_loss).
+  emb, labels = 0.3 * _emb(5, 3), jnp.asarray(labels, jnp.int32)  # within the margins
+  mask = np.asarray(L.valid_anchors(labels, need=need))
+  out = np.asarray(fn(emb, labels))
+  np.testing.assert_array_equal(out[~mask], 0.0)
+  valid = jnp.asarray([True, True, False, True, True])
+  mask = np.asarray(L.valid_anchors(labels, need=need, valid=valid))
+  np.testing.assert_array_equal(np.asarray(fn(emb, labels, valid=valid))[~mask], 0.0)
+
+
+@pytest.mark.parametrize("fn", [L.multi_similarity_loss, L.circle_loss, L.lifted_structure_loss,
+                                L.batch_hard_triplet_loss], ids=lambda f: f.__name__)
+def test_memory_stays_linear_with_a_reference_set(fn):
+  """B = 4096 anchors against R = 8192 reference rows (a cross-batch memory), D = 1024."""
+  b, r, d = 4096, 8192, 1024
+  emb = jax.ShapeDtypeStruct((b, d), jnp.float32)
+  labels = jax.ShapeDtypeStruct((b,), jnp.int32)
+  ref = jax.ShapeDtypeStruct((r, d), jnp.float32)
+  ref_labels = jax.ShapeDtypeStruct((r,), jnp.int32)
+
+  def loss(e, lab, m, m_lab):
+    return jnp.mean(fn(e, lab, ref_embeddings=jax.lax.stop_gradient(m), ref_labels=m_lab))
+
+  stats = jax.jit(jax.value_and_grad(loss)).lower(emb, labels, ref, ref_labels).compile()
+  stats = stats.memory_analysis()
+  if stats is None:
+    pytest.skip("this backend reports no memory analysis")
+  total = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+  assert total < 0.25 * 2**30, f"{total / 2**30:.2f} GiB"  # [B, R] alone would be 0.125 GiB
+
+
+@pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
+def test_mask_and_reference_bad_input(fn):
+  emb, labels = _emb(6, 3), _labels(6, 2)
+  with pytest.raises(ValueError, match="valid must be a bool mask"):
+    fn(emb, labels, valid=jnp.ones(6, jnp.int32))
+  with pytest.raises(ValueError, match="valid has 5 entries but there are 6 rows"):
+    fn(emb, labels, valid=jnp.ones(5, bool))
+  with pytest.raises(ValueError, match="ref_labels is required"):
+    fn(emb, labels, ref_embeddings=emb)
+  with pytest.raises(ValueError, match="without ref_embeddings"):
+    fn(emb, labels, ref_labels=labels)
+  with pytest.raises(ValueError, match="ref_embeddings must have the embeddings' size D = 3"):
+    fn(emb, labels, ref_embeddings=_emb(4, 2), ref_labels=labels[:4])
+  with pytest.raises(ValueError, match="ref_labels has 5 entries but the embeddings have 4"):
+    fn(emb, labels, ref_embeddings=_emb(4, 3), ref_labels=labels[:5])
+  with pytest.raises(ValueError, match="ref_valid has 3 entries but there are 4 rows"):
+    fn(emb, labels, ref_embeddings=_emb(4, 3), ref_labels=labels[:4],
+       ref_valid=jnp.ones(3, bool))
+
+
+def test_new_losses_bad_hyper_parameters():
+  emb, labels = _emb(6, 3), _labels(6, 2)
+  for fn, kw, name in [(L.multi_similarity_loss, {"alpha": 0.0}, "alpha"),
+                       (L.multi_similarity_loss, {"beta": -1.0}, "beta"),
+                       (L.multi_similarity_loss, {"base": np.inf}, "base"),
+                       (L.multi_similarity_loss, {"distance": "l1"}, "distance"),
+                       (L.circle_loss, {"gamma": 0.0}, "gamma"),
+                       (L.circle_loss, {"margin": np.nan}, "margin"),
+                       (L.lifted_structure_loss, {"neg_margin": np.inf}, "neg_margin")]:
+    with pytest.raises(ValueError, match=name):
+      fn(emb, labels, **kw)
+  with pytest.raises(ValueError, match="need must be"):
+    L.valid_anchors(labels, need="all")
+
+
+def test_valid_anchors_with_a_reference_set():
+  labels = jnp.array([0, 1, 2])
+  ref_labels = jnp.array([0, 0, 1, 3])
+  np.testing.assert_array_equal(L.valid_anchors(labels, ref_labels=ref_labels),
+                                [True, True, False])
+  np.testing.assert_array_equal(
+      L.valid_anchors(labels, ref_labels=ref_labels, ref_valid=jnp.array([1, 1, 0, 1], bool)),
+      [True, False, False])
+  np.testing.assert_array_equal(L.valid_anchors(labels, need="positive", ref_labels=ref_labels),
+                                [True, True, False])
+  np.testing.assert_array_equal(L.valid_anchors(labels, need="any", ref_labels=ref_labels),
+                                [True, True, True])
