@@ -196,6 +196,33 @@ def test_cross_batch_loss_equals_pml_cross_batch_memory(kind, b, size, seed):
       assert int(jnp.sum(mems[0].valid)) == filled
 
 
+def test_multi_similarity_with_pml_default_reducer():
+  """The same loss wrapped, PML's own reduction: jnp.mean equals PML's MeanReducer."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("pytorch_metric_learning")
+  from pytorch_metric_learning import losses
+  b, size, d = 6, 10, 4
+  pml = losses.CrossBatchMemory(losses.MultiSimilarityLoss(alpha=2, beta=10, base=0.5), d,
+                                memory_size=size)
+  with jax.enable_x64(True):
+    mem = memory.init(size, d, jnp.float64)
+
+    @jax.jit
+    def step(mem, x, y):
+      mem = memory.push(mem, x, y)
+      value, grad = jax.value_and_grad(lambda e: jnp.mean(memory.cross_batch_loss(
+          L.multi_similarity_loss, mem, e, y, alpha=2.0, beta=10.0, base=0.5)))(x)
+      return mem, value, grad
+
+    for x, y in _batches(7, 4, b, d, n_classes=3):
+      xt = torch.tensor(x, requires_grad=True)
+      ref = pml(xt, torch.from_numpy(y))
+      ref.backward()
+      mem, value, grad = step(mem, jnp.asarray(x), jnp.asarray(y, jnp.int32))
+      np.testing.assert_allclose(float(value), ref.item(), rtol=1e-10)
+      np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-8, atol=1e-12)
+
+
 def test_exclude_self_false_and_valid_rows():
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
