@@ -209,7 +209,7 @@ def cross_batch_loss(
     exclude_self: bool = True,
     anchor_indices: jax.Array | None = None,
     valid: jax.Array | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 8,
     **kwargs,
 ) -> jax.Array:
   """An in-batch loss for the batch's anchors against the memory, without self-pairs.
@@ -224,7 +224,13 @@ def cross_batch_loss(
 
   Each anchor has its own reference mask, so the loss runs once per anchor
   (``jax.vmap`` over a chunk of ``chunk_size`` anchors, ``lax.map`` over chunks, each
-  chunk rematerialised in the backward pass): memory ``O(chunk_size * S)``.
+  chunk rematerialised in the backward pass). Temporaries are ``O(chunk_size * S)`` with
+  ``distance="cosine"`` but ``O(chunk_size * S * D)`` with the Euclidean distances,
+  whose partners the losses centre on their (here per-anchor) valid mean: at
+  ``S = 8192, D = 512`` a chunk of 8 compiles to about 130 MiB for loss and gradient,
+  a chunk of 64 to 1 GiB. The per-anchor centring also makes the Euclidean losses
+  several times slower than one ordinary call against the same memory (cosine losses
+  are not affected); ``exclude_self=False`` runs one ordinary chunked call.
 
   Args:
     loss_fn: an in-batch loss of :mod:`siamjax.losses` (or any function with its
@@ -240,7 +246,8 @@ def cross_batch_loss(
       device's rows of the all-gathered batch here.
     valid: optional ``[B]`` bool; rows that are False get 0 (passed on to ``loss_fn``
       as ``valid=``).
-    chunk_size: anchors evaluated at once.
+    chunk_size: anchors evaluated at once (with ``exclude_self=False``, passed on to
+      ``loss_fn``).
     **kwargs: hyper-parameters for ``loss_fn`` (``margin=``, ``distance=``, ...).
 
   Returns:
@@ -277,7 +284,8 @@ def cross_batch_loss(
     raise ValueError(f"embeddings have D = {emb.shape[1]} but the memory stores "
                      f"D = {mem.embeddings.shape[1]}")
   if not exclude_self:
-    extra = {} if valid is None else {"valid": valid}
+    extra = {"chunk_size": chunk_size} if valid is None else {"chunk_size": chunk_size,
+                                                              "valid": valid}
     if anchor_indices is not None:
       extra["anchor_indices"] = anchor_indices
     return loss_fn(emb, labels, **reference(mem), **extra, **kwargs)

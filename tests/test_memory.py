@@ -25,7 +25,7 @@ def _euclidean(a, b):
 
 
 def naive_contrastive(emb, labels, *, ref_embeddings, ref_labels, ref_valid, margin=1.0,
-                      valid=None):
+                      valid=None, chunk_size=None):
   d = _euclidean(emb, ref_embeddings)
   same = labels[:, None] == ref_labels[None, :]
   per_pair = jnp.where(same, 0.5 * d**2, 0.5 * jnp.maximum(margin - d, 0.0) ** 2)
@@ -194,6 +194,17 @@ def test_cross_batch_loss_equals_pml_cross_batch_memory(kind, b, size, seed):
       np.testing.assert_allclose(np.asarray(mems[0].embeddings)[:filled],
                                  pml.embedding_memory.numpy()[:filled])
       assert int(jnp.sum(mems[0].valid)) == filled
+
+
+def test_compiled_memory_stays_chunked():
+  b, size, d = 64, 8192, 256
+  mem = memory.Memory(jnp.zeros((size, d)), jnp.zeros(size, jnp.int32), jnp.ones(size, bool),
+                      jnp.zeros((), jnp.int32))
+  y = jnp.zeros(b, jnp.int32)
+  f = jax.jit(jax.grad(lambda e: jnp.mean(memory.cross_batch_loss(
+      L.all_pairs_contrastive_loss, mem, e, y, chunk_size=8))))
+  temp = f.lower(jnp.zeros((b, d))).compile().memory_analysis().temp_size_in_bytes
+  assert temp < 200 * 2**20  # O(chunk * S * D): 8 * 8192 * 256 floats are 64 MiB
 
 
 def test_multi_similarity_with_pml_default_reducer():
