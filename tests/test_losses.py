@@ -596,3 +596,14 @@ def test_valid_anchors_with_a_reference_set():
                                 [True, True, False])
   np.testing.assert_array_equal(L.valid_anchors(labels, need="any", ref_labels=ref_labels),
                                 [True, True, True])
+
+
+def test_triplet_margin_loss_is_finite_in_float16_up_to_1e4():
+  a, p, n = (jnp.asarray(RNG.uniform(-1e4, 1e4, size=(6, 4)), jnp.float16) for _ in range(3))
+  for distance in ("euclidean", "cosine"):
+    out = L.triplet_margin_loss(a, p, n, distance=distance)
+    assert np.all(np.isfinite(out.astype(np.float32)))
+    def total(x, distance=distance):
+      return jnp.sum(L.triplet_margin_loss(x, p, n, distance=distance))
+    g = jax.grad(total)(a)
+    assert np.all(np.isfinite(g.astype(np.float32)))
