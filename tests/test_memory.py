@@ -234,6 +234,33 @@ def test_multi_similarity_with_pml_default_reducer():
       np.testing.assert_allclose(grad, xt.grad.numpy(), rtol=1e-8, atol=1e-12)
 
 
+def test_check_grads_float32_and_vmap_over_memories():
+  from jax.test_util import check_grads
+  rng = np.random.default_rng(8)
+  with jax.enable_x64(True):
+    mem = memory.push(memory.init(9, 3, jnp.float64), jnp.asarray(rng.normal(size=(5, 3))),
+                      jnp.asarray(rng.integers(0, 2, 5), jnp.int32))
+    x = jnp.asarray(rng.normal(size=(4, 3)))
+    y = jnp.asarray(rng.integers(0, 2, 4), jnp.int32)
+    mem = memory.push(mem, x, y)
+    f64 = lambda e: jnp.mean(memory.cross_batch_loss(  # noqa: E731
+        L.all_pairs_contrastive_loss, mem, e, y, margin=2.0))
+    check_grads(f64, (x,), order=1, modes=("rev",))
+    value64, grad64 = jax.value_and_grad(f64)(x)
+  # float32 storage and compute agree with float64
+  mem32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a, mem)
+  value32, grad32 = jax.value_and_grad(lambda e: jnp.mean(memory.cross_batch_loss(
+      L.all_pairs_contrastive_loss, mem32, e, y, margin=2.0)))(x.astype(jnp.float32))
+  assert value32.dtype == jnp.float32
+  np.testing.assert_allclose(value32, value64, rtol=1e-5)
+  np.testing.assert_allclose(grad32, grad64, rtol=1e-4, atol=1e-6)
+  # vmap: independent memories (e.g. one per task) pushed in one call
+  mems = jax.vmap(lambda e, l: memory.push(memory.init(4, 3), e, l))(
+      jnp.ones((2, 3, 3)) * jnp.array([1.0, 2.0])[:, None, None], jnp.zeros((2, 3), jnp.int32))
+  assert mems.embeddings.shape == (2, 4, 3) and mems.index.tolist() == [3, 3]
+  np.testing.assert_array_equal(mems.embeddings[1, :3], 2.0)
+
+
 def test_exclude_self_false_and_valid_rows():
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
