@@ -4,6 +4,8 @@ Modules (one concept each):
 
 * :mod:`siamjax.distances`: distances and similarity maps between embeddings.
 * :mod:`siamjax.losses`: contrastive, pair BCE, triplet and in-batch mining losses.
+* :mod:`siamjax.memory`: cross-batch memory (XBM), a ring buffer of past embeddings
+  that in-batch losses use as their reference set.
 * :mod:`siamjax.encoders`: Flax encoders (Koch 2015 convnet, MLP, SmallCNN, TextCNN).
 * :mod:`siamjax.fourier`: 'valid' convolutions as DFT matrix products (Koch's fast CPU path).
 * :mod:`siamjax.models`: Siamese networks built from an encoder and a pair head.
@@ -16,8 +18,8 @@ Modules (one concept each):
   import them explicitly.
 """
 
-from siamjax import (distances, encoders, evaluation, fourier, losses, models, parallel,
-                     sampling, train)
+from siamjax import (distances, encoders, evaluation, fourier, losses, memory, models,
+                     parallel, sampling, train)
 from siamjax.distances import (
     cosine_distance,
     cosine_similarity,
@@ -31,15 +33,19 @@ from siamjax.distances import (
 from siamjax.encoders import MLP, Koch, SmallCNN, TextCNN
 from siamjax.losses import (
     all_pairs_contrastive_loss,
+    arcface_loss,
     batch_all_triplet_loss,
     batch_hard_triplet_loss,
     circle_loss,
     contrastive_loss,
+    cosface_loss,
     in_batch_softmax_loss,
     lifted_structure_loss,
     multi_similarity_loss,
     ntxent_loss,
     pair_bce_loss,
+    proxy_anchor_loss,
+    proxy_nca_loss,
     semi_hard_triplet_loss,
     triplet_margin_loss,
     valid_anchors,
@@ -49,14 +55,15 @@ from siamjax.models import SiameseNet, koch_siamese
 __version__ = "0.1.0"
 
 __all__ = [
-    "distances", "encoders", "evaluation", "fourier", "losses", "models", "parallel",
-    "sampling", "train",
+    "distances", "encoders", "evaluation", "fourier", "losses", "memory", "models",
+    "parallel", "sampling", "train",
     "l1", "euclidean", "squared_euclidean", "cosine_similarity", "cosine_distance",
     "inverse_distance_similarity", "exp_similarity", "pairwise_distances",
     "contrastive_loss", "pair_bce_loss", "triplet_margin_loss", "batch_all_triplet_loss",
     "batch_hard_triplet_loss", "semi_hard_triplet_loss", "all_pairs_contrastive_loss",
     "multi_similarity_loss", "circle_loss", "lifted_structure_loss",
     "ntxent_loss", "in_batch_softmax_loss", "valid_anchors",
+    "proxy_nca_loss", "proxy_anchor_loss", "arcface_loss", "cosface_loss",
     "Koch", "MLP", "SmallCNN", "TextCNN",
     "SiameseNet", "koch_siamese",
 ]
