@@ -436,7 +436,8 @@ def format_table(rows: list) -> str:
           f"{'temp GiB':>8} {'rss GiB':>7} {'PML ms':>9} {'spread':>15} {'PML rss':>7} "
           f"{'speedup':>7}  equal")
   lines = [head, "-" * len(head)]
-  pml = {(r["loss"], r["batch"]): r for r in rows if r["impl"] == "pml"}
+  pml = {(r["loss"], r["batch"]): r for r in rows
+         if r["impl"] == "pml" and not r.get("skipped")}
   fmt_gib = lambda n: "-" if n is None else f"{n / 2**30:.3f}"  # noqa: E731
   for r in rows:
     if r["impl"] != "siamjax":
@@ -448,7 +449,11 @@ def format_table(rows: list) -> str:
     spread = f"{ms(r['step_s_min'])}-{ms(r['step_s_max'])}"
     p = pml.get((r["loss"], r["batch"]))
     if p is None:
-      ptxt = f"{'-':>9} {'':>15} {'-':>7} {'-':>7}  {r.get('pml', {}).get('skipped', '')[:40]}"
+      why = r.get("pml", {}).get("skipped", "")
+      big = re.search(r"allocate (\d+) bytes", why)
+      why = (f"PML: an allocation of {int(big.group(1)) / 2**30:.1f} GiB failed" if big
+             else why.split(":")[0])
+      ptxt = f"{'-':>9} {'':>15} {'-':>7} {'-':>7}  {why}"
     else:
       eq = r["pml"].get("equal")
       eq = "not compared" if eq is None else ("yes" if eq else

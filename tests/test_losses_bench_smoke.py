@@ -87,3 +87,20 @@ def test_run_writes_rows_checks_equality_and_skips_missing_losses(tmp_path):
       else:
         assert "equal" not in r["pml"]
   assert "batch_all" in lb.format_table(rows)
+
+
+def test_format_table_shows_skipped_and_failed_references():
+  base = {"impl": "siamjax", "batch": 8, "step_s": 0.01, "step_s_min": 0.01,
+          "step_s_max": 0.02, "compile_s": 1.0, "temp_bytes": 2**20,
+          "rss_peak_delta_bytes": None}
+  rows = [
+      {**base, "loss": "ntxent", "pml": {"skipped": "failed under the 6.0 GiB cap: [enforce "
+                                                    "fail] you tried to allocate 12834570240 "
+                                                    "bytes. Error code 12"}},
+      {"impl": "pml", "loss": "ntxent", "batch": 8, "skipped": "failed under the cap"},
+      {**base, "loss": "semi_hard", "pml": {"skipped": "no equivalent: another rule"}},
+      {"impl": "siamjax", "loss": "circle", "skipped": "siamjax.losses has no circle_loss yet"},
+  ]
+  table = lb.format_table(rows)
+  assert "an allocation of 12.0 GiB failed" in table
+  assert "no equivalent" in table and "circle_loss yet" in table

@@ -222,19 +222,18 @@ def retrieval_metrics(
   n_rel = (jnp.searchsorted(rl_sorted, ql, side="right")
            - jnp.searchsorted(rl_sorted, ql, side="left") - int(self_retrieval))
   n_rel_np = np.asarray(n_rel)
+  keep = n_rel_np > 0
+  n_lone = int(np.sum(~keep))
+  if not keep.any():
+    nan = float("nan")
+    return {"precision_at_1": nan, **{f"recall_at_{v}": nan for v in ks}, "r_precision": nan,
+            "map_at_r": nan, "mrr": nan, "n_lone_queries": n_lone}
   # The largest R, rounded up to a power of two so that similar label sets share a compile.
-  top = min(1 << max(int(n_rel_np.max()) - 1, 0).bit_length(), r.shape[0])
+  top = min(1 << (int(n_rel_np.max()) - 1).bit_length(), r.shape[0])
   first, hits, ap = _query_stats(q, ql, r, rl, n_rel, self_retrieval=self_retrieval,
                                  top=top, distance=distance,
                                  chunk=int(min(chunk_size, q.shape[0])))
-  keep = n_rel_np > 0
-  n_lone = int(np.sum(~keep))
   out = {}
-  if not keep.any():
-    nan = float("nan")
-    out = {"precision_at_1": nan, **{f"recall_at_{v}": nan for v in ks},
-           "r_precision": nan, "map_at_r": nan, "mrr": nan}
-    return {**out, "n_lone_queries": n_lone}
   first = np.asarray(first)[keep].astype(np.float64)
   n_rel_kept = n_rel_np[keep].astype(np.float64)
   out["precision_at_1"] = float(np.mean(first == 1))
