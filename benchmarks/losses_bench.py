@@ -14,16 +14,24 @@ the same float32 embeddings and the same labels, in one process.
 * Timing: the first call is reported apart (siamjax: ``lower + compile`` as
   ``compile_s``, then a first run; torch: ``first_call_s``), then ``repeats`` calls, each
   clocked around ``block_until_ready`` (torch CPU ops are synchronous); the row gives
-  the median and the spread.
+  the median and the spread. A row whose first call took over ``slow_s`` (2 s) times
+  ``slow_repeats`` (2) calls instead, so that the default run fits in about 3 minutes on
+  2 cores; each row records its ``repeats``.
 * Memory: ``temp_bytes`` is siamjax's compiled temporaries
   (``jitted.lower(...).compile().memory_analysis().temp_size_in_bytes``: what XLA
   allocates for the call besides inputs and outputs). ``rss_peak_delta_bytes`` is
-  measured the same way for both: the growth of the process's peak resident memory
-  (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` before the call) over its
-  resident memory before one extra call. It counts the pages the call touched that were
-  not already resident, so memory the allocator kept from earlier calls is not counted
-  again: a lower bound on the call's working memory, comparable between the two.
+  measured the same way for both, in one extra untimed call: the growth of the
+  process's peak resident memory (Linux ``VmHWM``, reset through
+  ``/proc/self/clear_refs``) over its resident memory just before the call, after the C
+  heap's free pages were handed back (``malloc_trim``). It is the call's peak working
+  memory as the kernel saw it (inputs and anything else alive before the call are not
+  in it), except pages an allocator keeps mapped across calls: XLA reuses some of its
+  buffers, so for siamjax read ``temp_bytes``; its RSS figure is a lower bound.
   ``null`` where the kernel does not allow the reset.
+* PML rows run under an address-space cap (``Config.pml_memory_gib``, 6 GiB beyond the
+  process's size, :func:`address_space_cap`): PML's NT-Xent asks for 12 GiB at B = 1024
+  and 192 GiB at B = 4096, which on a shared machine would mean swap or the OOM killer;
+  such a row is reported as ``skipped`` with PML's allocation error.
 * Equality: every row with a PML equivalent records both losses, their relative
   difference and the largest gradient difference relative to the largest gradient
   entry; ``equal`` is both below :data:`RTOL`.
@@ -409,8 +417,9 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
           % cfg.pml_memory_gib,
           "temp_bytes: XLA's compiled temporaries (memory_analysis). rss_peak_delta_bytes: "
           "peak resident memory above the resident memory before one call (Linux VmHWM "
-          "reset via /proc/self/clear_refs), the same measure for both; memory the "
-          "allocator kept from earlier calls is not counted again (a lower bound).",
+          "reset via /proc/self/clear_refs, after malloc_trim), in one extra untimed call, "
+          "the same measure for both; pages an allocator keeps mapped across calls are not "
+          "counted (a lower bound; XLA reuses some buffers, so for siamjax read temp_bytes).",
           "vs_pml: PML step time / siamjax step time (> 1: siamjax faster). equal: loss "
           "and gradient within rtol %g; rows whose PML loss is another formula "
           "(equivalent: false) are timed but not compared." % RTOL,
