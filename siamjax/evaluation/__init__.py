@@ -5,6 +5,8 @@
 * :mod:`siamjax.evaluation.verification`: ROC, AUC, EER, the threshold for a target
   false-accept rate, best-threshold accuracy, recall@1, ROC plots, and contact sheets of
   the worst-judged pairs.
+* :mod:`siamjax.evaluation.retrieval`: precision@1, recall@k, R-precision, MAP@R and MRR
+  of ranking a reference set (or the queries themselves), chunked on the device.
 """
 
 from siamjax.evaluation.oneshot import (
@@ -17,6 +19,8 @@ from siamjax.evaluation.oneshot import (
     pixel_embed,
     sample_oneshot_tasks,
 )
+
+from siamjax.evaluation.retrieval import retrieval_metrics
 
 from siamjax.evaluation.verification import (
     accuracy_at,
@@ -37,3 +41,4 @@ __all__ = ["accuracy_at", "auc", "best_threshold_accuracy", "contact_sheet", "eq
            "verification_report",
            "LAKE_PROTOCOL", "OneShotResult", "accuracy_interval", "evaluate_oneshot",
            "neg_squared_euclidean", "oneshot_predictions", "pixel_embed", "sample_oneshot_tasks"]
+__all__ += ["retrieval_metrics"]

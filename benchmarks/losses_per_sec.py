@@ -1,0 +1,77 @@
+"""In-batch loss + gradient throughput: siamjax vs pytorch-metric-learning (PML).
+
+Full run on this machine's default JAX device, holding the CPU lock on the project's
+machines::
+
+    flock /tmp/siamjax-cpu.lock python benchmarks/losses_per_sec.py
+
+times every in-batch loss of siamjax and its PML equivalent, loss and gradient with
+respect to the embeddings, at B = 256, 1024 and 4096 with D = 512, writes
+``benchmarks/results/losses-<device-slug>.json`` and prints one table. CI smoke run
+(seconds, no timing claims)::
+
+    python benchmarks/losses_per_sec.py --smoke --out /tmp/losses_smoke.json
+
+PML rows need ``pip install -e '.[pml]'`` (and torch); without it the siamjax rows run
+alone. Losses siamjax does not have yet are skipped with a printed reason. What each row
+measures (compile apart, the spread, compiled temporaries, peak resident memory, the
+equality check against PML) is in ``benchmarks/losses_bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> None:
+  here = os.path.dirname(os.path.abspath(__file__))
+  sys.path.insert(0, here)
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--smoke", action="store_true",
+                 help="tiny run for CI: B = 16, D = 8, one repeat, every loss")
+  p.add_argument("--out", help="JSON path (default benchmarks/results/losses-<device>.json)")
+  p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 256 1024 4096)")
+  p.add_argument("--dim", type=int, help="embedding size D (default 512)")
+  p.add_argument("--repeats", type=int, help="timed calls per row (default 5)")
+  p.add_argument("--slow-repeats", type=int,
+                 help="timed calls of a row whose first call took over 2 s (default 2)")
+  p.add_argument("--pml-memory-gib", type=float,
+                 help="address-space cap for PML rows beyond the process's size (default 6; "
+                      "0: no cap). A row that needs more is reported as skipped")
+  p.add_argument("--losses", nargs="+", help="loss names (default: all)")
+  p.add_argument("--no-pml", action="store_true", help="siamjax rows only")
+  p.add_argument("--no-fast-cpu", action="store_true",
+                 help="leave XLA_FLAGS alone (default: siamjax.xla.enable_fast_cpu())")
+  args = p.parse_args(argv)
+
+  import siamjax.xla
+
+  if not args.no_fast_cpu:
+    siamjax.xla.enable_fast_cpu()
+  import losses_bench as lb
+  import harness
+
+  cfg = lb.Config()
+  if args.smoke:
+    cfg.batches, cfg.dim, cfg.repeats, cfg.slow_repeats = (16,), 8, 1, 1
+  for name in ("batches", "dim", "repeats", "slow_repeats", "pml_memory_gib", "losses"):
+    value = getattr(args, name)
+    if value is not None:
+      setattr(cfg, name, tuple(value) if isinstance(value, list) else value)
+  unknown = set(cfg.losses) - set(lb.LOSS_NAMES)
+  if unknown:
+    p.error(f"unknown --losses {sorted(unknown)}; choose from {list(lb.LOSS_NAMES)}")
+  if any(b % 4 for b in cfg.batches):
+    p.error("--batches must be multiples of 4 (P x K batches with K = 4)")
+  cfg.pml = not args.no_pml
+  if cfg.pml_memory_gib is not None and cfg.pml_memory_gib <= 0:
+    cfg.pml_memory_gib = None
+  out = args.out or os.path.join(here, "results", f"losses-{harness.device_slug()}.json")
+  from siamjax.results import command_line
+  lb.run(cfg, out, command_line())
+
+
+if __name__ == "__main__":
+  main()
