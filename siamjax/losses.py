@@ -36,7 +36,11 @@ such as padding, are neither anchors nor partners and get 0) and a reference set
 ``ref_embeddings [R, D]``, ``ref_labels [R]``, ``ref_valid [R]``: anchors then come from
 ``embeddings`` and partners from the reference set, with pytorch-metric-learning's
 ``ref_emb`` semantics (nothing is excluded, so a copy of an anchor in the reference set
-is a positive at distance 0). A cross-batch memory is such a reference set.
+is a positive at distance 0). ``ref_exclude [B]`` (integer, with a reference set only)
+names for each row of ``embeddings`` one reference row that is not its partner, ``-1``
+for none; it is indexed like ``embeddings`` (with ``anchor_indices``, anchor ``k`` drops
+``ref_exclude[anchor_indices[k]]``). A cross-batch memory is such a reference set, and
+:func:`siamjax.memory.cross_batch_loss` drops each anchor's own copy this way.
 
 Precision: float16/bfloat16 embeddings are computed in float32 and the in-batch losses
 return float32 (a mixed-precision step wants its loss in float32; a squared distance of
@@ -243,6 +247,7 @@ def valid_anchors(
     valid: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """``[B]`` bool mask of the anchors that carry a loss.
 
@@ -263,6 +268,9 @@ def valid_anchors(
     ref_labels: optional ``[R]`` labels of a reference set: partners then come from it
       and no anchor is excluded from its own partners (pass what the loss got).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each anchor, one reference row that is
+      not its partner (e.g. its own copy), ``-1`` for none (requires ``ref_labels``;
+      pass what the loss got).
 
   Returns:
     ``[B]`` bool: True where the loss is defined for the anchor, so that
@@ -287,8 +295,8 @@ def valid_anchors(
   b = labels.shape[0]
   valid_B = _mask("valid", valid, b)
   if ref_labels is None:
-    if ref_valid is not None:
-      raise ValueError("ref_valid was given without ref_labels")
+    if ref_valid is not None or ref_exclude is not None:
+      raise ValueError("ref_valid/ref_exclude were given without ref_labels")
     ref_L, ref_valid_R = labels, valid_B
     not_self = ~jnp.eye(b, dtype=bool)
   else:
@@ -297,7 +305,9 @@ def valid_anchors(
       raise ValueError(f"ref_labels must be integer class ids, got dtype {ref_L.dtype}")
     _checks.rank("ref_labels", ref_L, 1, "[R] class ids")
     ref_valid_R = _mask("ref_valid", ref_valid, ref_L.shape[0])
-    not_self = True
+    exclude_B = _ref_exclude(ref_exclude, b, ref_L.shape[0])
+    not_self = True if exclude_B is None else (
+        exclude_B[:, None] != jnp.arange(ref_L.shape[0])[None, :])
   partner = not_self & valid_B[:, None] & ref_valid_R[None, :]
   same = labels[:, None] == ref_L[None, :]
   has_pos = jnp.any(same & partner, axis=1)
@@ -365,6 +375,26 @@ def _reference(emb, ref_embeddings, ref_labels, ref_valid):
   return ref, ref_labels, _mask("ref_valid", ref_valid, ref.shape[0])
 
 
+def _ref_exclude(ref_exclude, b: int, r: int):
+  """Checks ``ref_exclude`` (``[b]`` rows of ``[-1, r)``; range checked when concrete)."""
+  if ref_exclude is None:
+    return None
+  excl = _checks.as_array("ref_exclude", ref_exclude)
+  if not jnp.issubdtype(excl.dtype, jnp.integer):
+    raise ValueError(f"ref_exclude must be integer reference rows, got dtype {excl.dtype}")
+  _checks.rank("ref_exclude", excl, 1, "[B] reference rows, one per row of embeddings")
+  if excl.shape[0] != b:
+    raise ValueError(f"ref_exclude has {excl.shape[0]} entries but there are {b} rows of "
+                     f"embeddings (it is aligned with embeddings, not with anchor_indices)")
+  if _checks._is_concrete(excl):
+    e = np.asarray(excl)
+    bad = e[(e < -1) | (e >= r)]
+    if bad.size:
+      raise ValueError(f"ref_exclude must be reference rows in [0, {r}) or -1 for none, "
+                       f"found {bad[:5].tolist()}")
+  return excl
+
+
 def _compute_dtype(*arrays) -> jnp.dtype:
   """float32 for half-precision inputs (the losses are computed and returned in it)."""
   dtype = jnp.result_type(*arrays)
@@ -373,14 +403,16 @@ def _compute_dtype(*arrays) -> jnp.dtype:
 
 def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
                        chunk_size: int, anchor_indices=None, valid=None,
-                       ref_embeddings=None, ref_labels=None, ref_valid=None) -> jax.Array:
+                       ref_embeddings=None, ref_labels=None, ref_valid=None,
+                       ref_exclude=None) -> jax.Array:
   """Applies ``reduce(dist_CxR, pos_CxR, neg_CxR) -> [C]`` to chunks of anchors.
 
   The partners are the batch itself (each anchor excluded from its own partners) or,
   with ``ref_embeddings``, the reference set (nothing excluded). ``pos``/``neg`` mark the
   positive/negative partners of each anchor; rows with ``valid``/``ref_valid`` False are
-  no one's partner, and an anchor whose ``valid`` is False has no partner at all and
-  gets 0. Each chunk's ``[C, R]`` distances come from one matrix product against the
+  no one's partner, ``ref_exclude[i]`` (a reference row, or -1) is not row ``i``'s
+  partner, and an anchor whose ``valid`` is False has no partner at all and gets 0.
+  Each chunk's ``[C, R]`` distances come from one matrix product against the
   partners; the body is rematerialised in the backward pass, so the saved residuals are
   the chunks' inputs only and memory stays ``O(C R)``. Half-precision inputs are
   computed in float32 and the result is float32.
@@ -392,6 +424,9 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
   b = emb.shape[0]
   valid_B = _mask("valid", valid, b)
   ref = _reference(emb, ref_embeddings, ref_labels, ref_valid)
+  if ref_exclude is not None and ref is None:
+    raise ValueError("ref_exclude was given without ref_embeddings")
+  exclude_B = None if ref is None else _ref_exclude(ref_exclude, b, ref[0].shape[0])
   rows_A = _anchor_rows(anchor_indices, b)
   dtype = _compute_dtype(emb, *(() if ref is None else (ref[0],)))
   emb = emb.astype(dtype)
@@ -400,12 +435,15 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
   else:
     partners_R, labels_R, valid_R = ref[0].astype(dtype), ref[1], ref[2]
   if distance != "cosine":  # translation-invariant: centre once (see distances._pairwise)
-    w_R = valid_R[:, None].astype(dtype)  # on the valid partners (padding may be far off)
+    # on the valid partners (padding may be far off); ref_exclude does not change it: the
+    # mean only conditions the Gram products, it is no partner of anyone
+    w_R = valid_R[:, None].astype(dtype)
     mean = jnp.sum(w_R * partners_R, axis=0, keepdims=True) / jnp.maximum(jnp.sum(w_R), 1.0)
     mean = jax.lax.stop_gradient(mean)
     emb = emb - mean  # one centred copy of the batch, [B, D], the only extra memory
     partners_R = emb if ref is None else partners_R - mean
   idx_B = jnp.arange(b)
+  idx_R = jnp.arange(partners_R.shape[0])
   a = rows_A.shape[0]
   c = min(chunk_size, a)
   n_chunks = -(-a // c)
@@ -419,6 +457,8 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
     partner_CxR = valid_B[rows_C][:, None] & valid_R[None, :]
     if ref is None:
       partner_CxR = partner_CxR & (rows_C[:, None] != idx_B[None, :])
+    elif exclude_B is not None:
+      partner_CxR = partner_CxR & (exclude_B[rows_C][:, None] != idx_R[None, :])
     out = reduce(dist_CxR, same_CxR & partner_CxR, ~same_CxR & partner_CxR)
     return jnp.where(valid_B[rows_C], out, 0.0)
 
@@ -452,6 +492,7 @@ def batch_all_triplet_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """Batch-all triplet loss: every valid (anchor, positive, negative) in the batch.
 
@@ -480,6 +521,9 @@ def batch_all_triplet_loss(
       excluded: a copy of an anchor inside it is a positive at distance 0.
     ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any;
@@ -510,7 +554,8 @@ def batch_all_triplet_loss(
     return jnp.where(n_triplets > 0, total / jnp.maximum(n_triplets, 1), 0.0)
 
   return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 def batch_hard_triplet_loss(
@@ -526,6 +571,7 @@ def batch_hard_triplet_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """Batch-hard triplet loss: each anchor's farthest positive against its closest negative.
 
@@ -552,6 +598,9 @@ def batch_hard_triplet_loss(
       excluded: a copy of an anchor inside it is a positive at distance 0.
     ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
@@ -580,7 +629,8 @@ def batch_hard_triplet_loss(
     return jnp.where(valid, loss, 0.0)
 
   return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 def semi_hard_triplet_loss(
@@ -595,6 +645,7 @@ def semi_hard_triplet_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """Semi-hard triplet loss (FaceNet's online mining).
 
@@ -622,6 +673,9 @@ def semi_hard_triplet_loss(
       excluded: a copy of an anchor inside it is a positive at distance 0.
     ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
@@ -653,7 +707,8 @@ def semi_hard_triplet_loss(
     return jnp.where(n_pairs > 0, total / jnp.maximum(n_pairs, 1), 0.0)
 
   return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 def all_pairs_contrastive_loss(
@@ -668,6 +723,7 @@ def all_pairs_contrastive_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """Contrastive loss over every pair in the batch, averaged per anchor.
 
@@ -693,6 +749,9 @@ def all_pairs_contrastive_loss(
       excluded: a copy of an anchor inside it is a positive at distance 0.
     ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor losses (0 for an anchor without partners; an anchor with only
@@ -719,7 +778,8 @@ def all_pairs_contrastive_loss(
     return jnp.sum(jnp.where(not_self, per_pair, 0.0), axis=1) / jnp.maximum(n, 1)
 
   return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 def _finite_scalar(name: str, value) -> None:
@@ -759,6 +819,7 @@ def multi_similarity_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """Multi-similarity loss (Wang et al. 2019), per anchor.
 
@@ -793,6 +854,9 @@ def multi_similarity_loss(
       nothing excluded).
     ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor losses; ``jnp.mean`` of it equals
@@ -820,7 +884,8 @@ def multi_similarity_loss(
     return pos_term + neg_term
 
   return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 def circle_loss(
@@ -835,6 +900,7 @@ def circle_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """Circle loss (Sun et al. 2020) on cosine similarities, per anchor.
 
@@ -857,6 +923,9 @@ def circle_loss(
       nothing excluded).
     ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor losses, equal to the element losses of
@@ -887,7 +956,8 @@ def circle_loss(
     return jnp.where(both, jax.nn.softplus(jnp.where(both, z, 0.0)), 0.0)
 
   return _map_anchor_chunks(reduce, "cosine", emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 def lifted_structure_loss(
@@ -903,6 +973,7 @@ def lifted_structure_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """Generalized lifted structure loss (Hermans et al. 2017), per anchor.
 
@@ -929,6 +1000,9 @@ def lifted_structure_loss(
       nothing excluded).
     ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor losses, equal to the element losses of
@@ -955,7 +1029,8 @@ def lifted_structure_loss(
     return jnp.maximum(z, 0.0)
 
   return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 def ntxent_loss(
@@ -969,6 +1044,7 @@ def ntxent_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """NT-Xent (normalised temperature-scaled cross-entropy), per anchor.
 
@@ -996,6 +1072,9 @@ def ntxent_loss(
       excluded: a copy of an anchor inside it is a positive at distance 0.
     ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive; an anchor without
@@ -1026,7 +1105,8 @@ def ntxent_loss(
     return jnp.where(n_pos > 0, total / jnp.maximum(n_pos, 1), 0.0)
 
   return _map_anchor_chunks(reduce, "cosine", emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 def in_batch_softmax_loss(
@@ -1041,6 +1121,7 @@ def in_batch_softmax_loss(
     ref_embeddings: jax.Array | None = None,
     ref_labels: jax.Array | None = None,
     ref_valid: jax.Array | None = None,
+    ref_exclude: jax.Array | None = None,
 ) -> jax.Array:
   """In-batch softmax over negative distances (n-pair / one-shot prototypical loss), per anchor.
 
@@ -1072,6 +1153,9 @@ def in_batch_softmax_loss(
       excluded: a copy of an anchor inside it is a positive at distance 0.
     ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
     ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive).
@@ -1099,7 +1183,8 @@ def in_batch_softmax_loss(
     return jnp.where(n_pos > 0, -total / jnp.maximum(n_pos, 1), 0.0)
 
   return _map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,
-                            valid, ref_embeddings, ref_labels, ref_valid)
+                            valid, ref_embeddings, ref_labels, ref_valid,
+                            ref_exclude)
 
 
 # ---------------------------------------------------------------------------------

@@ -209,7 +209,7 @@ def cross_batch_loss(
     exclude_self: bool = True,
     anchor_indices: jax.Array | None = None,
     valid: jax.Array | None = None,
-    chunk_size: int = 8,
+    chunk_size: int | None = None,
     **kwargs,
 ) -> jax.Array:
   """An in-batch loss for the batch's anchors against the memory, without self-pairs.
@@ -222,20 +222,16 @@ def cross_batch_loss(
   batch before the loss and drops self-comparisons), per anchor; and, like it, the
   gradient reaches the anchors only.
 
-  Each anchor has its own reference mask, so the loss runs once per anchor
-  (``jax.vmap`` over a chunk of ``chunk_size`` anchors, ``lax.map`` over chunks, each
-  chunk rematerialised in the backward pass). Temporaries are ``O(chunk_size * S)`` with
-  ``distance="cosine"`` but ``O(chunk_size * S * D)`` with the Euclidean distances,
-  whose partners the losses centre on their (here per-anchor) valid mean: at
-  ``S = 8192, D = 512`` a chunk of 8 compiles to about 130 MiB for loss and gradient,
-  a chunk of 64 to 1 GiB. The per-anchor centring also makes the Euclidean losses
-  several times slower than one ordinary call against the same memory (cosine losses
-  are not affected); ``exclude_self=False`` runs one ordinary chunked call.
+  It is one ordinary call of ``loss_fn`` against the memory with
+  ``ref_exclude=last_slots(mem, B)`` (each anchor's own slot is not its partner), so it
+  costs what ``loss_fn(embeddings, labels, **reference(mem))`` costs: ``O(B S D)`` FLOPs
+  and ``O(chunk_size * S)`` temporaries for loss and gradient, with any distance.
 
   Args:
     loss_fn: an in-batch loss of :mod:`siamjax.losses` (or any function with its
-      ``(embeddings, labels, *, ref_embeddings, ref_labels, ref_valid, **kwargs) -> [B]``
-      signature whose per-anchor value depends only on the anchor and the reference).
+      ``(embeddings, labels, *, ref_embeddings, ref_labels, ref_valid, ref_exclude,
+      **kwargs) -> [B]`` signature whose per-anchor value depends only on the anchor and
+      the reference; ``valid=`` and ``chunk_size=`` are passed only when given here).
     mem: the memory, after the batch was pushed.
     embeddings: ``[B, D]`` the rows just pushed, carrying the gradient.
     labels: ``[B]`` their labels.
@@ -243,11 +239,12 @@ def cross_batch_loss(
       ``loss_fn(embeddings, labels, **reference(mem))`` in one call, nothing excluded.
     anchor_indices: optional ``[A]`` rows of ``embeddings`` to use as anchors; the
       result is then ``[A]``. :func:`siamjax.parallel.cross_device_loss` passes each
-      device's rows of the all-gathered batch here.
+      device's rows of the all-gathered batch here. (With ``exclude_self`` the anchors'
+      rows are gathered here and ``loss_fn`` never sees ``anchor_indices``.)
     valid: optional ``[B]`` bool; rows that are False get 0 (passed on to ``loss_fn``
       as ``valid=``).
-    chunk_size: anchors evaluated at once (with ``exclude_self=False``, passed on to
-      ``loss_fn``).
+    chunk_size: anchors evaluated at once, passed on to ``loss_fn``; ``None`` leaves
+      the loss's default (256 for :mod:`siamjax.losses`).
     **kwargs: hyper-parameters for ``loss_fn`` (``margin=``, ``distance=``, ...).
 
   Returns:
@@ -283,49 +280,41 @@ def cross_batch_loss(
   if emb.shape[1] != mem.embeddings.shape[1]:
     raise ValueError(f"embeddings have D = {emb.shape[1]} but the memory stores "
                      f"D = {mem.embeddings.shape[1]}")
+  extra = {}
+  if chunk_size is not None:
+    if (isinstance(chunk_size, (bool, np.bool_))
+        or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
+      raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    extra["chunk_size"] = int(chunk_size)
   if not exclude_self:
-    extra = {"chunk_size": chunk_size} if valid is None else {"chunk_size": chunk_size,
-                                                              "valid": valid}
+    if valid is not None:
+      extra["valid"] = valid
     if anchor_indices is not None:
       extra["anchor_indices"] = anchor_indices
     return loss_fn(emb, labels, **reference(mem), **extra, **kwargs)
   if b > mem.size:
     raise ValueError(f"embeddings has {b} rows, more than the memory's {mem.size} slots")
-  if (isinstance(chunk_size, (bool, np.bool_)) or not isinstance(chunk_size, (int, np.integer))
-      or chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  chunk_size = int(chunk_size)
   own = last_slots(mem, b)
-  rows = jnp.arange(b) if anchor_indices is None else _checks.as_array(
-      "anchor_indices", anchor_indices)
-  if not jnp.issubdtype(rows.dtype, jnp.integer):
-    raise ValueError(f"anchor_indices must be integer rows, got dtype {rows.dtype}")
-  _checks.rank("anchor_indices", rows, 1, "[A] rows of embeddings")
-  _checks.nonempty("anchor_indices", rows)
-  if _checks._is_concrete(rows):
-    r = np.asarray(rows)
-    bad = r[(r < 0) | (r >= b)]
-    if bad.size:
-      raise ValueError(
-          f"anchor_indices must be rows in [0, {b}) of embeddings, found {bad[:5].tolist()}")
   if valid is not None:
     valid = _checks.as_array("valid", valid)
     if valid.dtype != jnp.bool_ or valid.shape != (b,):
       raise ValueError(f"valid must be a [B] = ({b},) bool mask, got {valid.dtype} "
                        f"{valid.shape}")
-  slot_ids = jnp.arange(mem.size, dtype=jnp.int32)
-
-  def one(row):
-    extra = {} if valid is None else {"valid": valid[row][None]}
-    value = loss_fn(emb[row][None], labels[row][None], ref_embeddings=mem.embeddings,
-                    ref_labels=mem.labels, ref_valid=mem.valid & (slot_ids != own[row]),
-                    **extra, **kwargs)
-    return value[0]
-
-  a = rows.shape[0]
-  c = min(chunk_size, a)
-  n_chunks = -(-a // c)
-  chunks = jnp.pad(rows, (0, n_chunks * c - a)).reshape(n_chunks, c)  # pad: sliced off
-  body = jax.checkpoint(jax.vmap(one))
-  out = jax.lax.map(body, chunks) if n_chunks > 1 else body(chunks[0])[None]
-  return out.reshape(-1)[:a]
+  if anchor_indices is not None:
+    rows = _checks.as_array("anchor_indices", anchor_indices)
+    if not jnp.issubdtype(rows.dtype, jnp.integer):
+      raise ValueError(f"anchor_indices must be integer rows, got dtype {rows.dtype}")
+    _checks.rank("anchor_indices", rows, 1, "[A] rows of embeddings")
+    _checks.nonempty("anchor_indices", rows)
+    if _checks._is_concrete(rows):
+      r = np.asarray(rows)
+      bad = r[(r < 0) | (r >= b)]
+      if bad.size:
+        raise ValueError(
+            f"anchor_indices must be rows in [0, {b}) of embeddings, found {bad[:5].tolist()}")
+    # the anchors are independent given the memory: evaluate only theirs
+    emb, labels, own = emb[rows], labels[rows], own[rows]
+    valid = None if valid is None else valid[rows]
+  if valid is not None:
+    extra["valid"] = valid
+  return loss_fn(emb, labels, **reference(mem), ref_exclude=own, **extra, **kwargs)

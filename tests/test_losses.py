@@ -441,6 +441,97 @@ def test_reference_set_partners_are_exactly_the_reference_rows(fn):
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
 
 
+def _naive_ref_exclude_loss(fn, emb, labels, ref, ref_labels, ref_valid, ref_exclude):
+  """Anchor by anchor: the reference set with that anchor's excluded row masked out."""
+  idx = jnp.arange(ref.shape[0])
+  return jnp.stack([
+      fn(emb[i:i + 1], labels[i:i + 1], ref_embeddings=ref, ref_labels=ref_labels,
+         ref_valid=ref_valid & (idx != ref_exclude[i]))[0] for i in range(emb.shape[0])])
+
+
+@pytest.mark.parametrize("fn", ALL_IN_BATCH + [L.multi_similarity_loss, L.circle_loss,
+                                               L.lifted_structure_loss],
+                         ids=lambda f: f.__name__)
+def test_ref_exclude_equals_a_per_anchor_reference_mask(fn):
+  # float64: the one call centres on the mean of all valid rows, the naive one on each
+  # anchor's own; distances agree up to rounding of the Gram products only
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(3)
+    emb = jnp.asarray(rng.normal(size=(6, 3)))
+    labels = jnp.asarray([0, 1, 2, 0, 1, 1], jnp.int32)
+    ref = jnp.concatenate([jnp.asarray(rng.normal(size=(5, 3))), emb])  # copies at 5..10
+    ref_labels = jnp.concatenate([jnp.asarray([0, 0, 1, 2, 1], jnp.int32), labels])
+    ref_valid = jnp.asarray([True, True, False] + [True] * 8)
+    ref_exclude = jnp.asarray([5, 6, -1, 8, 2, 10], jnp.int32)  # own copies, none, invalid
+    kw = dict(ref_embeddings=ref, ref_labels=ref_labels, ref_valid=ref_valid)
+
+    def total(e, **extra):
+      return fn(e, labels, **kw, ref_exclude=ref_exclude, chunk_size=4, **extra)
+
+    want = _naive_ref_exclude_loss(fn, emb, labels, ref, ref_labels, ref_valid, ref_exclude)
+    np.testing.assert_allclose(total(emb), want, rtol=1e-9, atol=1e-12)
+    g_want = jax.grad(lambda e: jnp.sum(_naive_ref_exclude_loss(
+        fn, e, labels, ref, ref_labels, ref_valid, ref_exclude)))(emb)
+    np.testing.assert_allclose(jax.grad(lambda e: jnp.sum(total(e)))(emb), g_want,
+                               rtol=1e-8, atol=1e-10)
+    # indexed like embeddings: anchor k drops ref_exclude[anchor_indices[k]]
+    rows = jnp.asarray([4, 0, 4])
+    np.testing.assert_allclose(jax.jit(lambda e: total(e, anchor_indices=rows))(emb),
+                               want[rows], rtol=1e-9, atol=1e-12)
+    # and valid_anchors agrees on which anchors carry a loss
+    need = {L.in_batch_softmax_loss: "positive", L.all_pairs_contrastive_loss: "any",
+            L.multi_similarity_loss: "any", L.lifted_structure_loss: "any"}.get(fn, "both")
+    carry = L.valid_anchors(labels, need=need, ref_labels=ref_labels, ref_valid=ref_valid,
+                            ref_exclude=ref_exclude)
+    idx = jnp.arange(ref.shape[0])
+    for i in range(6):
+      one = L.valid_anchors(labels[i:i + 1], need=need, ref_labels=ref_labels,
+                            ref_valid=ref_valid & (idx != ref_exclude[i]))
+      assert bool(carry[i]) == bool(one[0])
+
+
+def test_ref_exclude_drops_the_named_row_only():
+  # anchor 0's copy is reference row 1: excluded, it is no longer a zero-distance positive
+  emb = jnp.array([[0.0], [2.0]])
+  ref, ref_labels = jnp.array([[1.0], [0.0], [2.0]]), jnp.array([0, 0, 1])
+  out = L.all_pairs_contrastive_loss(emb, jnp.array([0, 1]), ref_embeddings=ref,
+                                     ref_labels=ref_labels, ref_exclude=jnp.array([1, -1]),
+                                     margin=1.5)
+  # anchor 0: positive at d = 1 (1/2 d^2), negative at d = 2 (0), its copy left out;
+  # anchor 1: negatives at d = 1 (1/2 (1.5 - 1)^2) and d = 2 (0), its copy (0), all in
+  np.testing.assert_allclose(out, [0.5 / 2, 0.125 / 3], rtol=1e-6)
+  np.testing.assert_array_equal(
+      L.valid_anchors(jnp.array([0, 1, 2]), ref_labels=jnp.array([0, 0, 1, 3]),
+                      ref_exclude=jnp.array([0, 2, -1])), [True, False, False])
+
+
+@pytest.mark.parametrize("fn", ALL_IN_BATCH + [L.multi_similarity_loss, L.circle_loss,
+                                               L.lifted_structure_loss],
+                         ids=lambda f: f.__name__)
+def test_ref_exclude_bad_input(fn):
+  emb, labels = _emb(4, 3), _labels(4, 2)
+  kw = dict(ref_embeddings=_emb(5, 3), ref_labels=_labels(5, 2))
+  with pytest.raises(ValueError, match="ref_exclude was given without ref_embeddings"):
+    fn(emb, labels, ref_exclude=jnp.zeros(4, jnp.int32))
+  with pytest.raises(ValueError, match="ref_exclude must be integer"):
+    fn(emb, labels, **kw, ref_exclude=jnp.zeros(4))
+  with pytest.raises(ValueError, match="ref_exclude has 3 entries but there are 4 rows"):
+    fn(emb, labels, **kw, ref_exclude=jnp.zeros(3, jnp.int32))
+  with pytest.raises(ValueError, match="ref_exclude must have rank 1"):
+    fn(emb, labels, **kw, ref_exclude=jnp.zeros((4, 1), jnp.int32))
+  for bad in (5, -2):
+    with pytest.raises(ValueError, match=rf"rows in \[0, 5\) or -1 for none, found \[{bad}\]"):
+      fn(emb, labels, **kw, ref_exclude=jnp.asarray([0, bad, -1, 4], jnp.int32))
+
+
+def test_valid_anchors_ref_exclude_bad_input():
+  labels = jnp.array([0, 1])
+  with pytest.raises(ValueError, match="ref_valid/ref_exclude were given without ref_labels"):
+    L.valid_anchors(labels, ref_exclude=jnp.array([0, 1]))
+  with pytest.raises(ValueError, match=r"rows in \[0, 3\) or -1 for none, found \[3\]"):
+    L.valid_anchors(labels, ref_labels=jnp.array([0, 1, 1]), ref_exclude=jnp.array([3, 0]))
+
+
 # -------------------------------------------------------------------------------------
 # Numerics and the silent-input fixes (each test reproduced its bug before the fix)
 # -------------------------------------------------------------------------------------
