@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from siamjax import _checks
+from siamjax import cpu_kernels
 from siamjax import fourier
 
 __all__ = ["Koch", "MLP", "SmallCNN", "TextCNN", "ConvNet4", "normal_init"]
@@ -90,9 +91,13 @@ class Koch(nn.Module):
     conv: how conv2 .. conv4 are computed: ``"direct"`` (``lax.conv_general_dilated``),
       ``"dft"`` (:func:`siamjax.fourier.dft_conv2d`: the same function with about 4x
       fewer FLOPs for these layers, equal to float32 rounding) or ``"auto"`` (default:
-      ``"dft"`` on the CPU backend in float32, where it trains about twice as fast,
-      ``"direct"`` elsewhere, e.g. cuDNN on GPUs or bf16). conv1 (one input channel) is
-      always direct. The parameters are the same either way.
+      ``"dft"`` on the CPU backend in float32, where it trains about twice as fast, and
+      in bf16 where :func:`siamjax.cpu_kernels.matmul_route` is ``"onednn-bf16"``;
+      ``"direct"`` elsewhere, e.g. cuDNN on GPUs). conv1 (one input channel) is
+      always direct. The parameters are the same either way. In bf16 on the
+      ``"onednn-bf16"`` route the Fourier-domain products and the dense layer run as
+      oneDNN bf16 x bf16 -> float32 products (:mod:`siamjax.cpu_kernels`); :meth:`route`
+      says which path a call takes.
 
   Max-pooling is a reshape and a max over each 2x2 block (every pooled size is even);
   its gradient splits evenly between exactly tied maxima, where ``nn.max_pool``'s picks
@@ -121,8 +126,24 @@ class Koch(nn.Module):
       raise ValueError(f"conv must be 'auto', 'direct' or 'dft', got {self.conv!r}")
     if self.conv != "auto":
       return self.conv
-    cpu_f32 = jax.default_backend() == "cpu" and jnp.dtype(self.dtype) == jnp.float32
-    return "dft" if cpu_f32 else "direct"
+    if jax.default_backend() != "cpu":
+      return "direct"
+    if jnp.dtype(self.dtype) == jnp.float32 or self._onednn():
+      return "dft"
+    return "direct"
+
+  def _onednn(self) -> bool:
+    return (jnp.dtype(self.dtype) == jnp.bfloat16
+            and cpu_kernels.matmul_route() == "onednn-bf16")
+
+  def route(self) -> str:
+    """The path the matrix work takes: ``conv_impl()``, plus ``"+onednn-bf16"`` on that route.
+
+    >>> Koch(conv="direct").route()
+    'direct'
+    """
+    impl = self.conv_impl()
+    return f"{impl}+onednn-bf16" if self._onednn() else impl
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -141,8 +162,9 @@ class Koch(nn.Module):
     x = _max_pool2(nn.relu(conv(128, (4, 4), name="conv3", **big)(x)))  # 18 -> 9
     x = nn.relu(conv(256, (4, 4), name="conv4", **big)(x))  # 6x6x256 = 9216
     x = x.reshape(x.shape[0], -1)
+    fast = {"dot_general": cpu_kernels.dense_dot_general} if self._onednn() else {}
     x = nn.Dense(4096, kernel_init=normal_init(0.0, 2e-1), bias_init=bias, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="dense")(x)
+                 param_dtype=self.param_dtype, name="dense", **fast)(x)
     return nn.sigmoid(x)
 
 

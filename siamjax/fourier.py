@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from siamjax import cpu_kernels
+
 __all__ = ["dft_conv2d", "conv_general_dilated", "dft_conv2d_flops", "direct_conv2d_flops"]
 
 
@@ -115,6 +117,10 @@ def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:
   if kh > h or kw > wd or min(kh, kw) < 1:
     raise ValueError(f"kernel {kh}x{kw} must fit the {h}x{wd} input")
   dtype = jnp.promote_types(x.dtype, w.dtype)
+  onednn = _onednn_products(dtype)
+  out_dtype = dtype
+  if onednn:  # transforms in float32 (XLA would upcast them anyway), products in bf16
+    dtype = jnp.float32
   x, w = x.astype(dtype), w.astype(dtype)
   prec = lax.Precision.HIGHEST if precision is None else precision
   fwd_w, fwd_h, ker_w, ker_h, inv_h, inv_w = (
@@ -129,10 +135,19 @@ def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:
   w_f = ein("akrco,args->gksco", w_f, ker_h)  # [H', Kf, s, C, O]
   re, im = w_f[:, :, 0], w_f[:, :, 1]
   blocks = jnp.stack([jnp.stack([re, im], 3), jnp.stack([-im, re], 3)], 2)  # [H',Kf,s,C,t,O]
-  y_f = ein("gkbx,gkxy->gkby", x_f, blocks.reshape(h, kf, 2 * c, 2 * o))
+  if onednn:  # bf16 x bf16 -> float32 on AVX512-BF16 / AMX
+    y_f = cpu_kernels.bf16_matmul(x_f.reshape(h * kf, b, 2 * c),
+                                  blocks.reshape(h * kf, 2 * c, 2 * o))
+  else:
+    y_f = ein("gkbx,gkxy->gkby", x_f, blocks.reshape(h, kf, 2 * c, 2 * o))
   y_f = y_f.reshape(h, kf, b, 2, o)
   y = ein("gkbto,gtiu->bikuo", y_f, inv_h)
-  return ein("bikuo,kuj->bijo", y, inv_w)
+  return ein("bikuo,kuj->bijo", y, inv_w).astype(out_dtype)
+
+
+def _onednn_products(dtype) -> bool:
+  """Whether the frequency-wise products of a ``dtype`` convolution go to oneDNN."""
+  return jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.matmul_route() == "onednn-bf16"
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
