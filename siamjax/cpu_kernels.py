@@ -228,17 +228,18 @@ def bf16_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
                       preferred_element_type=None):
-  """``lax.dot_general`` for ``flax.linen.Dense(dot_general=...)`` through :func:`bf16_matmul`.
+  """``lax.dot_general`` for ``flax.linen.Dense(dot_general=...)`` as a bf16 product.
 
-  Handles Dense's contraction (``lhs [..., K] x rhs [K, N]``) with bf16 operands; any
-  other call goes to ``lax.dot_general`` unchanged. The result is in the operands'
-  promoted dtype (bf16 for a bf16 layer), as ``lax.dot_general`` returns it.
+  Dense's contraction (``lhs [..., K] x rhs [K, N]``) of floating operands runs through
+  :func:`bf16_matmul` (operands rounded to bf16, float32 accumulation) whatever their
+  dtype; any other call goes to ``lax.dot_general`` unchanged. The result is in the
+  operands' promoted dtype (or ``preferred_element_type``), as ``lax.dot_general``'s.
   """
   (lc, rc), (lb, rb) = dimension_numbers
   dense = (tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
            and rhs.ndim == 2)
   dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
-  if not dense or dtype != jnp.bfloat16:
+  if not dense or not jnp.issubdtype(dtype, jnp.floating):
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
   batch = lhs.shape[:-1]

@@ -96,8 +96,10 @@ class Koch(nn.Module):
       ``"direct"`` elsewhere, e.g. cuDNN on GPUs). conv1 (one input channel) is
       always direct. The parameters are the same either way. In bf16 on the
       ``"onednn-bf16"`` route the Fourier-domain products and the dense layer run as
-      oneDNN bf16 x bf16 -> float32 products (:mod:`siamjax.cpu_kernels`); :meth:`route`
-      says which path a call takes.
+      oneDNN bf16 x bf16 -> float32 products (:mod:`siamjax.cpu_kernels`) and the rest
+      (conv1, the DFT transforms, ReLU, pooling) in float32, as PyTorch's bf16 autocast
+      does (bf16 elementwise work is slower than float32 on XLA:CPU); the output is bf16.
+      :meth:`route` says which path a call takes.
 
   Max-pooling is a reshape and a max over each 2x2 block (every pooled size is even);
   its gradient splits evenly between exactly tied maxima, where ``nn.max_pool``'s picks
@@ -151,21 +153,24 @@ class Koch(nn.Module):
     if x.shape[1:] != (105, 105, 1):
       raise ValueError(f"x must be [B, 105, 105, 1] Omniglot-size images, got {x.shape}")
     bias = normal_init(0.5, 1e-2)
+    onednn = self._onednn()
+    work = jnp.float32 if onednn else self.dtype  # onednn: bf16 products only
     conv = functools.partial(
         nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
-        dtype=self.dtype, param_dtype=self.param_dtype)
-    big = ({"conv_general_dilated": fourier.conv_general_dilated}
-           if self.conv_impl() == "dft" else {})
-    x = x.astype(self.dtype)
+        dtype=work, param_dtype=self.param_dtype)
+    dft = (functools.partial(fourier.conv_general_dilated, products="bf16") if onednn
+           else fourier.conv_general_dilated)
+    big = {"conv_general_dilated": dft} if self.conv_impl() == "dft" else {}
+    x = x.astype(work)
     x = _max_pool2(nn.relu(conv(64, (10, 10), name="conv1")(x)))  # 96 -> 48
     x = _max_pool2(nn.relu(conv(128, (7, 7), name="conv2", **big)(x)))  # 42 -> 21
     x = _max_pool2(nn.relu(conv(128, (4, 4), name="conv3", **big)(x)))  # 18 -> 9
     x = nn.relu(conv(256, (4, 4), name="conv4", **big)(x))  # 6x6x256 = 9216
     x = x.reshape(x.shape[0], -1)
-    fast = {"dot_general": cpu_kernels.dense_dot_general} if self._onednn() else {}
-    x = nn.Dense(4096, kernel_init=normal_init(0.0, 2e-1), bias_init=bias, dtype=self.dtype,
+    fast = {"dot_general": cpu_kernels.dense_dot_general} if onednn else {}
+    x = nn.Dense(4096, kernel_init=normal_init(0.0, 2e-1), bias_init=bias, dtype=work,
                  param_dtype=self.param_dtype, name="dense", **fast)(x)
-    return nn.sigmoid(x)
+    return nn.sigmoid(x).astype(self.dtype)
 
 
 class MLP(nn.Module):

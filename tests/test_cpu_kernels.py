@@ -69,10 +69,26 @@ def test_dense_dot_general_matches_dot():
   assert out.dtype == jnp.bfloat16 and out.shape == (2, 3, 8)
   ref = jax.lax.dot_general(x.astype(jnp.float32), k.astype(jnp.float32), dims)
   np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=1e-2, atol=1e-2)
-  # float32 calls are plain lax.dot_general
+  # float32 operands: rounded to bf16, result float32; other contractions: lax.dot_general
   x32, k32 = x.astype(jnp.float32), k.astype(jnp.float32)
-  np.testing.assert_array_equal(cpu_kernels.dense_dot_general(x32, k32, dims),
-                                jax.lax.dot_general(x32, k32, dims))
+  out32 = cpu_kernels.dense_dot_general(x32, k32, dims)
+  assert out32.dtype == jnp.float32
+  np.testing.assert_allclose(out32, ref, rtol=1e-5, atol=1e-5)  # x, k already bf16 values
+  bdims = (((2,), (1,)), ((0,), (0,)))
+  y = jnp.ones((2, 16, 8))
+  np.testing.assert_array_equal(cpu_kernels.dense_dot_general(x32, y, bdims),
+                                jax.lax.dot_general(x32, y, bdims))
+
+
+def test_dft_conv2d_bf16_products_match_float32():
+  x = jax.random.uniform(jax.random.key(0), (2, 14, 12, 8))
+  w = 0.1 * jax.random.normal(jax.random.key(1), (4, 3, 8, 6))
+  ref = fourier.dft_conv2d(x, w)
+  out = fourier.dft_conv2d(x, w, products="bf16")
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, rtol=0, atol=1e-2 * float(jnp.abs(ref).max()))
+  with pytest.raises(ValueError, match="products"):
+    fourier.dft_conv2d(x, w, products="fp8")
 
 
 def test_dft_conv2d_bf16_matches_float32():
