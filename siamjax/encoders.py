@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from siamjax import _checks
+from siamjax import cpu_kernels
 from siamjax import fourier
 
 __all__ = ["Koch", "MLP", "SmallCNN", "TextCNN", "ConvNet4", "normal_init"]
@@ -90,9 +91,15 @@ class Koch(nn.Module):
     conv: how conv2 .. conv4 are computed: ``"direct"`` (``lax.conv_general_dilated``),
       ``"dft"`` (:func:`siamjax.fourier.dft_conv2d`: the same function with about 4x
       fewer FLOPs for these layers, equal to float32 rounding) or ``"auto"`` (default:
-      ``"dft"`` on the CPU backend in float32, where it trains about twice as fast,
-      ``"direct"`` elsewhere, e.g. cuDNN on GPUs or bf16). conv1 (one input channel) is
-      always direct. The parameters are the same either way.
+      ``"dft"`` on the CPU backend in float32, where it trains about twice as fast, and
+      in bf16 where :func:`siamjax.cpu_kernels.matmul_route` is ``"onednn-bf16"``;
+      ``"direct"`` elsewhere, e.g. cuDNN on GPUs). conv1 (one input channel) is
+      always direct. The parameters are the same either way. In bf16 on the
+      ``"onednn-bf16"`` route the Fourier-domain products and the dense layer run as
+      oneDNN bf16 x bf16 -> float32 products (:mod:`siamjax.cpu_kernels`) and the rest
+      (conv1, the DFT transforms, ReLU, pooling) in float32, as PyTorch's bf16 autocast
+      does (bf16 elementwise work is slower than float32 on XLA:CPU); the output is bf16.
+      :meth:`route` says which path a call takes.
 
   Max-pooling is a reshape and a max over each 2x2 block (every pooled size is even);
   its gradient splits evenly between exactly tied maxima, where ``nn.max_pool``'s picks
@@ -121,8 +128,24 @@ class Koch(nn.Module):
       raise ValueError(f"conv must be 'auto', 'direct' or 'dft', got {self.conv!r}")
     if self.conv != "auto":
       return self.conv
-    cpu_f32 = jax.default_backend() == "cpu" and jnp.dtype(self.dtype) == jnp.float32
-    return "dft" if cpu_f32 else "direct"
+    if jax.default_backend() != "cpu":
+      return "direct"
+    if jnp.dtype(self.dtype) == jnp.float32 or self._onednn():
+      return "dft"
+    return "direct"
+
+  def _onednn(self) -> bool:
+    return (jnp.dtype(self.dtype) == jnp.bfloat16
+            and cpu_kernels.matmul_route() == "onednn-bf16")
+
+  def route(self) -> str:
+    """The path the matrix work takes: ``conv_impl()``, plus ``"+onednn-bf16"`` on that route.
+
+    >>> Koch(conv="direct").route()
+    'direct'
+    """
+    impl = self.conv_impl()
+    return f"{impl}+onednn-bf16" if self._onednn() else impl
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -130,20 +153,24 @@ class Koch(nn.Module):
     if x.shape[1:] != (105, 105, 1):
       raise ValueError(f"x must be [B, 105, 105, 1] Omniglot-size images, got {x.shape}")
     bias = normal_init(0.5, 1e-2)
+    onednn = self._onednn()
+    work = jnp.float32 if onednn else self.dtype  # onednn: bf16 products only
     conv = functools.partial(
         nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
-        dtype=self.dtype, param_dtype=self.param_dtype)
-    big = ({"conv_general_dilated": fourier.conv_general_dilated}
-           if self.conv_impl() == "dft" else {})
-    x = x.astype(self.dtype)
+        dtype=work, param_dtype=self.param_dtype)
+    dft = (functools.partial(fourier.conv_general_dilated, products="bf16") if onednn
+           else fourier.conv_general_dilated)
+    big = {"conv_general_dilated": dft} if self.conv_impl() == "dft" else {}
+    x = x.astype(work)
     x = _max_pool2(nn.relu(conv(64, (10, 10), name="conv1")(x)))  # 96 -> 48
     x = _max_pool2(nn.relu(conv(128, (7, 7), name="conv2", **big)(x)))  # 42 -> 21
     x = _max_pool2(nn.relu(conv(128, (4, 4), name="conv3", **big)(x)))  # 18 -> 9
     x = nn.relu(conv(256, (4, 4), name="conv4", **big)(x))  # 6x6x256 = 9216
     x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(4096, kernel_init=normal_init(0.0, 2e-1), bias_init=bias, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="dense")(x)
-    return nn.sigmoid(x)
+    fast = {"dot_general": cpu_kernels.dense_dot_general} if onednn else {}
+    x = nn.Dense(4096, kernel_init=normal_init(0.0, 2e-1), bias_init=bias, dtype=work,
+                 param_dtype=self.param_dtype, name="dense", **fast)(x)
+    return nn.sigmoid(x).astype(self.dtype)
 
 
 class MLP(nn.Module):

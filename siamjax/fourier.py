@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from siamjax import cpu_kernels
+
 __all__ = ["dft_conv2d", "conv_general_dilated", "dft_conv2d_flops", "direct_conv2d_flops"]
 
 
@@ -81,7 +83,8 @@ def _dft_matrices(h: int, w: int, kh: int, kw: int) -> tuple[np.ndarray, ...]:
   return fwd_w, fwd_h, ker_w, ker_h, inv_h, inv_w  # inv_w: [Kf, u, Wo]
 
 
-def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:
+def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None,
+               products: str = "auto") -> jax.Array:
   """'Valid', stride-1 2-D convolution (cross-correlation) computed in the Fourier domain.
 
   Equal, up to floating-point rounding, to
@@ -94,6 +97,10 @@ def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:
     w: ``[kh, kw, C, O]`` kernel with ``kh <= H``, ``kw <= W``.
     precision: passed to every ``einsum``; ``None`` means ``lax.Precision.HIGHEST``
       (float32 matrix products also on accelerators whose default is lower).
+    products: ``"auto"`` (default): the frequency-wise products in the inputs' dtype,
+      on oneDNN for bf16 inputs where :func:`siamjax.cpu_kernels.matmul_route` is
+      ``"onednn-bf16"``; ``"bf16"``: always as bf16 x bf16 -> float32 products
+      (:func:`siamjax.cpu_kernels.bf16_matmul`), the transforms staying in float32.
 
   Returns:
     ``[B, H - kh + 1, W - kw + 1, O]`` in the promoted dtype of ``x`` and ``w``.
@@ -114,7 +121,13 @@ def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:
     raise ValueError(f"w has {c_w} input channels but x has {c} (x {x.shape}, w {w.shape})")
   if kh > h or kw > wd or min(kh, kw) < 1:
     raise ValueError(f"kernel {kh}x{kw} must fit the {h}x{wd} input")
+  if products not in ("auto", "bf16"):
+    raise ValueError(f"products must be 'auto' or 'bf16', got {products!r}")
   dtype = jnp.promote_types(x.dtype, w.dtype)
+  onednn = products == "bf16" or _onednn_products(dtype)
+  out_dtype = dtype
+  if onednn:  # transforms in float32 (XLA would upcast them anyway), products in bf16
+    dtype = jnp.float32
   x, w = x.astype(dtype), w.astype(dtype)
   prec = lax.Precision.HIGHEST if precision is None else precision
   fwd_w, fwd_h, ker_w, ker_h, inv_h, inv_w = (
@@ -129,16 +142,26 @@ def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None) -> jax.Array:
   w_f = ein("akrco,args->gksco", w_f, ker_h)  # [H', Kf, s, C, O]
   re, im = w_f[:, :, 0], w_f[:, :, 1]
   blocks = jnp.stack([jnp.stack([re, im], 3), jnp.stack([-im, re], 3)], 2)  # [H',Kf,s,C,t,O]
-  y_f = ein("gkbx,gkxy->gkby", x_f, blocks.reshape(h, kf, 2 * c, 2 * o))
+  if onednn:  # bf16 x bf16 -> float32 on AVX512-BF16 / AMX
+    y_f = cpu_kernels.bf16_matmul(x_f.reshape(h * kf, b, 2 * c),
+                                  blocks.reshape(h * kf, 2 * c, 2 * o))
+  else:
+    y_f = ein("gkbx,gkxy->gkby", x_f, blocks.reshape(h, kf, 2 * c, 2 * o))
   y_f = y_f.reshape(h, kf, b, 2, o)
   y = ein("gkbto,gtiu->bikuo", y_f, inv_h)
-  return ein("bikuo,kuj->bijo", y, inv_w)
+  return ein("bikuo,kuj->bijo", y, inv_w).astype(out_dtype)
+
+
+def _onednn_products(dtype) -> bool:
+  """Whether the frequency-wise products of a ``dtype`` convolution go to oneDNN."""
+  return jnp.dtype(dtype) == jnp.bfloat16 and cpu_kernels.matmul_route() == "onednn-bf16"
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                          feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None) -> jax.Array:
+                         precision=None, preferred_element_type=None, *,
+                         products: str = "auto") -> jax.Array:
   """:func:`dft_conv2d` behind ``lax.conv_general_dilated``'s signature.
 
   For ``flax.linen.Conv(..., conv_general_dilated=siamjax.fourier.conv_general_dilated)``:
@@ -146,6 +169,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   convolution in the Fourier domain. Only what :func:`dft_conv2d` computes is accepted:
   2-D, NHWC inputs with HWIO kernels, unit strides and dilations, 'VALID' (or all-zero)
   padding and one feature group.
+  ``products`` goes to :func:`dft_conv2d` (bind it with ``functools.partial``).
 
   Raises:
     ValueError: any other configuration, naming the offending argument.
@@ -169,7 +193,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   if lax.conv_dimension_numbers(*shapes, dimension_numbers) != lax.conv_dimension_numbers(
       *shapes, nhwc):
     raise ValueError(f"dimension_numbers must be {nhwc}, got {dimension_numbers}")
-  y = dft_conv2d(lhs, rhs, precision=precision)
+  y = dft_conv2d(lhs, rhs, precision=precision, products=products)
   return y if preferred_element_type is None else y.astype(preferred_element_type)
 
 
