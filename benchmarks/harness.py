@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import siamjax
-from siamjax import models, parallel, results, train
+from siamjax import cpu_kernels, models, parallel, results, train
 from siamjax import xla as sxla
 from siamjax.machine import cpu_isa, cpu_model
 from siamjax.recipes import omniglot_koch
@@ -290,7 +290,7 @@ def bench_siamjax(cfg, dtype_name: str, results: list, log, conv: str = "auto"):
   n_params = sum(p.size for p in jax.tree.leaves(params0))
   base = "jit" if conv == "auto" else f"jit-{conv}"
   common = {"impl": "siamjax", "variant": base, "dtype": dtype_name, "params": int(n_params),
-            "conv": net.encoder.conv_impl()}
+            "conv": net.encoder.conv_impl(), "route": net.encoder.route()}
   for batch in cfg.batches:
     for n_dev in (cfg.devices if "train" in cfg.modes else ()):
       if batch % n_dev:
@@ -850,7 +850,8 @@ def software() -> dict:
   settings."""
   info = {"siamjax": siamjax.__version__, "siamjax_fast_cpu_flags": sxla.fast_cpu_enabled(),
           "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
-          "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}
+          "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+          "siamjax_cpu_matmul_route": cpu_kernels.matmul_route()}
   if jax.default_backend() == "gpu":
     dev = jax.devices()[0]
     info["jax_platform_version"] = getattr(getattr(dev, "client", None), "platform_version",
