@@ -51,9 +51,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from siamjax import _checks
+from siamjax import losses as _losses
 
 __all__ = ["Memory", "init", "push", "reference", "last_slots", "cross_batch_loss"]
 
@@ -282,10 +282,7 @@ def cross_batch_loss(
                      f"D = {mem.embeddings.shape[1]}")
   extra = {}
   if chunk_size is not None:
-    if (isinstance(chunk_size, (bool, np.bool_))
-        or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-      raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    extra["chunk_size"] = int(chunk_size)
+    extra["chunk_size"] = _losses._chunk_size(chunk_size)
   if not exclude_self:
     if valid is not None:
       extra["valid"] = valid
@@ -296,22 +293,9 @@ def cross_batch_loss(
     raise ValueError(f"embeddings has {b} rows, more than the memory's {mem.size} slots")
   own = last_slots(mem, b)
   if valid is not None:
-    valid = _checks.as_array("valid", valid)
-    if valid.dtype != jnp.bool_ or valid.shape != (b,):
-      raise ValueError(f"valid must be a [B] = ({b},) bool mask, got {valid.dtype} "
-                       f"{valid.shape}")
+    valid = _losses._mask("valid", valid, b)
   if anchor_indices is not None:
-    rows = _checks.as_array("anchor_indices", anchor_indices)
-    if not jnp.issubdtype(rows.dtype, jnp.integer):
-      raise ValueError(f"anchor_indices must be integer rows, got dtype {rows.dtype}")
-    _checks.rank("anchor_indices", rows, 1, "[A] rows of embeddings")
-    _checks.nonempty("anchor_indices", rows)
-    if _checks._is_concrete(rows):
-      r = np.asarray(rows)
-      bad = r[(r < 0) | (r >= b)]
-      if bad.size:
-        raise ValueError(
-            f"anchor_indices must be rows in [0, {b}) of embeddings, found {bad[:5].tolist()}")
+    rows = _losses._anchor_rows(anchor_indices, b)
     # the anchors are independent given the memory: evaluate only theirs
     emb, labels, own = emb[rows], labels[rows], own[rows]
     valid = None if valid is None else valid[rows]
