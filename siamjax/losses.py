@@ -489,9 +489,10 @@ def batch_all_triplet_loss(
 
   For each anchor ``a``, the mean of ``max(d(a, p) - d(a, n) + margin, 0)`` over all its
   positives ``p != a`` and negatives ``n``. The ``O(B^3)`` triplets are never built: each
-  anchor's negative distances are sorted once and, for every positive, the active
-  negatives (``d(a, n) < d(a, p) + margin``) and their sum come from a binary search and
-  prefix sums, which gives the same value and gradient.
+  anchor's negative distances are sorted once (as integer keys) and binary searches count,
+  for every positive, its active negatives (``d(a, n) < d(a, p) + margin``) and, for every
+  negative, the positives it is active for; the loss is the sum of the distances weighted
+  by these counts, which gives the same value and gradient.
 
   Args:
     embeddings: ``[B, D]`` floating embeddings.
