@@ -4,9 +4,15 @@
   never a speed claim). Must be set before JAX initialises its backends.
 * Implicit rank promotion raises: a broadcasting bug fails loudly instead of silently
   building a ``[B, B]`` array.
+* ``SIAMJAX_DATA_DIR`` made absolute: the script tests run their subprocesses in
+  temporary folders, where a relative path (``SIAMJAX_DATA_DIR=../shared/data``) would
+  point nowhere.
 """
 
 import os
+
+if os.environ.get("SIAMJAX_DATA_DIR"):
+  os.environ["SIAMJAX_DATA_DIR"] = os.path.abspath(os.environ["SIAMJAX_DATA_DIR"])
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")

@@ -1158,7 +1158,9 @@ def ntxent_loss(
     per_pair = -(logits - shift) + jnp.log(jnp.exp(logits - shift) + neg_sum)
     n_pos = jnp.sum(pos, axis=1)
     total = jnp.sum(jnp.where(pos, per_pair, 0.0), axis=1)
-    return jnp.where(n_pos > 0, total / jnp.maximum(n_pos, 1), 0.0)
+    # Without negatives every term is log(exp(l)) - l = 0: exactly 0, not its rounding.
+    has_both = (n_pos > 0) & jnp.any(neg, axis=1)
+    return jnp.where(has_both, total / jnp.maximum(n_pos, 1), 0.0)
 
   return _map_anchor_chunks(reduce, "cosine", emb, labels, chunk_size, anchor_indices,
                             valid, ref_embeddings, ref_labels, ref_valid,
