@@ -27,6 +27,13 @@ def as_array(name: str, x) -> jax.Array:
     raise ValueError(f"{name}: cannot convert {type(x).__name__} to an array ({e})") from e
 
 
+def positive_int(name: str, v) -> int:
+  """Returns ``v`` as an ``int``; it must be a Python or NumPy integer >= 1 (not a bool)."""
+  if (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 1):
+    raise ValueError(f"{name} must be a positive int, got {v!r}")
+  return int(v)
+
+
 def floating(name: str, x) -> jax.Array:
   """Returns ``x`` as an array, which must have a floating dtype."""
   x = as_array(name, x)

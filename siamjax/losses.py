@@ -332,13 +332,6 @@ def _mask(name: str, mask, n: int) -> jax.Array:
   return mask
 
 
-def _chunk_size(chunk_size) -> int:
-  if (isinstance(chunk_size, (bool, np.bool_))
-      or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  return int(chunk_size)
-
-
 def _anchor_rows(anchor_indices, b: int) -> jax.Array:
   """Checks ``anchor_indices`` (``[A]`` rows of ``[0, b)``; range checked when concrete)."""
   if anchor_indices is None:
@@ -420,7 +413,7 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
   if distance not in ("euclidean", "squared_euclidean", "cosine"):
     raise ValueError(
         f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")
-  chunk_size = _chunk_size(chunk_size)
+  chunk_size = _checks.positive_int("chunk_size", chunk_size)
   b = emb.shape[0]
   valid_B = _mask("valid", valid, b)
   ref = _reference(emb, ref_embeddings, ref_labels, ref_valid)

@@ -101,9 +101,7 @@ def init(size: int, dim: int, dtype=jnp.float32, *, label_dtype=jnp.int32) -> Me
   >>> mem.embeddings.shape, mem.valid.tolist(), int(mem.index)
   ((4, 2), [False, False, False, False], 0)
   """
-  for name, v in (("size", size), ("dim", dim)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  size, dim = _checks.positive_int("size", size), _checks.positive_int("dim", dim)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating dtype, got {jnp.dtype(dtype)}")
   if not jnp.issubdtype(label_dtype, jnp.integer):
@@ -282,7 +280,7 @@ def cross_batch_loss(
                      f"D = {mem.embeddings.shape[1]}")
   extra = {}
   if chunk_size is not None:
-    extra["chunk_size"] = _losses._chunk_size(chunk_size)
+    extra["chunk_size"] = _checks.positive_int("chunk_size", chunk_size)
   if not exclude_self:
     if valid is not None:
       extra["valid"] = valid

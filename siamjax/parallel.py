@@ -223,6 +223,10 @@ def _lower_in(mesh, compiled, *args):
     return compiled.lower(*args)
 
 
+# keyword arguments of the in-batch losses that hold one entry per row of embeddings
+_ROW_ALIGNED = ("valid", "ref_exclude")
+
+
 def cross_device_loss(loss_fn: Callable, *, axis_name: str = DATA_AXIS) -> Callable:
   """Makes an in-batch loss see the global batch from inside ``jax.shard_map``.
 
@@ -240,6 +244,10 @@ def cross_device_loss(loss_fn: Callable, *, axis_name: str = DATA_AXIS) -> Calla
       ``all_pairs_contrastive_loss``, ``ntxent_loss``), or any function with the same
       ``(embeddings, labels, *, anchor_indices, **kwargs)`` signature.
     axis_name: the mesh axis the batch is sharded over.
+
+  Keyword arguments that hold one entry per row of ``embeddings`` (``valid=``,
+  ``ref_exclude=``) are this device's ``[b]`` rows and are all-gathered with them; the
+  others (``margin=``, ``ref_embeddings=`` of a replicated memory, ...) pass unchanged.
 
   Returns:
     ``f(embeddings, labels, **kwargs) -> [b]``, to be called inside ``shard_map``.
@@ -264,6 +272,13 @@ def cross_device_loss(loss_fn: Callable, *, axis_name: str = DATA_AXIS) -> Calla
     b = embeddings.shape[0]
     emb_all = jax.lax.all_gather(embeddings, axis_name, tiled=True)
     labels_all = jax.lax.all_gather(labels, axis_name, tiled=True)
+    for name in _ROW_ALIGNED:  # per-row arguments follow their rows into the global batch
+      if kwargs.get(name) is not None:
+        row_arg = jnp.asarray(kwargs[name])
+        if row_arg.ndim != 1 or row_arg.shape[0] != b:
+          raise ValueError(f"{name} has shape {row_arg.shape}; inside cross_device_loss it "
+                           f"must be this device's [{b}] rows, like embeddings")
+        kwargs[name] = jax.lax.all_gather(row_arg, axis_name, tiled=True)
     rows = jax.lax.axis_index(axis_name) * b + jnp.arange(b)
     return loss_fn(emb_all, labels_all, anchor_indices=rows, **kwargs)
 

@@ -11,7 +11,8 @@ from siamjax import parallel
 
 RNG = np.random.default_rng(3)
 IN_BATCH = [L.batch_hard_triplet_loss, L.batch_all_triplet_loss, L.semi_hard_triplet_loss,
-            L.all_pairs_contrastive_loss, L.ntxent_loss, L.in_batch_softmax_loss]
+            L.all_pairs_contrastive_loss, L.ntxent_loss, L.in_batch_softmax_loss,
+            L.multi_similarity_loss, L.circle_loss, L.lifted_structure_loss]
 
 
 def _needs(n):
@@ -54,6 +55,37 @@ def test_cross_device_loss_and_gradient_equal_single_device(fn, n_devices):
   np.testing.assert_allclose(per_anchor, ref_per_anchor, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [L.batch_hard_triplet_loss, L.ntxent_loss, L.circle_loss],
+                         ids=lambda f: f.__name__)
+def test_cross_device_loss_gathers_valid(fn):
+  # valid= is per row: each device passes its own rows, and padding on one device must
+  # not be a partner of another device's anchors (it used to reach loss_fn unshaped)
+  _needs(4)
+  b = 16
+  emb = jnp.asarray(RNG.normal(size=(b, 5)), jnp.float32)
+  labels = jnp.asarray(np.arange(b) % 3, jnp.int32)
+  valid = jnp.asarray(RNG.random(b) < 0.7)
+  mesh = parallel.make_mesh(4)
+  gathered = parallel.cross_device_loss(fn)
+
+  def sharded_mean(e):
+    def local(e_loc, l_loc, v_loc):
+      per_anchor = gathered(e_loc, l_loc, valid=v_loc, chunk_size=3)
+      return jax.lax.psum(jnp.sum(per_anchor), "data"), per_anchor
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data"), P("data")),
+                         out_specs=(P(), P("data")))(e, labels, valid)
+
+  (total, per_anchor), grad = jax.jit(jax.value_and_grad(sharded_mean, has_aux=True))(emb)
+  ref_total, ref_grad = jax.value_and_grad(lambda e: jnp.sum(fn(e, labels, valid=valid)))(emb)
+  np.testing.assert_allclose(per_anchor, fn(emb, labels, valid=valid), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(total, ref_total, rtol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+  assert not np.any(np.asarray(per_anchor)[~np.asarray(valid)])
+  with pytest.raises(ValueError, match="this device's"):
+    jax.shard_map(lambda e, l: gathered(e, l, valid=valid), mesh=mesh,
+                  in_specs=(P("data"), P("data")), out_specs=P("data"))(emb, labels)
 
 
 def test_anchor_indices_select_rows():

@@ -23,6 +23,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from siamjax import _checks
+
 __all__ = [
     "CLASS_NAMES",
     "CLASS_NAMES_EN",
@@ -122,9 +124,8 @@ def draw_split(labels: np.ndarray, seed: int, *, shots: int = 50, max_test: int 
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be a [N] integer array, got {labels.dtype} {labels.shape}")
-  for name, v in (("shots", shots), ("max_test", max_test)):
-    if not isinstance(v, (int, np.integer)) or v < 1:
-      raise ValueError(f"{name} must be a positive int, got {v!r}")
+  shots = _checks.positive_int("shots", shots)
+  max_test = _checks.positive_int("max_test", max_test)
   if val_per_class < 0:
     raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
   rng = np.random.default_rng(seed)

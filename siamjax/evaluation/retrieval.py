@@ -90,7 +90,8 @@ def _query_stats(q_QxD, ql_Q, r_NxD, rl_N, n_rel_Q, *, self_retrieval: bool, top
 
   def body(args):
     q_CxD, ql_C, qi_C, nr_C = args
-    d_CxN = _distances.pairwise_distances(q_CxD, r_NxD, distance=distance)
+    # both sides were centred once in retrieval_metrics: no per-chunk centring or casts
+    d_CxN = _distances._pairwise(q_CxD, r_NxD, distance, centre=False)
     d_CxN = jnp.where(d_CxN == 0, 0.0, d_CxN)  # one zero: -0.0 would rank apart in top_k
     rel_CxN = ql_C[:, None] == rl_N[None, :]
     if self_retrieval:  # the query itself is no candidate: last in every ranking
@@ -207,9 +208,7 @@ def retrieval_metrics(
   if distance not in _DISTANCES:
     raise ValueError(
         f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or (
-      chunk_size < 1):
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  chunk_size = _checks.positive_int("chunk_size", chunk_size)
   n_candidates = r.shape[0] - int(self_retrieval)
   ks = _ks(k, n_candidates)
 
