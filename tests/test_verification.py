@@ -128,3 +128,23 @@ def test_recall_at_1_against_brute_force():
   expected = np.mean(labels[d.argmin(1)] == labels)
   got = v.recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=7)
   assert float(got) == pytest.approx(expected)
+
+
+def test_recall_at_1_counts_lone_queries_as_misses_unlike_retrieval_metrics():
+  import jax.numpy as jnp
+  from siamjax.evaluation import retrieval_metrics
+  rng = np.random.default_rng(9)
+  emb = rng.normal(size=(40, 4)).astype(np.float32) + 100.0  # a shared offset too
+  labels = np.concatenate([rng.integers(0, 5, 37), [7, 8, 9]])  # three lone labels
+  d = ((emb[:, None].astype(np.float64) - emb[None]) ** 2).sum(-1)
+  np.fill_diagonal(d, np.inf)
+  hits = labels[d.argmin(1)] == labels
+  got = float(v.recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=6))
+  assert got == pytest.approx(np.mean(hits))
+  m = retrieval_metrics(jnp.asarray(emb), jnp.asarray(labels))
+  assert m["n_lone_queries"] == 3
+  assert m["precision_at_1"] == pytest.approx(got * 40 / 37)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    v.recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=0)
+  with pytest.raises(ValueError, match="labels has 3 entries"):
+    v.recall_at_1(jnp.asarray(emb), jnp.asarray(labels[:3]))

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siamjax import distances as _distances
+from siamjax import _checks
+from siamjax.evaluation import retrieval as _retrieval
 
 __all__ = [
     "roc_curve", "auc", "equal_error_rate", "threshold_at_far", "best_threshold_accuracy",
@@ -358,29 +359,33 @@ def contact_sheet(path: str | os.PathLike, images: np.ndarray, pairs, similar, p
 def recall_at_1(embeddings: jax.Array, labels: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
   """Fraction of embeddings whose nearest other embedding (Euclidean) has the same label.
 
+  Over **all** ``N`` embeddings: one whose label no other embedding has counts as a miss.
+  :func:`siamjax.evaluation.retrieval_metrics` (same neighbours, same tie rule: the lower
+  index first) leaves such lone queries out instead, so its ``precision_at_1`` equals
+  ``recall_at_1 * N / (N - n_lone_queries)``; use it for the other retrieval metrics.
+
   Args:
-    embeddings: ``[N, D]`` floating embeddings.
+    embeddings: ``[N, D]`` floating embeddings, ``N >= 2``.
     labels: ``[N]`` integer labels.
     chunk_size: rows per distance block (memory ``O(chunk_size * N)``).
 
   Returns:
-    A scalar in ``[0, 1]``.
+    A float32 scalar in ``[0, 1]``.
 
   >>> import jax.numpy as jnp
   >>> float(recall_at_1(jnp.array([[0.0], [0.1], [1.0], [5.0]]), jnp.array([0, 0, 1, 1])))
   0.75
   """
-  emb = jnp.asarray(embeddings)
-  labels = jnp.asarray(labels)
-  if emb.ndim != 2 or emb.shape[0] < 2:
+  emb = _checks.floating("embeddings", embeddings)
+  _checks.rank("embeddings", emb, 2, "[N, D]")
+  if emb.shape[0] < 2:
     raise ValueError(f"embeddings must be [N, D] with N >= 2, got shape {emb.shape}")
-  if labels.shape != (emb.shape[0],):
-    raise ValueError(f"labels must be [N] = [{emb.shape[0]}], got shape {labels.shape}")
+  labels = _checks.class_labels("labels", labels, emb.shape[0])
+  chunk_size = _checks.positive_int("chunk_size", chunk_size)
+  emb = emb.astype(jnp.promote_types(emb.dtype, jnp.float32))
+  emb = emb - jnp.mean(emb, axis=0, keepdims=True)  # as retrieval_metrics: exact Gram form
   n = emb.shape[0]
-  hits = []
-  for start in range(0, n, chunk_size):
-    rows = jnp.arange(start, min(start + chunk_size, n))
-    d = _distances.pairwise_distances(emb[rows], emb, distance="squared_euclidean")
-    d = jnp.where(rows[:, None] == jnp.arange(n)[None, :], jnp.inf, d)
-    hits.append(labels[jnp.argmin(d, axis=1)] == labels[rows])
-  return jnp.mean(jnp.concatenate(hits).astype(jnp.float32))
+  first, _, _ = _retrieval._query_stats(
+      emb, labels, emb, labels, jnp.ones(n, jnp.int32), self_retrieval=True, top=1,
+      distance="squared_euclidean", chunk=min(chunk_size, n))
+  return jnp.mean((first == 1).astype(jnp.float32))
