@@ -292,6 +292,25 @@ def _work_dtype(dtype) -> jnp.dtype:
   return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
 
 
+def _gram_rows(x: jax.Array, distance: str) -> tuple[jax.Array, jax.Array | None]:
+  """The rows that enter the Gram product and their squared norms (private).
+
+  Cosine distances normalise the rows first (norms clamped at 1e-8, so a zero row has
+  similarity 0 with everything) and need no norms; the Euclidean ones use ``x`` as given.
+  """
+  if distance == "cosine":
+    return x / jnp.maximum(safe_sqrt(jnp.sum(jnp.square(x), -1, keepdims=True)), 1e-8), None
+  return x, jnp.sum(jnp.square(x), -1)
+
+
+def _from_gram(dot_NxM: jax.Array, sq_N, sq_M, distance: str) -> jax.Array:
+  """Distances from the Gram block of :func:`_gram_rows`' rows and their norms (private)."""
+  if distance == "cosine":
+    return 1.0 - dot_NxM
+  sq = jnp.maximum(sq_N[:, None] + sq_M[None, :] - 2.0 * dot_NxM, 0.0)
+  return sq if distance == "squared_euclidean" else safe_sqrt(sq)
+
+
 def _pairwise(x: jax.Array, y: jax.Array, distance: str,
               precision=jax.lax.Precision.HIGHEST, centre: bool = True) -> jax.Array:
   """:func:`pairwise_distances` without the checks or the dtype round trip (private).
@@ -299,19 +318,11 @@ def _pairwise(x: jax.Array, y: jax.Array, distance: str,
   Euclidean distances are translation-invariant, so both sides are first centred on
   the mean of ``y`` (a constant for the gradient, which is exact since the distances do
   not depend on it): the Gram expansion then cancels no large shared offset.
-  Pass ``centre=False`` when the caller has centred both already.
+  Pass ``centre=False`` when the caller has centred both already. Cosine distances
+  normalise the rows first, so the ``[N, M]`` block sees one product and one subtraction.
   """
-  if distance == "cosine":
-    dot = jnp.matmul(x, y.T, precision=precision)
-    nx = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(x), axis=-1)), 1e-8)
-    ny = jnp.maximum(safe_sqrt(jnp.sum(jnp.square(y), axis=-1)), 1e-8)
-    return 1.0 - dot / (nx[:, None] * ny[None, :])
-  if centre:
+  if centre and distance != "cosine":
     mean = jax.lax.stop_gradient(jnp.mean(y, axis=0, keepdims=True))
     x, y = x - mean, y - mean
-  dot = jnp.matmul(x, y.T, precision=precision)
-  sq = jnp.sum(jnp.square(x), -1)[:, None] + jnp.sum(jnp.square(y), -1)[None, :] - 2.0 * dot
-  sq = jnp.maximum(sq, 0.0)
-  if distance == "squared_euclidean":
-    return sq
-  return safe_sqrt(sq)
+  (x, sq_x), (y, sq_y) = _gram_rows(x, distance), _gram_rows(y, distance)
+  return _from_gram(jnp.matmul(x, y.T, precision=precision), sq_x, sq_y, distance)

@@ -394,6 +394,18 @@ def _compute_dtype(*arrays) -> jnp.dtype:
   return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
 
 
+FULL_BLOCK_BYTES = 64 * 2**20
+"""Budget of the in-batch losses' one-piece Gram block, in bytes (read when tracing).
+
+When the ``[A, R]`` block of anchor-partner products (in the compute dtype) fits it, it is
+formed by one matrix product and kept for the backward pass, whose gradient product is one
+more (two with a reference set or ``anchor_indices``); the per-anchor work still runs in
+chunks of ``chunk_size`` rows of it. Beyond it, each chunk forms its own rows and forms them
+again in the backward pass (four products in all), so memory stays ``O(chunk_size * R)``.
+The default admits ``B = 4096`` in float32 (64 MiB); set it to 0 to always chunk.
+"""
+
+
 def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
                        chunk_size: int, anchor_indices=None, valid=None,
                        ref_embeddings=None, ref_labels=None, ref_valid=None,
@@ -413,7 +425,6 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
   if distance not in ("euclidean", "squared_euclidean", "cosine"):
     raise ValueError(
         f"distance must be 'euclidean', 'squared_euclidean' or 'cosine', got {distance!r}")
-  chunk_size = _checks.positive_int("chunk_size", chunk_size)
   b = emb.shape[0]
   valid_B = _mask("valid", valid, b)
   ref = _reference(emb, ref_embeddings, ref_labels, ref_valid)
@@ -437,15 +448,13 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
     partners_R = emb if ref is None else partners_R - mean
   idx_B = jnp.arange(b)
   idx_R = jnp.arange(partners_R.shape[0])
-  a = rows_A.shape[0]
-  c = min(chunk_size, a)
-  n_chunks = -(-a // c)
-  pad = n_chunks * c - a
-  anchor_idx = jnp.pad(rows_A, (0, pad)).reshape(n_chunks, c)  # padded rows: sliced off
 
-  @jax.checkpoint
-  def body(rows_C):
-    dist_CxR = _distances._pairwise(emb[rows_C], partners_R, distance, centre=False)
+  x_BxD, sq_B = _distances._gram_rows(emb, distance)
+  p_RxD, sq_R = (x_BxD, sq_B) if ref is None else _distances._gram_rows(partners_R, distance)
+
+  def body(rows_C, gram_CxR):
+    sq_C = None if sq_B is None else sq_B[rows_C]
+    dist_CxR = _distances._from_gram(gram_CxR, sq_C, sq_R, distance)
     same_CxR = labels[rows_C][:, None] == labels_R[None, :]
     partner_CxR = valid_B[rows_C][:, None] & valid_R[None, :]
     if ref is None:
@@ -455,7 +464,27 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
     out = reduce(dist_CxR, same_CxR & partner_CxR, ~same_CxR & partner_CxR)
     return jnp.where(valid_B[rows_C], out, 0.0)
 
-  out = jax.lax.map(body, anchor_idx) if n_chunks > 1 else body(anchor_idx[0])[None]
+  def gram(rows_C):
+    return jnp.matmul(x_BxD[rows_C], p_RxD.T, precision=jax.lax.Precision.HIGHEST)
+
+  chunk_size = _checks.positive_int("chunk_size", chunk_size)
+  a, r = rows_A.shape[0], p_RxD.shape[0]
+  c = min(chunk_size, a)
+  n_chunks = -(-a // c)
+  pad = n_chunks * c - a
+  rows_NxC = jnp.pad(rows_A, (0, pad)).reshape(n_chunks, c)  # padded rows: sliced off
+  if n_chunks == 1 or a * r * jnp.dtype(dtype).itemsize <= FULL_BLOCK_BYTES:
+    # One [A, R] Gram product kept for the backward pass (whose gradient is two more);
+    # the chunks only recompute their elementwise work from their rows of it. (A custom
+    # rule computing the batch's own gradient as one product (G' + G'^T) E is slower on
+    # XLA:CPU: transposing a [4096, 4096] block costs more than the product it saves.)
+    gram_AxR = gram(slice(None) if anchor_indices is None else rows_A)
+    if n_chunks == 1:
+      return body(rows_A, gram_AxR)
+    gram_NxCxR = jnp.pad(gram_AxR, ((0, pad), (0, 0))).reshape(n_chunks, c, r)
+    out = jax.lax.map(jax.checkpoint(lambda args: body(*args)), (rows_NxC, gram_NxCxR))
+  else:  # each chunk forms its own Gram rows, again in the backward pass: O(C R) memory
+    out = jax.lax.map(jax.checkpoint(lambda rows_C: body(rows_C, gram(rows_C))), rows_NxC)
   return out.reshape(-1)[:a]
 
 

@@ -1,0 +1,142 @@
+"""The in-batch losses' two evaluation paths (``losses.FULL_BLOCK_BYTES``) agree.
+
+Below the budget the ``[A, R]`` Gram block is formed once and kept for the backward pass;
+above it every chunk forms its rows again in the backward pass. Both must give the same
+values and gradients (float32 rounding apart) with every option of the losses.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from siamjax import losses as L
+
+RNG = np.random.default_rng(7)
+
+IN_BATCH = [L.batch_all_triplet_loss, L.batch_hard_triplet_loss, L.semi_hard_triplet_loss,
+            L.all_pairs_contrastive_loss, L.ntxent_loss, L.in_batch_softmax_loss,
+            L.multi_similarity_loss, L.circle_loss, L.lifted_structure_loss]
+WITH_DISTANCE = [L.batch_all_triplet_loss, L.batch_hard_triplet_loss, L.semi_hard_triplet_loss,
+                 L.all_pairs_contrastive_loss, L.in_batch_softmax_loss,
+                 L.multi_similarity_loss, L.lifted_structure_loss]
+
+
+def _name(f):
+  return f.__name__
+
+
+def _both_paths(monkeypatch, f, *args):
+  """``f(*args)`` with the one-block path forced, then with the chunked path forced."""
+  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", 2**62)
+  whole = f(*args)
+  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", 0)
+  chunked = f(*args)
+  return whole, chunked
+
+
+def _weighted(fn, labels, **kw):
+  """``e -> (loss, d(sum w * loss)/de)`` with unequal weights per anchor."""
+  def objective(e):
+    out = fn(e, labels, **kw)
+    return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
+  return lambda e: jax.value_and_grad(objective, has_aux=True)(e)
+
+
+def _assert_same(whole, chunked):
+  (_, out_w), g_w = whole
+  (_, out_c), g_c = chunked
+  np.testing.assert_allclose(out_w, out_c, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g_w, g_c, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", IN_BATCH, ids=_name)
+@pytest.mark.parametrize("chunk_size", [5, 256])
+def test_one_block_and_chunked_paths_agree(monkeypatch, fn, chunk_size):
+  emb = jnp.asarray(RNG.normal(size=(13, 6)), jnp.float32)
+  labels = jnp.asarray(RNG.integers(0, 4, size=13), jnp.int32)
+  _assert_same(*_both_paths(monkeypatch, _weighted(fn, labels, chunk_size=chunk_size), emb))
+
+
+@pytest.mark.parametrize("fn", WITH_DISTANCE, ids=_name)
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+def test_paths_agree_for_every_distance(monkeypatch, fn, distance):
+  emb = jnp.asarray(RNG.normal(size=(12, 5)), jnp.float32)
+  labels = jnp.asarray(np.arange(12) % 3, jnp.int32)
+  f = _weighted(fn, labels, distance=distance, chunk_size=5)
+  _assert_same(*_both_paths(monkeypatch, f, emb))
+
+
+@pytest.mark.parametrize("fn", IN_BATCH, ids=_name)
+def test_paths_agree_with_valid_anchor_indices_and_a_reference_set(monkeypatch, fn):
+  emb = jnp.asarray(RNG.normal(size=(10, 4)), jnp.float32)
+  labels = jnp.asarray(RNG.integers(0, 3, size=10), jnp.int32)
+  valid = jnp.asarray(RNG.random(10) < 0.8)
+  rows = jnp.asarray([7, 1, 1, 4, 9, 0, 2], jnp.int32)
+  _assert_same(*_both_paths(monkeypatch, _weighted(fn, labels, valid=valid, chunk_size=3),
+                            emb))
+  _assert_same(*_both_paths(monkeypatch,
+                            _weighted(fn, labels, anchor_indices=rows, chunk_size=3), emb))
+  ref = jnp.concatenate([emb, jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)])
+  ref_labels = jnp.concatenate([labels, jnp.asarray(RNG.integers(0, 3, size=6), jnp.int32)])
+  kw = dict(ref_embeddings=ref, ref_labels=ref_labels,
+            ref_valid=jnp.asarray(RNG.random(16) < 0.9), ref_exclude=jnp.arange(10),
+            chunk_size=4)
+  _assert_same(*_both_paths(monkeypatch, _weighted(fn, labels, **kw), emb))
+
+
+@pytest.mark.parametrize("fn", [L.batch_hard_triplet_loss, L.ntxent_loss, L.circle_loss,
+                                L.in_batch_softmax_loss], ids=_name)
+def test_paths_agree_at_distance_zero(monkeypatch, fn):
+  base = jnp.asarray(RNG.normal(size=(4, 3)), jnp.float32)
+  emb = jnp.concatenate([base, base])  # every embedding twice: distances of exactly 0
+  labels = jnp.asarray([0, 1, 2, 0, 0, 1, 2, 1], jnp.int32)
+  whole, chunked = _both_paths(monkeypatch, _weighted(fn, labels, chunk_size=3), emb)
+  assert bool(jnp.all(jnp.isfinite(whole[1])))
+  _assert_same(whole, chunked)
+
+
+# circle_loss holds its weights constant (stop_gradient), so its gradient is by design not
+# the numerical derivative; the agreement tests above cover it.
+@pytest.mark.parametrize("budget", [2**62, 0], ids=["one_block", "chunked"])
+@pytest.mark.parametrize("fn", [f for f in IN_BATCH if f is not L.circle_loss], ids=_name)
+def test_check_grads_on_both_paths_float64(monkeypatch, fn, budget):
+  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", budget)
+  with jax.enable_x64(True):
+    emb = jnp.asarray(RNG.normal(size=(8, 3)) * 1.5)
+    labels = jnp.asarray(np.arange(8) % 3, jnp.int32)
+    check_grads(lambda e: fn(e, labels, chunk_size=3), (emb,), order=1, eps=1e-6,
+                modes=("rev",))
+
+
+@pytest.mark.parametrize("budget", [2**62, 0], ids=["one_block", "chunked"])
+def test_check_grads_float32_with_coincident_rows(monkeypatch, budget):
+  """float32 and two rows at distance 0 from each other (a smooth loss there)."""
+  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", budget)
+  base = jnp.asarray(RNG.normal(size=(3, 4)), jnp.float32)
+  emb = jnp.concatenate([base, base[:1]])
+  labels = jnp.asarray([0, 1, 2, 0], jnp.int32)
+  check_grads(lambda e: L.in_batch_softmax_loss(e, labels, chunk_size=3), (emb,), order=1,
+              eps=1e-2, atol=2e-2, rtol=2e-2, modes=("rev",))
+
+
+def _count_dots(fn, b, budget, monkeypatch, **kw):
+  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", budget)
+  emb = jnp.zeros((b, 8), jnp.float32)
+  labels = jnp.arange(b) // 2
+  grad = jax.grad(lambda e: jnp.mean(fn(e, labels, **kw)))
+  return str(jax.make_jaxpr(grad)(emb)).count("dot_general")
+
+
+@pytest.mark.parametrize("fn", [L.batch_hard_triplet_loss, L.circle_loss], ids=_name)
+def test_one_block_path_forms_the_gram_block_once(monkeypatch, fn):
+  """Three products for loss + gradient (one forward, two backward); the chunked path has
+  a fourth, the forward product formed again in the backward pass."""
+  assert _count_dots(fn, 32, 2**62, monkeypatch, chunk_size=8) == 3
+  assert _count_dots(fn, 32, 0, monkeypatch, chunk_size=8) == 4
+  assert _count_dots(fn, 32, 0, monkeypatch, chunk_size=32) == 3  # one chunk: no recompute
+
+
+def test_default_budget_admits_b4096_float32_only():
+  assert 4096 * 4096 * 4 <= L.FULL_BLOCK_BYTES < 4096 * 8192 * 4
