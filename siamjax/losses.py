@@ -53,13 +53,21 @@ Hadsell, Chopra & LeCun (2006) write their loss with the opposite label, ``Y = 0
 similar pairs, and so do some tutorials (keras.io's "Image similarity estimation using a
 Siamese Network with a contrastive loss"); convert with ``similar = 1 - Y``.
 
-Memory: in-batch losses process anchors in chunks of ``chunk_size`` rows and never
-materialise ``[B, B, D]`` differences or ``[B, B, B]`` triplets; batch-all and
-semi-hard mining sort each anchor's negative distances once and answer every positive
-with a binary search, so a step costs ``O(B^2 log B)`` time and ``O(chunk_size * B)``
-memory besides the embeddings (plus the ``O(B^2 D)`` matmul FLOPs of the distances).
-``B = 4096`` with ``D = 4096`` compiles to about 0.19 GiB of temporaries for loss and
-gradient (``tests/test_losses.py`` checks the compiled memory).
+Memory and speed: in-batch losses never materialise ``[B, B, D]`` differences or
+``[B, B, B]`` triplets; batch-all and semi-hard mining sort each anchor's negative
+distances once and answer every positive with a binary search, so a step costs
+``O(B^2 log B)`` time besides the ``O(B^2 D)`` matmul FLOPs of the distances. When the
+``[A, R]`` block of anchor-partner products fits :data:`FULL_BLOCK_BYTES` (64 MiB: up to
+``B = 4096`` in float32), it is formed by one matrix product and kept for the backward
+pass (loss and gradient cost three ``[B, D] x [D, B]``-sized products); the per-anchor work
+runs on ``chunk_size`` rows of it at a time and is recomputed in the backward pass, which
+keeps the other temporaries ``O(chunk_size * B)``. At ``B = 4096``, ``D = 512`` this
+compiles to 0.14--0.21 GiB of temporaries for loss and gradient. Larger blocks are
+processed in chunks of ``chunk_size`` anchors that form their own rows of the block, again
+in the backward pass (four products), so memory stays ``O(chunk_size * B)`` besides the
+embeddings: ``B = 4096`` with ``D = 4096`` and ``FULL_BLOCK_BYTES = 0`` compiles to
+0.20--0.28 GiB of temporaries, 0.19--0.22 GiB with the default (``tests/test_losses.py``
+checks the compiled memory).
 """
 
 from __future__ import annotations
@@ -417,10 +425,12 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
   positive/negative partners of each anchor; rows with ``valid``/``ref_valid`` False are
   no one's partner, ``ref_exclude[i]`` (a reference row, or -1) is not row ``i``'s
   partner, and an anchor whose ``valid`` is False has no partner at all and gets 0.
-  Each chunk's ``[C, R]`` distances come from one matrix product against the
-  partners; the body is rematerialised in the backward pass, so the saved residuals are
-  the chunks' inputs only and memory stays ``O(C R)``. Half-precision inputs are
-  computed in float32 and the result is float32.
+  The distances come from Gram products against the partners: one ``[A, R]`` product
+  kept for the backward pass when it fits :data:`FULL_BLOCK_BYTES` (or when there is one
+  chunk), else one ``[C, R]`` product per chunk. Each chunk's body is rematerialised in
+  the backward pass, so the saved residuals are the chunks' inputs only and the
+  per-anchor temporaries stay ``O(C R)``. Half-precision inputs are computed in float32
+  and the result is float32.
   """
   if distance not in ("euclidean", "squared_euclidean", "cosine"):
     raise ValueError(
@@ -562,7 +572,8 @@ def batch_all_triplet_loss(
     labels: ``[B]`` integer class ids.
     margin: triplet margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
       ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
@@ -647,7 +658,8 @@ def batch_hard_triplet_loss(
     margin: triplet margin (ignored when ``soft``).
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     soft: use the soft-plus margin instead of the hinge.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
       ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
@@ -722,7 +734,8 @@ def semi_hard_triplet_loss(
     labels: ``[B]`` integer class ids.
     margin: triplet margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
       ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
@@ -813,7 +826,8 @@ def all_pairs_contrastive_loss(
     labels: ``[B]`` integer class ids.
     margin: contrastive margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
       ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
@@ -924,7 +938,8 @@ def multi_similarity_loss(
     base: the similarity (or distance) around which pairs are weighed.
     distance: ``"cosine"`` (default: similarity ``1 - d``), ``"euclidean"`` or
       ``"squared_euclidean"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
     valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
@@ -993,7 +1008,8 @@ def circle_loss(
     labels: ``[B]`` integer class ids.
     margin: the relaxation ``m``.
     gamma: the scale.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
     valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
@@ -1070,7 +1086,8 @@ def lifted_structure_loss(
     pos_margin: positives closer than this cost less.
     neg_margin: negatives farther than this cost less.
     distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
     valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
@@ -1136,7 +1153,8 @@ def ntxent_loss(
     embeddings: ``[B, D]`` floating embeddings.
     labels: ``[B]`` integer class ids.
     temperature: softmax temperature.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
       ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
@@ -1221,7 +1239,8 @@ def in_batch_softmax_loss(
     labels: ``[B]`` integer class ids.
     temperature: divides the negative distances before the softmax.
     distance: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)``).
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
     anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
       (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
       ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an

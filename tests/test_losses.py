@@ -323,10 +323,15 @@ def test_in_batch_jit_vmap_and_no_retrace(fn):
   np.testing.assert_allclose(vm[1], fn(stacked[1], labels, chunk_size=4), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("budget", [None, 0], ids=["default", "chunked"])
 @pytest.mark.parametrize("fn", [L.batch_all_triplet_loss, L.batch_hard_triplet_loss,
                                 L.semi_hard_triplet_loss])
-def test_in_batch_memory_is_linear_in_batch_for_b4096_d4096(fn):
-  """B = 4096, D = 4096: the naive [B, B, D] tensor alone would be 256 GiB."""
+def test_in_batch_memory_is_linear_in_batch_for_b4096_d4096(fn, budget, monkeypatch):
+  """B = 4096, D = 4096: the naive [B, B, D] tensor alone would be 256 GiB. With the
+  default L.FULL_BLOCK_BYTES the [B, B] Gram block is kept whole (64 MiB); with 0 every
+  chunk forms its own rows."""
+  if budget is not None:
+    monkeypatch.setattr(L, "FULL_BLOCK_BYTES", budget)
   b, d = 4096, 4096
   emb = jax.ShapeDtypeStruct((b, d), jnp.float32)
   labels = jax.ShapeDtypeStruct((b,), jnp.int32)
