@@ -140,3 +140,81 @@ def test_one_block_path_forms_the_gram_block_once(monkeypatch, fn):
 
 def test_default_budget_admits_b4096_float32_only():
   assert 4096 * 4096 * 4 <= L.FULL_BLOCK_BYTES < 4096 * 8192 * 4
+
+
+# -------------------------------------------------------------------------------------
+# max_positives: the direct O(P * B) path of batch-all and semi-hard
+# -------------------------------------------------------------------------------------
+
+MINED = [L.batch_all_triplet_loss, L.semi_hard_triplet_loss]
+
+
+def _pk_batch(p=6, k=4, d=5, ties=False):
+  emb = RNG.normal(size=(p * k, d))
+  if ties:  # coincident rows: distances of 0 and tied negatives
+    emb[1::4] = emb[0::4]
+    emb[2] = emb[5]
+  return jnp.asarray(emb, jnp.float32), jnp.asarray(np.arange(p * k) // k, jnp.int32)
+
+
+@pytest.mark.parametrize("fn", MINED, ids=_name)
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_max_positives_gives_the_sorting_paths_values_and_gradients(fn, distance, ties):
+  emb, labels = _pk_batch(ties=ties)
+  sorting = _weighted(fn, labels, distance=distance, margin=0.7, chunk_size=7)(emb)
+  for p in (3, 5):
+    direct = _weighted(fn, labels, distance=distance, margin=0.7, chunk_size=7,
+                       max_positives=p)(emb)
+    _assert_same(sorting, direct)
+
+
+@pytest.mark.parametrize("fn", MINED, ids=_name)
+def test_max_positives_with_masks_anchor_indices_and_reference_sets(monkeypatch, fn):
+  emb, labels = _pk_batch(5, 3)
+  valid = jnp.asarray(RNG.random(15) < 0.8)
+  rows = jnp.asarray([3, 0, 14, 7, 7], jnp.int32)
+  ref = jnp.concatenate([emb, jnp.asarray(RNG.normal(size=(5, 5)), jnp.float32)])
+  ref_labels = jnp.concatenate([labels, jnp.arange(5, dtype=jnp.int32)])
+  for kw in (dict(valid=valid), dict(anchor_indices=rows),
+             dict(ref_embeddings=ref, ref_labels=ref_labels, ref_exclude=jnp.arange(15)),
+             dict(ref_embeddings=ref, ref_labels=ref_labels)):
+    # with a reference set: its own copy (unless excluded) and one extra row of its class
+    p = 4 if "ref_labels" in kw else 2
+    for budget in (2**62, 0):
+      monkeypatch.setattr(L, "FULL_BLOCK_BYTES", budget)
+      _assert_same(_weighted(fn, labels, chunk_size=4, **kw)(emb),
+                   _weighted(fn, labels, chunk_size=4, max_positives=p, **kw)(emb))
+
+
+@pytest.mark.parametrize("fn", MINED, ids=_name)
+def test_max_positives_too_small_raises_when_concrete_and_is_nan_under_jit(fn):
+  emb, labels = _pk_batch(4, 4)  # 3 positives each
+  with pytest.raises(ValueError, match="max_positives=2 but an anchor has 3"):
+    fn(emb, labels, max_positives=2)
+  with pytest.raises(ValueError, match="max_positives=2 but an anchor has 3"):
+    jax.grad(lambda e: jnp.mean(fn(e, labels, max_positives=2)))(emb)  # labels concrete
+  out = jax.jit(lambda e, y: fn(e, y, max_positives=2))(emb, labels)
+  assert bool(jnp.all(jnp.isnan(out)))
+  # only the anchors with too many positives: class 0 has one member less here
+  valid = jnp.arange(16) != 0
+  out = jax.jit(lambda e, y, v: fn(e, y, valid=v, max_positives=2))(emb, labels, valid)
+  assert np.isnan(np.asarray(out)[4:]).all() and not np.isnan(np.asarray(out)[:4]).any()
+  np.testing.assert_allclose(out[:4], fn(emb, labels, valid=valid)[:4], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", MINED, ids=_name)
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_max_positives_bad_values(fn, bad):
+  emb, labels = _pk_batch(2, 2)
+  with pytest.raises(ValueError, match="max_positives"):
+    fn(emb, labels, max_positives=bad)
+
+
+@pytest.mark.parametrize("fn", MINED, ids=_name)
+def test_max_positives_check_grads_float64(fn):
+  with jax.enable_x64(True):
+    emb = jnp.asarray(RNG.normal(size=(9, 3)) * 1.5)
+    labels = jnp.asarray(np.arange(9) // 3, jnp.int32)
+    check_grads(lambda e: fn(e, labels, margin=0.5, chunk_size=4, max_positives=2), (emb,),
+                order=1, eps=1e-6, modes=("rev",))
