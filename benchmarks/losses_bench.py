@@ -121,12 +121,18 @@ LOSSES = (
     LossSpec("batch_all", "batch_all_triplet_loss", {"margin": 1.0}, 4, _pml_triplet_all,
              "TripletMarginLoss(margin=1, LpDistance(normalize_embeddings=False), "
              "MeanReducer()): every triplet"),
+    LossSpec("batch_all_maxpos", "batch_all_triplet_loss",
+             {"margin": 1.0, "max_positives": 3}, 4, _pml_triplet_all,
+             "as batch_all; siamjax told max_positives=3 (K - 1): no sort, O(P B) per anchor"),
     LossSpec("batch_hard", "batch_hard_triplet_loss", {"margin": 1.0}, 4, _pml_triplet_hard,
              "TripletMarginLoss(margin=1, LpDistance(normalize_embeddings=False), "
              "MeanReducer()) on BatchHardMiner(LpDistance(normalize_embeddings=False))"),
     LossSpec("semi_hard", "semi_hard_triplet_loss", {"margin": 1.0}, 4, None,
              "no equivalent: PML's TripletMarginMiner('semihard') keeps every semi-hard "
              "triplet; siamjax (FaceNet, TF-Addons) takes the closest one per positive"),
+    LossSpec("semi_hard_maxpos", "semi_hard_triplet_loss",
+             {"margin": 1.0, "max_positives": 3}, 4, None,
+             "no equivalent (as semi_hard); siamjax told max_positives=3 (K - 1)"),
     LossSpec("all_pairs_contrastive", "all_pairs_contrastive_loss", {"margin": 1.0}, 4,
              _pml_contrastive,
              "nearest: ContrastiveLoss(pos_margin=0, neg_margin=1, LpDistance("

@@ -403,6 +403,38 @@ def _compute_dtype(*arrays) -> jnp.dtype:
   return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
 
 
+# The keyword arguments every in-batch loss shares, documented once (see _in_batch_doc).
+_IN_BATCH_ARGS = """\
+    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
+      :data:`FULL_BLOCK_BYTES`; see the module docstring).
+    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
+      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
+      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
+      out-of-range gather), so check traced indices yourself. Every row still serves as a
+      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
+      anchors against the all-gathered global batch.
+    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
+      partners, and their loss and gradient are 0 (their values must be finite).
+    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
+      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
+      excluded: a copy of an anchor inside it is a positive at distance 0.
+    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
+    ref_valid: optional ``[R]`` bool mask of the reference rows.
+    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
+      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
+      in a memory), ``-1`` for none; requires ``ref_embeddings``.
+"""
+
+
+def _in_batch_doc(fn):
+  """Writes :data:`_IN_BATCH_ARGS` into ``fn``'s docstring at its ``{in_batch_args}`` line."""
+  if fn.__doc__ is not None:  # None under python -OO
+    if "    {in_batch_args}\n" not in fn.__doc__:
+      raise AssertionError(f"{fn.__name__}'s docstring has no {{in_batch_args}} line")
+    fn.__doc__ = fn.__doc__.replace("    {in_batch_args}\n", _IN_BATCH_ARGS)
+  return fn
+
+
 FULL_BLOCK_BYTES = 64 * 2**20
 """Budget of the in-batch losses' one-piece Gram block, in bytes (read when tracing).
 
@@ -550,9 +582,7 @@ def _max_positives(max_positives, labels, anchor_indices, valid, ref_labels, ref
   """Checks ``max_positives``; with concrete labels and masks, that no anchor has more."""
   if max_positives is None:
     return None
-  if isinstance(max_positives, bool) or not isinstance(max_positives, (int, np.integer)) \
-      or max_positives < 1:
-    raise ValueError(f"max_positives must be a positive int or None, got {max_positives!r}")
+  max_positives = _checks.positive_int("max_positives", max_positives)
   args = (labels, anchor_indices, valid, ref_labels, ref_valid, ref_exclude)
   if all(x is None or _checks._is_concrete(x) for x in args):
     kw = dict(valid=valid, ref_labels=ref_labels, ref_valid=ref_valid, ref_exclude=ref_exclude)
@@ -562,7 +592,7 @@ def _max_positives(max_positives, labels, anchor_indices, valid, ref_labels, ref
     if n_pos.size and n_pos.max() > max_positives:
       raise ValueError(f"max_positives={max_positives} but an anchor has {int(n_pos.max())} "
                        "positive partners; raise max_positives or leave it None")
-  return int(max_positives)
+  return max_positives
 
 
 def _positive_counts(labels, *, valid=None, ref_labels=None, ref_valid=None, ref_exclude=None):
@@ -594,6 +624,7 @@ def _positives_by_slot(dist_CxR, pos_CxR, max_positives: int):
   return d_CxP, ok_CxP, jnp.sum(pos_CxR, axis=1) > max_positives
 
 
+@_in_batch_doc
 def batch_all_triplet_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -623,31 +654,14 @@ def batch_all_triplet_loss(
     labels: ``[B]`` integer class ids.
     margin: triplet margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
-      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
-      out-of-range gather), so check traced indices yourself. Every row still serves as a
-      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
-      anchors against the all-gathered global batch.
-    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
-      partners, and their loss and gradient are 0 (their values must be finite).
-    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
-      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
-      excluded: a copy of an anchor inside it is a positive at distance 0.
-    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
-
+    {in_batch_args}
     max_positives: optional static int ``P``: every anchor has at most ``P`` positive
       partners (``K - 1`` for P x K batches). The loss then does ``O(P * B)`` direct work
       per anchor instead of sorting its negatives, several times faster for small ``P``;
       values and gradients are the same. With concrete labels (and masks) an anchor with
       more positives raises ``ValueError``; under ``jit`` it cannot be checked, and such an
       anchor's loss is NaN, so the violation shows instead of a silently wrong value.
+
   Returns:
     ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any;
     ``valid_anchors(labels)``): the per-anchor mean of pytorch-metric-learning's
@@ -702,6 +716,7 @@ def batch_all_triplet_loss(
                             ref_exclude)
 
 
+@_in_batch_doc
 def batch_hard_triplet_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -728,24 +743,7 @@ def batch_hard_triplet_loss(
     margin: triplet margin (ignored when ``soft``).
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     soft: use the soft-plus margin instead of the hinge.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
-      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
-      out-of-range gather), so check traced indices yourself. Every row still serves as a
-      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
-      anchors against the all-gathered global batch.
-    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
-      partners, and their loss and gradient are 0 (their values must be finite).
-    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
-      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
-      excluded: a copy of an anchor inside it is a positive at distance 0.
-    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
+    {in_batch_args}
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
@@ -778,6 +776,7 @@ def batch_hard_triplet_loss(
                             ref_exclude)
 
 
+@_in_batch_doc
 def semi_hard_triplet_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -805,31 +804,14 @@ def semi_hard_triplet_loss(
     labels: ``[B]`` integer class ids.
     margin: triplet margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
-      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
-      out-of-range gather), so check traced indices yourself. Every row still serves as a
-      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
-      anchors against the all-gathered global batch.
-    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
-      partners, and their loss and gradient are 0 (their values must be finite).
-    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
-      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
-      excluded: a copy of an anchor inside it is a positive at distance 0.
-    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
-
+    {in_batch_args}
     max_positives: optional static int ``P``: every anchor has at most ``P`` positive
       partners (``K - 1`` for P x K batches). The loss then does ``O(P * B)`` direct work
       per anchor instead of sorting its negatives, several times faster for small ``P``;
       values and gradients are the same. With concrete labels (and masks) an anchor with
       more positives raises ``ValueError``; under ``jit`` it cannot be checked, and such an
       anchor's loss is NaN, so the violation shows instead of a silently wrong value.
+
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
     ``valid_anchors(labels)``). pytorch-metric-learning has no equivalent (its
@@ -899,6 +881,7 @@ def semi_hard_triplet_loss(
                             ref_exclude)
 
 
+@_in_batch_doc
 def all_pairs_contrastive_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -923,24 +906,7 @@ def all_pairs_contrastive_loss(
     labels: ``[B]`` integer class ids.
     margin: contrastive margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
-      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
-      out-of-range gather), so check traced indices yourself. Every row still serves as a
-      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
-      anchors against the all-gathered global batch.
-    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
-      partners, and their loss and gradient are 0 (their values must be finite).
-    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
-      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
-      excluded: a copy of an anchor inside it is a positive at distance 0.
-    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
+    {in_batch_args}
 
   Returns:
     ``[B]`` per-anchor losses (0 for an anchor without partners; an anchor with only
@@ -994,6 +960,7 @@ def _masked_logsumexp(x_CxR, mask_CxR):
   return jnp.where(any_C, top + jnp.log(jnp.where(any_C, total, 1.0)), 0.0)
 
 
+@_in_batch_doc
 def multi_similarity_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -1035,18 +1002,7 @@ def multi_similarity_loss(
     base: the similarity (or distance) around which pairs are weighed.
     distance: ``"cosine"`` (default: similarity ``1 - d``), ``"euclidean"`` or
       ``"squared_euclidean"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
-    valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
-    ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
-      nothing excluded).
-    ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
+    {in_batch_args}
 
   Returns:
     ``[B]`` per-anchor losses; ``jnp.mean`` of it equals
@@ -1078,6 +1034,7 @@ def multi_similarity_loss(
                             ref_exclude)
 
 
+@_in_batch_doc
 def circle_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -1105,18 +1062,7 @@ def circle_loss(
     labels: ``[B]`` integer class ids.
     margin: the relaxation ``m``.
     gamma: the scale.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
-    valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
-    ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
-      nothing excluded).
-    ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
+    {in_batch_args}
 
   Returns:
     ``[B]`` per-anchor losses, equal to the element losses of
@@ -1151,6 +1097,7 @@ def circle_loss(
                             ref_exclude)
 
 
+@_in_batch_doc
 def lifted_structure_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -1183,18 +1130,7 @@ def lifted_structure_loss(
     pos_margin: positives closer than this cost less.
     neg_margin: negatives farther than this cost less.
     distance: ``"euclidean"`` (default), ``"squared_euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (result ``[A]``; checked as in :func:`batch_all_triplet_loss`).
-    valid: optional ``[B]`` bool; False rows are neither anchors nor partners (loss 0).
-    ref_embeddings: optional ``[R, D]`` reference set of partners (PML ``ref_emb``;
-      nothing excluded).
-    ref_labels: ``[R]`` labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
+    {in_batch_args}
 
   Returns:
     ``[B]`` per-anchor losses, equal to the element losses of
@@ -1225,6 +1161,7 @@ def lifted_structure_loss(
                             ref_exclude)
 
 
+@_in_batch_doc
 def ntxent_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -1250,24 +1187,7 @@ def ntxent_loss(
     embeddings: ``[B, D]`` floating embeddings.
     labels: ``[B]`` integer class ids.
     temperature: softmax temperature.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
-      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
-      out-of-range gather), so check traced indices yourself. Every row still serves as a
-      positive/negative. This is how :mod:`siamjax.parallel` gives each device its own
-      anchors against the all-gathered global batch.
-    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
-      partners, and their loss and gradient are 0 (their values must be finite).
-    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
-      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
-      excluded: a copy of an anchor inside it is a positive at distance 0.
-    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
+    {in_batch_args}
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive; an anchor without
@@ -1304,6 +1224,7 @@ def ntxent_loss(
                             ref_exclude)
 
 
+@_in_batch_doc
 def in_batch_softmax_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -1336,22 +1257,7 @@ def in_batch_softmax_loss(
     labels: ``[B]`` integer class ids.
     temperature: divides the negative distances before the softmax.
     distance: ``"squared_euclidean"`` (default), ``"euclidean"`` or ``"cosine"``.
-    chunk_size: anchors processed at once (memory ``O(chunk_size * B)`` beyond
-      :data:`FULL_BLOCK_BYTES`; see the module docstring).
-    anchor_indices: optional ``[A]`` integer rows of ``embeddings`` to use as anchors
-      (all ``B`` by default); the result is then ``[A]``. Rows outside ``[0, B)`` raise
-      ``ValueError`` when concrete; under ``jit`` they cannot be checked (JAX clamps an
-      out-of-range gather), so check traced indices yourself.
-    valid: optional ``[B]`` bool; rows that are False (padding) are neither anchors nor
-      partners, and their loss and gradient are 0 (their values must be finite).
-    ref_embeddings: optional ``[R, D]`` reference set: anchors come from ``embeddings``,
-      partners from it (pytorch-metric-learning's ``ref_emb``). Nothing is then
-      excluded: a copy of an anchor inside it is a positive at distance 0.
-    ref_labels: ``[R]`` integer labels of ``ref_embeddings`` (required with it).
-    ref_valid: optional ``[R]`` bool mask of the reference rows.
-    ref_exclude: optional ``[B]`` integer: for each row of ``embeddings`` (also with
-      ``anchor_indices``), one reference row that is not its partner (e.g. its own copy
-      in a memory), ``-1`` for none; requires ``ref_embeddings``.
+    {in_batch_args}
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive).
