@@ -287,13 +287,18 @@ def _xla_conv(x, w):
                                   preferred_element_type=jnp.float32)
 
 
+def _xla_conv_rounded(x, w):  # the oneDNN route's forward: float32 sums rounded to bf16
+  return _xla_conv(x, w).astype(jnp.bfloat16).astype(jnp.float32)
+
+
 def _conv(x, w):
   if matmul_route() != "onednn-bf16":
-    return _xla_conv(x, w)
+    return _xla_conv_rounded(x, w)
   n, h, wd, _ = x.shape
   kh, kw, _, o = w.shape
-  out = jax.ShapeDtypeStruct((n, h - kh + 1, wd - kw + 1, o), jnp.float32)
-  return jax.ffi.ffi_call(_CONV, out)(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  out = jax.ShapeDtypeStruct((n, h - kh + 1, wd - kw + 1, o), jnp.bfloat16)
+  y = jax.ffi.ffi_call(_CONV, out)(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  return y.astype(jnp.float32)  # fuses into the consumer: the stored output is bf16
 
 
 @jax.custom_vjp
@@ -323,13 +328,16 @@ _bf16_conv2d.defvjp(_conv_fwd, _conv_bwd)
 
 
 def bf16_conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
-  """'Valid', stride-1 2-D convolution (cross-correlation) with bf16 operands, float32 result.
+  """'Valid', stride-1 2-D convolution (cross-correlation) in bf16 with float32 accumulation.
 
-  Equal, up to bf16 rounding of ``x`` and ``w``, to ``lax.conv_general_dilated(x, w,
-  (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))``. The forward and the
-  weight gradient run as oneDNN bf16 convolutions (float32 accumulation) when
+  ``lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO",
+  "NHWC"))`` of ``x`` and ``w`` rounded to bf16, accumulated in float32 and rounded to
+  bf16 once (as PyTorch's bf16 autocast convolutions), returned as float32 (the convert
+  fuses into the consumer, so the stored output is bf16: half the memory traffic). The
+  forward and the weight gradient run as oneDNN bf16 convolutions when
   :func:`matmul_route` is ``"onednn-bf16"``, as XLA convolutions with
-  ``preferred_element_type=float32`` otherwise. The input gradient is XLA's (and is not
+  ``preferred_element_type=float32`` otherwise. The weight gradient is accumulated in
+  float32 from the bf16-rounded output gradient; the input gradient is XLA's (and is not
   computed when unused). Gradients are returned in the operands' dtypes.
 
   Args:

@@ -7,7 +7,8 @@
 // reports which ISA it dispatches to. Built on demand by siamjax/cpu_kernels.py.
 //
 // Also a 'valid', stride-1 2-D convolution (NHWC input, HWIO kernel, NHWC output) with
-// bf16 operands and float32 accumulation and result, forward and weight gradient
+// bf16 operands and float32 accumulation, forward (bf16 result) and weight gradient
+// (float32 result)
 // (oneDNN's convolution primitives; the kernel layout is oneDNN's choice, reordered).
 #include <cstdint>
 #include <map>
@@ -79,7 +80,9 @@ ffi::Error MatmulBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
   return ffi::Error::Success();
 }
 
-// ---- convolution: src bf16[N, H, W, C], weights bf16[KH, KW, C, O], dst f32[N, Ho, Wo, O].
+// ---- convolution: src bf16[N, H, W, C], weights bf16[KH, KW, C, O], dst bf16[N, Ho, Wo, O]
+// (float32 accumulation, rounded once on output: half the memory traffic of a float32 dst);
+// weight gradient from src and a bf16 diff_dst, accumulated and returned in float32.
 
 using ConvKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
 
@@ -118,7 +121,7 @@ ConvDescs MakeConvDescs(const ConvKey& key) {
 dnnl::convolution_forward::primitive_desc FwdPd(const ConvDescs& d) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      d.src, d.w_any_bf16, d.dst_f32, d.strides, d.padding, d.padding);
+      d.src, d.w_any_bf16, d.dst_bf16, d.strides, d.padding, d.padding);
 }
 
 ConvFwd& FwdPrimitive(const ConvKey& key) {
@@ -155,7 +158,7 @@ ConvBwdW& BwdWPrimitive(const ConvKey& key) {
 }
 
 ffi::Error ConvFwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                       ffi::ResultBuffer<ffi::F32> y) {
+                       ffi::ResultBuffer<ffi::BF16> y) {
   auto dx = x.dimensions(), dw = w.dimensions(), dy = y->dimensions();
   if (dx.size() != 4 || dw.size() != 4 || dy.size() != 4 || dw[2] != dx[3] ||
       dy[0] != dx[0] || dy[1] != dx[1] - dw[0] + 1 || dy[2] != dx[2] - dw[1] + 1 ||
@@ -170,7 +173,7 @@ ffi::Error ConvFwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
     dnnl::memory wp(f.weights, Engine());
     f.to_prim.execute(stream, wu, wp);
     dnnl::memory src(d.src, Engine(), x.untyped_data());
-    dnnl::memory dst(d.dst_f32, Engine(), y->untyped_data());
+    dnnl::memory dst(d.dst_bf16, Engine(), y->untyped_data());
     f.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, dst}});
     stream.wait();
   } catch (const dnnl::error& e) {
@@ -219,7 +222,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvBf16, ConvFwdBf16,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvBwdWeightsBf16, ConvBwdWeightsBf16,
                               ffi::Ffi::Bind()
