@@ -19,8 +19,10 @@ directory (``$SIAMJAX_CACHE_DIR``, default ``~/.cache/siamjax``)::
 
 After that, or with ``SIAMJAX_ONEDNN=DIR`` set (then it is built on first use),
 :func:`matmul_route` returns ``"onednn-bf16"`` on a CPU with AVX512-BF16 or AMX, and
-:class:`siamjax.encoders.Koch` in bf16 with ``conv="auto"`` sends its matrix work (the
-Fourier-domain products of :mod:`siamjax.fourier` and the dense layer) through it.
+:class:`siamjax.encoders.Koch` in bf16 with ``conv="auto"`` sends its matrix work through
+it: conv1 as a oneDNN bf16 convolution (:func:`bf16_conv2d`), the DFT transforms
+(:func:`bf16_transform`) and Fourier-domain products of :mod:`siamjax.fourier`, and the
+dense layer.
 Everywhere else -- no compiler, no oneDNN, no bf16 instructions, a GPU backend, or
 ``SIAMJAX_ONEDNN=0`` -- :func:`matmul_route` returns ``"xla"`` and nothing changes: the
 default install needs neither a compiler nor oneDNN.

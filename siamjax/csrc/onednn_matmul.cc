@@ -7,9 +7,9 @@
 // reports which ISA it dispatches to. Built on demand by siamjax/cpu_kernels.py.
 //
 // Also a 'valid', stride-1 2-D convolution (NHWC input, HWIO kernel, NHWC output) with
-// bf16 operands and float32 accumulation, forward (bf16 result) and weight gradient
-// (float32 result)
-// (oneDNN's convolution primitives; the kernel layout is oneDNN's choice, reordered).
+// bf16 operands and float32 accumulation: forward (bf16 result) and weight gradient
+// (float32 result), oneDNN's convolution primitives with the kernel in oneDNN's own
+// layout (reordered from / to HWIO).
 #include <cstdint>
 #include <map>
 #include <mutex>
