@@ -19,8 +19,10 @@ directory (``$SIAMJAX_CACHE_DIR``, default ``~/.cache/siamjax``)::
 
 After that, or with ``SIAMJAX_ONEDNN=DIR`` set (then it is built on first use),
 :func:`matmul_route` returns ``"onednn-bf16"`` on a CPU with AVX512-BF16 or AMX, and
-:class:`siamjax.encoders.Koch` in bf16 with ``conv="auto"`` sends its matrix work (the
-Fourier-domain products of :mod:`siamjax.fourier` and the dense layer) through it.
+:class:`siamjax.encoders.Koch` in bf16 with ``conv="auto"`` sends its matrix work through
+it: conv1 as a oneDNN bf16 convolution (:func:`bf16_conv2d`), the DFT transforms
+(:func:`bf16_transform`) and Fourier-domain products of :mod:`siamjax.fourier`, and the
+dense layer.
 Everywhere else -- no compiler, no oneDNN, no bf16 instructions, a GPU backend, or
 ``SIAMJAX_ONEDNN=0`` -- :func:`matmul_route` returns ``"xla"`` and nothing changes: the
 default install needs neither a compiler nor oneDNN.
@@ -40,9 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["matmul_route", "bf16_matmul", "dense_dot_general", "build", "library_path"]
+__all__ = ["matmul_route", "bf16_matmul", "bf16_transform", "dense_dot_general",
+           "bf16_conv2d", "conv_general_dilated", "build", "library_path"]
 
 _TARGET = "siamjax_onednn_matmul_bf16"
+_CONV = "siamjax_onednn_conv_bf16"
+_CONV_BWD_W = "siamjax_onednn_conv_bwd_weights_bf16"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_matmul.cc")
 _state: dict = {}
 
@@ -134,9 +139,11 @@ def _load() -> ctypes.CDLL | None:
     if not os.path.exists(path):
       return None
     lib = ctypes.CDLL(path)
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SiamjaxOnednnMatmulBf16),
-                                platform="cpu")
-  except (OSError, RuntimeError, FileNotFoundError) as e:
+    for target, symbol in ((_TARGET, lib.SiamjaxOnednnMatmulBf16),
+                           (_CONV, lib.SiamjaxOnednnConvBf16),
+                           (_CONV_BWD_W, lib.SiamjaxOnednnConvBwdWeightsBf16)):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
+  except (OSError, RuntimeError, FileNotFoundError, AttributeError) as e:
     _state["error"] = str(e)
     return None
   _state["lib"] = lib
@@ -224,6 +231,166 @@ def bf16_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   if not (jnp.issubdtype(a.dtype, jnp.floating) and jnp.issubdtype(b.dtype, jnp.floating)):
     raise ValueError(f"a and b must be floating, got {a.dtype} and {b.dtype}")
   return _bf16_matmul(a, b)
+
+
+@jax.custom_vjp
+def _bf16_transform(a, b):
+  return _mm(a, b)
+
+
+def _transform_fwd(a, b):
+  return _mm(a, b), a
+
+
+def _transform_bwd(a, dc):
+  # ``a`` is a constant (a DFT matrix): its zero cotangent is dropped by XLA.
+  return jnp.zeros_like(a), _mm(a, dc.astype(jnp.bfloat16), trans_a=True).astype(dc.dtype)
+
+
+_bf16_transform.defvjp(_transform_fwd, _transform_bwd)
+
+
+def bf16_transform(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a @ b[g]`` for every ``g``: one constant matrix applied to a batch, in bf16.
+
+  As :func:`bf16_matmul` with ``a`` broadcast over the batch (one oneDNN product with a
+  broadcast operand), but ``a`` is treated as a constant: its gradient is zero and only
+  ``b``'s gradient product ``a^T @ dc`` is computed. Used by :mod:`siamjax.fourier` for
+  the DFT transforms.
+
+  Args:
+    a: ``[M, K]`` floating (a constant such as a DFT matrix).
+    b: ``[G, K, N]`` floating.
+
+  Returns:
+    ``[G, M, N]`` float32.
+
+  Raises:
+    ValueError: ranks or shapes that do not match.
+
+  >>> import jax.numpy as jnp
+  >>> bf16_transform(jnp.eye(3), jnp.ones((2, 3, 4))).shape
+  (2, 3, 4)
+  """
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.ndim != 2 or b.ndim != 3 or a.shape[1] != b.shape[1]:
+    raise ValueError(f"a and b must be [M, K] and [G, K, N], got {a.shape} and {b.shape}")
+  if not (jnp.issubdtype(a.dtype, jnp.floating) and jnp.issubdtype(b.dtype, jnp.floating)):
+    raise ValueError(f"a and b must be floating, got {a.dtype} and {b.dtype}")
+  return _bf16_transform(lax.stop_gradient(a)[None], b)
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x, w):
+  return lax.conv_general_dilated(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (1, 1),
+                                  "VALID", dimension_numbers=_NHWC,
+                                  preferred_element_type=jnp.float32)
+
+
+def _xla_conv_rounded(x, w):  # the oneDNN route's forward: float32 sums rounded to bf16
+  return _xla_conv(x, w).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _conv(x, w):
+  if matmul_route() != "onednn-bf16":
+    return _xla_conv_rounded(x, w)
+  n, h, wd, _ = x.shape
+  kh, kw, _, o = w.shape
+  out = jax.ShapeDtypeStruct((n, h - kh + 1, wd - kw + 1, o), jnp.bfloat16)
+  y = jax.ffi.ffi_call(_CONV, out)(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  return y.astype(jnp.float32)  # fuses into the consumer: the stored output is bf16
+
+
+@jax.custom_vjp
+def _bf16_conv2d(x, w):
+  return _conv(x, w)
+
+
+def _conv_fwd(x, w):
+  return _conv(x, w), (x, w)
+
+
+def _conv_bwd(res, dy):
+  x, w = res
+  xb = x.astype(jnp.bfloat16)
+  if matmul_route() == "onednn-bf16":
+    out = jax.ShapeDtypeStruct(w.shape, jnp.float32)
+    dw = jax.ffi.ffi_call(_CONV_BWD_W, out)(xb, dy.astype(jnp.bfloat16))
+  else:
+    dw = jax.vjp(lambda w: _xla_conv(xb, w), w.astype(jnp.bfloat16))[1](dy)[0]
+  # The input gradient (XLA's transposed convolution) is removed by XLA's dead-code
+  # elimination when nothing uses it, e.g. for a first layer whose input is the data.
+  dx = jax.vjp(lambda x: _xla_conv(x, w.astype(jnp.bfloat16)), xb)[1](dy)[0]
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_bf16_conv2d.defvjp(_conv_fwd, _conv_bwd)
+
+
+def bf16_conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
+  """'Valid', stride-1 2-D convolution (cross-correlation) in bf16 with float32 accumulation.
+
+  ``lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO",
+  "NHWC"))`` of ``x`` and ``w`` rounded to bf16, accumulated in float32 and rounded to
+  bf16 once (as PyTorch's bf16 autocast convolutions), returned as float32 (the convert
+  fuses into the consumer, so the stored output is bf16: half the memory traffic). The
+  forward and the weight gradient run as oneDNN bf16 convolutions when
+  :func:`matmul_route` is ``"onednn-bf16"``, as XLA convolutions with
+  ``preferred_element_type=float32`` otherwise. The weight gradient is accumulated in
+  float32 from the bf16-rounded output gradient; the input gradient is XLA's (and is not
+  computed when unused). Gradients are returned in the operands' dtypes.
+
+  Args:
+    x: ``[B, H, W, C]`` floating.
+    w: ``[kh, kw, C, O]`` floating, ``kh <= H``, ``kw <= W``.
+
+  Returns:
+    ``[B, H - kh + 1, W - kw + 1, O]`` float32.
+
+  Raises:
+    ValueError: ranks or shapes that do not match.
+
+  >>> import jax.numpy as jnp
+  >>> bf16_conv2d(jnp.ones((2, 5, 6, 1)), jnp.ones((3, 3, 1, 4))).shape
+  (2, 3, 4, 4)
+  """
+  x, w = jnp.asarray(x), jnp.asarray(w)
+  if x.ndim != 4 or w.ndim != 4 or w.shape[2] != x.shape[3] or w.shape[0] > x.shape[1] \
+      or w.shape[1] > x.shape[2]:
+    raise ValueError(f"x and w must be [B, H, W, C] and [kh, kw, C, O] with the kernel "
+                     f"fitting the input, got {x.shape} and {w.shape}")
+  if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(w.dtype, jnp.floating)):
+    raise ValueError(f"x and w must be floating, got {x.dtype} and {w.dtype}")
+  return _bf16_conv2d(x, w)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """:func:`bf16_conv2d` behind ``lax.conv_general_dilated``'s signature.
+
+  For ``flax.linen.Conv(..., conv_general_dilated=...)``. The configurations
+  :func:`bf16_conv2d` computes (2-D NHWC / HWIO, unit strides and dilations, 'VALID'
+  padding, one group) go to it; any other call goes to ``lax.conv_general_dilated``
+  unchanged. The result is in the operands' promoted dtype (or
+  ``preferred_element_type``).
+  """
+  nhwc = dimension_numbers is not None and lax.conv_dimension_numbers(
+      jnp.shape(lhs), jnp.shape(rhs), dimension_numbers) == lax.conv_dimension_numbers(
+          jnp.shape(lhs), jnp.shape(rhs), _NHWC)
+  valid = padding == "VALID" or (not isinstance(padding, str)
+                                 and all(tuple(p) == (0, 0) for p in padding))
+  ones = all(d is None or all(int(v) == 1 for v in d) for d in (lhs_dilation, rhs_dilation))
+  dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+  if not (nhwc and valid and ones and tuple(window_strides) == (1, 1)
+          and feature_group_count == 1 and batch_group_count == 1
+          and jnp.issubdtype(dtype, jnp.floating)):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    batch_group_count, precision, preferred_element_type)
+  return bf16_conv2d(lhs, rhs).astype(preferred_element_type or dtype)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,

@@ -95,10 +95,14 @@ class Koch(nn.Module):
       in bf16 where :func:`siamjax.cpu_kernels.matmul_route` is ``"onednn-bf16"``;
       ``"direct"`` elsewhere, e.g. cuDNN on GPUs). conv1 (one input channel) is
       always direct. The parameters are the same either way. In bf16 on the
-      ``"onednn-bf16"`` route the Fourier-domain products and the dense layer run as
-      oneDNN bf16 x bf16 -> float32 products (:mod:`siamjax.cpu_kernels`) and the rest
-      (conv1, the DFT transforms, ReLU, pooling) in float32, as PyTorch's bf16 autocast
-      does (bf16 elementwise work is slower than float32 on XLA:CPU); the output is bf16.
+      ``"onednn-bf16"`` route the matrix work runs on oneDNN's bf16 kernels with float32
+      accumulation (:mod:`siamjax.cpu_kernels`): conv1 as a oneDNN bf16 convolution
+      (forward and weight gradient), conv2 .. conv4 as DFT convolutions whose transforms
+      and frequency-wise products are bf16 x bf16 -> float32 products
+      (``fourier.dft_conv2d(..., products="bf16", transforms="bf16")``), and the dense
+      layer; the activations between them (ReLU, pooling) stay float32, as PyTorch's
+      bf16 autocast does (bf16 elementwise work is slower than float32 on XLA:CPU); the
+      output is bf16.
       :meth:`route` says which path a call takes.
 
   Max-pooling is a reshape and a max over each 2x2 block (every pooled size is even);
@@ -158,11 +162,12 @@ class Koch(nn.Module):
     conv = functools.partial(
         nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
         dtype=work, param_dtype=self.param_dtype)
-    dft = (functools.partial(fourier.conv_general_dilated, products="bf16") if onednn
-           else fourier.conv_general_dilated)
+    dft = (functools.partial(fourier.conv_general_dilated, products="bf16", transforms="bf16")
+           if onednn else fourier.conv_general_dilated)
     big = {"conv_general_dilated": dft} if self.conv_impl() == "dft" else {}
+    first = {"conv_general_dilated": cpu_kernels.conv_general_dilated} if onednn else {}
     x = x.astype(work)
-    x = _max_pool2(nn.relu(conv(64, (10, 10), name="conv1")(x)))  # 96 -> 48
+    x = _max_pool2(nn.relu(conv(64, (10, 10), name="conv1", **first)(x)))  # 96 -> 48
     x = _max_pool2(nn.relu(conv(128, (7, 7), name="conv2", **big)(x)))  # 42 -> 21
     x = _max_pool2(nn.relu(conv(128, (4, 4), name="conv3", **big)(x)))  # 18 -> 9
     x = nn.relu(conv(256, (4, 4), name="conv4", **big)(x))  # 6x6x256 = 9216

@@ -5,6 +5,11 @@
 // G may be 1 on either side (broadcast). C: f32[G, M, N]. oneDNN picks its kernel for
 // the CPU at hand (AMX, AVX512-BF16, or an upconverting fallback); `siamjax_onednn_isa`
 // reports which ISA it dispatches to. Built on demand by siamjax/cpu_kernels.py.
+//
+// Also a 'valid', stride-1 2-D convolution (NHWC input, HWIO kernel, NHWC output) with
+// bf16 operands and float32 accumulation: forward (bf16 result) and weight gradient
+// (float32 result), oneDNN's convolution primitives with the kernel in oneDNN's own
+// layout (reordered from / to HWIO).
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -75,6 +80,134 @@ ffi::Error MatmulBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
   return ffi::Error::Success();
 }
 
+// ---- convolution: src bf16[N, H, W, C], weights bf16[KH, KW, C, O], dst bf16[N, Ho, Wo, O]
+// (float32 accumulation, rounded once on output: half the memory traffic of a float32 dst);
+// weight gradient from src and a bf16 diff_dst, accumulated and returned in float32.
+
+using ConvKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+struct ConvFwd {
+  dnnl::convolution_forward prim;
+  dnnl::memory::desc weights;  // the primitive's weight layout
+  dnnl::reorder to_prim;       // user HWIO -> weights
+};
+
+struct ConvBwdW {
+  dnnl::convolution_backward_weights prim;
+  dnnl::memory::desc diff_weights;
+  dnnl::reorder to_user;  // diff_weights -> user HWIO (f32)
+};
+
+struct ConvDescs {
+  dnnl::memory::desc src, dst_f32, dst_bf16, w_any_bf16, w_any_f32, w_user_bf16, w_user_f32;
+  dnnl::memory::dims strides{1, 1}, padding{0, 0};
+};
+
+ConvDescs MakeConvDescs(const ConvKey& key) {
+  auto [n, h, w, c, kh, kw, o] = key;
+  using dt = dnnl::memory::data_type;
+  using tag = dnnl::memory::format_tag;
+  ConvDescs d;
+  d.src = dnnl::memory::desc({n, c, h, w}, dt::bf16, tag::nhwc);
+  d.dst_f32 = dnnl::memory::desc({n, o, h - kh + 1, w - kw + 1}, dt::f32, tag::nhwc);
+  d.dst_bf16 = dnnl::memory::desc({n, o, h - kh + 1, w - kw + 1}, dt::bf16, tag::nhwc);
+  d.w_any_bf16 = dnnl::memory::desc({o, c, kh, kw}, dt::bf16, tag::any);
+  d.w_any_f32 = dnnl::memory::desc({o, c, kh, kw}, dt::f32, tag::any);
+  d.w_user_bf16 = dnnl::memory::desc({o, c, kh, kw}, dt::bf16, tag::hwio);
+  d.w_user_f32 = dnnl::memory::desc({o, c, kh, kw}, dt::f32, tag::hwio);
+  return d;
+}
+
+dnnl::convolution_forward::primitive_desc FwdPd(const ConvDescs& d) {
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      d.src, d.w_any_bf16, d.dst_bf16, d.strides, d.padding, d.padding);
+}
+
+ConvFwd& FwdPrimitive(const ConvKey& key) {
+  static std::mutex mu;
+  static std::map<ConvKey, ConvFwd> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  ConvDescs d = MakeConvDescs(key);
+  auto pd = FwdPd(d);
+  ConvFwd f{dnnl::convolution_forward(pd), pd.weights_desc(),
+            dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), d.w_user_bf16, Engine(),
+                                                         pd.weights_desc()))};
+  return cache.emplace(key, std::move(f)).first->second;
+}
+
+ConvBwdW& BwdWPrimitive(const ConvKey& key) {
+  static std::mutex mu;
+  static std::map<ConvKey, ConvBwdW> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  ConvDescs d = MakeConvDescs(key);
+  auto hint = dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      d.src, d.w_any_bf16, d.dst_bf16, d.strides, d.padding, d.padding);
+  dnnl::convolution_backward_weights::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, d.src, d.w_any_f32, d.dst_bf16,
+      d.strides, d.padding, d.padding, hint);
+  ConvBwdW b{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
+             dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), pd.diff_weights_desc(),
+                                                          Engine(), d.w_user_f32))};
+  return cache.emplace(key, std::move(b)).first->second;
+}
+
+ffi::Error ConvFwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                       ffi::ResultBuffer<ffi::BF16> y) {
+  auto dx = x.dimensions(), dw = w.dimensions(), dy = y->dimensions();
+  if (dx.size() != 4 || dw.size() != 4 || dy.size() != 4 || dw[2] != dx[3] ||
+      dy[0] != dx[0] || dy[1] != dx[1] - dw[0] + 1 || dy[2] != dx[2] - dw[1] + 1 ||
+      dy[3] != dw[3])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv operand shapes do not match");
+  try {
+    ConvKey key{dx[0], dx[1], dx[2], dx[3], dw[0], dw[1], dw[3]};
+    ConvFwd& f = FwdPrimitive(key);
+    ConvDescs d = MakeConvDescs(key);
+    dnnl::stream stream(Engine());
+    dnnl::memory wu(d.w_user_bf16, Engine(), w.untyped_data());
+    dnnl::memory wp(f.weights, Engine());
+    f.to_prim.execute(stream, wu, wp);
+    dnnl::memory src(d.src, Engine(), x.untyped_data());
+    dnnl::memory dst(d.dst_bf16, Engine(), y->untyped_data());
+    f.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, dst}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ConvBwdWeightsBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> dy,
+                              ffi::ResultBuffer<ffi::F32> dw) {
+  auto sx = x.dimensions(), sy = dy.dimensions(), sw = dw->dimensions();
+  if (sx.size() != 4 || sy.size() != 4 || sw.size() != 4 || sw[2] != sx[3] ||
+      sy[0] != sx[0] || sy[1] != sx[1] - sw[0] + 1 || sy[2] != sx[2] - sw[1] + 1 ||
+      sy[3] != sw[3])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv operand shapes do not match");
+  try {
+    ConvKey key{sx[0], sx[1], sx[2], sx[3], sw[0], sw[1], sw[3]};
+    ConvBwdW& b = BwdWPrimitive(key);
+    ConvDescs d = MakeConvDescs(key);
+    dnnl::stream stream(Engine());
+    dnnl::memory src(d.src, Engine(), x.untyped_data());
+    dnnl::memory ddst(d.dst_bf16, Engine(), dy.untyped_data());
+    dnnl::memory dwp(b.diff_weights, Engine());
+    b.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, ddst},
+                            {DNNL_ARG_DIFF_WEIGHTS, dwp}});
+    dnnl::memory dwu(d.w_user_f32, Engine(), dw->untyped_data());
+    b.to_user.execute(stream, dwp, dwu);
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnMatmulBf16, MatmulBf16,
@@ -84,6 +217,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnMatmulBf16, MatmulBf16,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvBf16, ConvFwdBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvBwdWeightsBf16, ConvBwdWeightsBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int siamjax_onednn_isa() {
   return static_cast<int>(dnnl::get_effective_cpu_isa());
