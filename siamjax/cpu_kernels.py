@@ -57,11 +57,32 @@ def _cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "siamjax")
 
 
-def library_path() -> str:
-  """Where :func:`build` writes the kernel library (one file per source version)."""
+def _source_tag() -> str:
   with open(_SOURCE, "rb") as f:
-    tag = hashlib.sha256(f.read()).hexdigest()[:12]
-  return os.path.join(_cache_dir(), f"libsiamjax_onednn-{tag}.so")
+    return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def library_path(onednn: str | None = None) -> str:
+  """Where :func:`build` writes the kernel library for oneDNN at ``onednn``.
+
+  One file per source version and oneDNN library folder (the library records that folder
+  as its run path, so two virtual environments sharing the cache each get their own).
+  ``onednn=None`` looks for oneDNN as :func:`build` does.
+  """
+  libdir, _ = _libdnnl(_onednn_prefix(onednn))
+  where = hashlib.sha256(os.path.realpath(libdir).encode()).hexdigest()[:8]
+  return os.path.join(_cache_dir(), f"libsiamjax_onednn-{_source_tag()}-{where}.so")
+
+
+def _built_libraries() -> list[str]:
+  """Every library built from this source version, the one for the oneDNN found first."""
+  try:
+    preferred = [library_path()]
+  except FileNotFoundError:
+    preferred = []
+  pattern = os.path.join(_cache_dir(), f"libsiamjax_onednn-{_source_tag()}-*.so")
+  others = sorted(glob.glob(pattern))
+  return preferred + [p for p in others if p not in preferred]
 
 
 def _onednn_prefix(prefix: str | None) -> str:
@@ -100,7 +121,7 @@ def build(onednn: str | None = None, *, cxx: str | None = None, verbose: bool = 
   """
   prefix = _onednn_prefix(onednn)
   libdir, libname = _libdnnl(prefix)
-  out = library_path()
+  out = library_path(prefix)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = f"{out}.{os.getpid()}.tmp"
   cmd = [cxx or os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC",
@@ -125,26 +146,41 @@ def _cpu_has_bf16() -> bool:
 
 
 def _load() -> ctypes.CDLL | None:
-  """Loads (building first when ``SIAMJAX_ONEDNN`` names oneDNN) and registers the kernel."""
+  """Loads (building first when ``SIAMJAX_ONEDNN`` names oneDNN) and registers the kernel.
+
+  Tries the library built for the oneDNN found here, then any other build of this source
+  version (e.g. ``build(--onednn DIR)`` with a prefix that is not searched); one that
+  exists but does not load (its oneDNN was removed) is reported in ``route`` and rebuilt
+  when oneDNN is found here.
+  """
   if "lib" in _state:
     return _state["lib"]
   _state["lib"] = None
   setting = os.environ.get("SIAMJAX_ONEDNN", "")
   if setting == "0" or jax.default_backend() != "cpu" or not _cpu_has_bf16():
     return None
-  path = library_path()
+  errors = []
+  lib = None
   try:
-    if not os.path.exists(path) and setting:
-      build(setting)
-    if not os.path.exists(path):
+    paths = _built_libraries()
+    if not paths and setting:
+      paths = [build(setting)]
+    for path in paths:
+      try:
+        lib = ctypes.CDLL(path)
+        break
+      except OSError as e:
+        errors.append(str(e))
+    if lib is None and errors:  # built, but its oneDNN is gone: rebuild against ours
+      lib = ctypes.CDLL(build(setting or None))
+    if lib is None:
       return None
-    lib = ctypes.CDLL(path)
     for target, symbol in ((_TARGET, lib.SiamjaxOnednnMatmulBf16),
                            (_CONV, lib.SiamjaxOnednnConvBf16),
                            (_CONV_BWD_W, lib.SiamjaxOnednnConvBwdWeightsBf16)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except (OSError, RuntimeError, FileNotFoundError, AttributeError) as e:
-    _state["error"] = str(e)
+    _state["error"] = "; ".join(errors + [str(e)])
     return None
   _state["lib"] = lib
   return lib

@@ -285,3 +285,65 @@ def test_disabled_route_is_xla():
 def test_build_without_onednn_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match="oneDNN headers"):
     cpu_kernels.build(str(tmp_path))
+
+
+def _fake_onednn(root, name):
+  prefix = root / name
+  (prefix / "include" / "oneapi" / "dnnl").mkdir(parents=True)
+  (prefix / "include" / "oneapi" / "dnnl" / "dnnl.hpp").write_text("")
+  (prefix / "lib").mkdir()
+  (prefix / "lib" / "libdnnl.so.3").write_text("")
+  return str(prefix)
+
+
+def test_each_onednn_gets_its_own_cached_library(monkeypatch, tmp_path):
+  # The library records its oneDNN folder as run path: two virtual environments sharing
+  # ~/.cache/siamjax must not overwrite each other's build (one did, in CI).
+  monkeypatch.setenv("SIAMJAX_CACHE_DIR", str(tmp_path / "cache"))
+  a, b = _fake_onednn(tmp_path, "a"), _fake_onednn(tmp_path, "b")
+  pa, pb = cpu_kernels.library_path(a), cpu_kernels.library_path(b)
+  assert pa != pb and os.path.dirname(pa) == str(tmp_path / "cache")
+  assert cpu_kernels.library_path(a) == pa  # stable
+
+
+def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path):
+  monkeypatch.setenv("SIAMJAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.delenv("SIAMJAX_ONEDNN", raising=False)
+  monkeypatch.setattr(cpu_kernels, "_state", {})
+  monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16", lambda: True)
+  broken = tmp_path / f"libsiamjax_onednn-{cpu_kernels._source_tag()}-deadbeef.so"
+  broken.write_text("its oneDNN was deleted")
+  monkeypatch.setattr(cpu_kernels, "library_path", lambda onednn=None: str(broken))
+
+  class Lib:
+    SiamjaxOnednnMatmulBf16 = SiamjaxOnednnConvBf16 = SiamjaxOnednnConvBwdWeightsBf16 = 0
+
+  built, registered = [], []
+
+  def fake_cdll(path):
+    if path == str(broken) and not built:
+      raise OSError("libdnnl.so.3: cannot open shared object file")
+    return Lib()
+
+  monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", fake_cdll)
+  monkeypatch.setattr(cpu_kernels, "build", lambda onednn=None: built.append(onednn) or str(broken))
+  monkeypatch.setattr(jax.ffi, "pycapsule", lambda f: f)
+  monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: registered.append(a[0]))
+  assert isinstance(cpu_kernels._load(), Lib)
+  assert built == [None] and len(registered) == 3
+
+
+def test_an_unloadable_library_without_onednn_falls_back_and_says_why(monkeypatch, tmp_path):
+  monkeypatch.setenv("SIAMJAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.delenv("SIAMJAX_ONEDNN", raising=False)
+  monkeypatch.setattr(cpu_kernels, "_state", {})
+  monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16", lambda: True)
+  (tmp_path / f"libsiamjax_onednn-{cpu_kernels._source_tag()}-deadbeef.so").write_text("x")
+
+  def no_onednn(prefix=None):
+    raise FileNotFoundError("oneDNN headers not found")
+
+  monkeypatch.setattr(cpu_kernels, "_onednn_prefix", no_onednn)
+  assert cpu_kernels._load() is None
+  assert "oneDNN headers not found" in cpu_kernels._state["error"]
+  assert cpu_kernels._state["error"].count(";") >= 1  # the load error too
