@@ -426,12 +426,25 @@ _IN_BATCH_ARGS = """\
 """
 
 
+# batch-all and semi-hard mining's max_positives (see _in_batch_doc)
+_MAX_POSITIVES_ARG = """\
+    max_positives: optional static int ``P``: every anchor has at most ``P`` positive
+      partners (``K - 1`` for P x K batches). The loss then does ``O(P * B)`` direct work
+      per anchor instead of sorting its negatives, several times faster for small ``P``;
+      values and gradients are the same. With concrete labels (and masks) an anchor with
+      more positives raises ``ValueError``; under ``jit`` it cannot be checked, and such an
+      anchor's loss is NaN, so the violation shows instead of a silently wrong value.
+"""
+
+
 def _in_batch_doc(fn):
-  """Writes :data:`_IN_BATCH_ARGS` into ``fn``'s docstring at its ``{in_batch_args}`` line."""
+  """Writes :data:`_IN_BATCH_ARGS` into ``fn``'s docstring at its ``{in_batch_args}`` line
+  (and :data:`_MAX_POSITIVES_ARG` at a ``{max_positives_arg}`` line)."""
   if fn.__doc__ is not None:  # None under python -OO
     if "    {in_batch_args}\n" not in fn.__doc__:
       raise AssertionError(f"{fn.__name__}'s docstring has no {{in_batch_args}} line")
-    fn.__doc__ = fn.__doc__.replace("    {in_batch_args}\n", _IN_BATCH_ARGS)
+    fn.__doc__ = fn.__doc__.replace("    {in_batch_args}\n", _IN_BATCH_ARGS).replace(
+        "    {max_positives_arg}\n", _MAX_POSITIVES_ARG)
   return fn
 
 
@@ -655,12 +668,7 @@ def batch_all_triplet_loss(
     margin: triplet margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     {in_batch_args}
-    max_positives: optional static int ``P``: every anchor has at most ``P`` positive
-      partners (``K - 1`` for P x K batches). The loss then does ``O(P * B)`` direct work
-      per anchor instead of sorting its negatives, several times faster for small ``P``;
-      values and gradients are the same. With concrete labels (and masks) an anchor with
-      more positives raises ``ValueError``; under ``jit`` it cannot be checked, and such an
-      anchor's loss is NaN, so the violation shows instead of a silently wrong value.
+    {max_positives_arg}
 
   Returns:
     ``[B]`` per-anchor mean over that anchor's triplets (0 for anchors without any;
@@ -805,12 +813,7 @@ def semi_hard_triplet_loss(
     margin: triplet margin.
     distance: ``"euclidean"``, ``"squared_euclidean"`` or ``"cosine"``.
     {in_batch_args}
-    max_positives: optional static int ``P``: every anchor has at most ``P`` positive
-      partners (``K - 1`` for P x K batches). The loss then does ``O(P * B)`` direct work
-      per anchor instead of sorting its negatives, several times faster for small ``P``;
-      values and gradients are the same. With concrete labels (and masks) an anchor with
-      more positives raises ``ValueError``; under ``jit`` it cannot be checked, and such an
-      anchor's loss is NaN, so the violation shows instead of a silently wrong value.
+    {max_positives_arg}
 
   Returns:
     ``[B]`` per-anchor losses (0 for anchors without a positive or a negative;
