@@ -123,7 +123,9 @@ def _toy_step():
     updates, opt_state = opt.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), value
 
-  params = {"w": jnp.asarray(RNG.normal(size=(6, 3)), jnp.float32)}
+  # its own generator: drawn from the module's RNG, the parameters depended on which
+  # tests ran before in the same pytest-xdist worker
+  params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(6, 3)), jnp.float32)}
   return step, (params, opt.init(params))
 
 
@@ -137,7 +139,11 @@ def test_data_parallel_step_is_independent_of_device_count(n_devices):
   (pn, _), ln = parallel.data_parallel(step, mesh)(state, key)
   assert pn["w"].sharding.mesh.shape["data"] == n_devices
   np.testing.assert_allclose(float(ln), float(l1), rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(pn["w"]), np.asarray(p1["w"]), rtol=1e-5, atol=1e-7)
+  # The sharded step sums the gradient in another order; through batch-hard's distances
+  # (a square root of Gram-form squares) float32 reordering moves the updated parameters
+  # by up to ~6e-6 (max over 12 parameter seeds, the same before and after siamjax's
+  # one-block Gram change), so the bound is absolute at 1e-5 on parameters of size ~1.
+  np.testing.assert_allclose(np.asarray(pn["w"]), np.asarray(p1["w"]), rtol=1e-5, atol=1e-5)
   hlo = parallel.data_parallel(step, mesh).lower(state, key).compile().as_text()
   assert "all-reduce" in hlo or "all-gather" in hlo  # the work really is split
 
