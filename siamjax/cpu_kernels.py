@@ -395,7 +395,9 @@ def bf16_conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
   bf16 once (as PyTorch's bf16 autocast convolutions), returned as float32 (the convert
   fuses into the consumer, so the stored output is bf16: half the memory traffic). The
   forward and the weight gradient run as oneDNN bf16 convolutions when
-  :func:`matmul_route` is ``"onednn-bf16"``, as XLA convolutions with
+  :func:`matmul_route` is ``"onednn-bf16"`` (a one-channel input, such as a first layer
+  on grey images, with each window's ``kw`` columns as ``kw`` channels: oneDNN's faster
+  convolution kernel then applies), as XLA convolutions with
   ``preferred_element_type=float32`` otherwise. The weight gradient is accumulated in
   float32 from the bf16-rounded output gradient; the input gradient is XLA's (and is not
   computed when unused). Gradients are returned in the operands' dtypes.
@@ -465,9 +467,10 @@ def bf16_conv_relu_pool(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   with stride 2. Where :func:`matmul_route` is ``"onednn-bf16"`` and nothing
   differentiates the call (inference), one FFI call convolves a few images at a time
   into a cache-sized bf16 buffer and pools from there, so the full-size convolution
-  output (``[B, Ho, Wo, O]``) never goes to memory; the result equals the unfused
-  computation exactly (the bias is per channel and ReLU monotone, so both commute with
-  the max). Under differentiation (``jax.grad``, ``jax.vjp``) the unfused computation
+  output (``[B, Ho, Wo, O]``) never goes to memory; the result is the unfused
+  computation's (the bias is per channel and ReLU monotone, so both commute with the
+  max), up to one bf16 rounding of the convolution where a chunk's float32 sums are
+  accumulated in another order than the whole batch's. Under differentiation (``jax.grad``, ``jax.vjp``) the unfused computation
   runs, with :func:`bf16_conv2d`'s weight gradient. Reverse mode only.
 
   Args:
