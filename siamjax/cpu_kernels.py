@@ -52,6 +52,7 @@ _TARGET_BF16 = "siamjax_onednn_matmul_bf16_out"
 _CONV = "siamjax_onednn_conv_bf16"
 _CONV_BWD_W = "siamjax_onednn_conv_bwd_weights_bf16"
 _CONV_POOL = "siamjax_onednn_conv_relu_pool_bf16"
+_DENSE = "siamjax_onednn_dense_f32_weights_bf16"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_matmul.cc")
 _state: dict = {}
 
@@ -183,7 +184,8 @@ def _load() -> ctypes.CDLL | None:
                            (_TARGET_BF16, lib.SiamjaxOnednnMatmulBf16Out),
                            (_CONV, lib.SiamjaxOnednnConvBf16),
                            (_CONV_BWD_W, lib.SiamjaxOnednnConvBwdWeightsBf16),
-                           (_CONV_POOL, lib.SiamjaxOnednnConvReluPoolBf16)):
+                           (_CONV_POOL, lib.SiamjaxOnednnConvReluPoolBf16),
+                           (_DENSE, lib.SiamjaxOnednnDenseF32WeightsBf16)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except (OSError, RuntimeError, FileNotFoundError, AttributeError) as e:
     _state["error"] = "; ".join(errors + [str(e)])
@@ -470,7 +472,8 @@ def bf16_conv_relu_pool(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   output (``[B, Ho, Wo, O]``) never goes to memory; the result is the unfused
   computation's (the bias is per channel and ReLU monotone, so both commute with the
   max), up to one bf16 rounding of the convolution where a chunk's float32 sums are
-  accumulated in another order than the whole batch's. Under differentiation (``jax.grad``, ``jax.vjp``) the unfused computation
+  accumulated in another order than the whole batch's. Under differentiation
+  (``jax.grad``, ``jax.vjp``) the unfused computation
   runs, with :func:`bf16_conv2d`'s weight gradient. Reverse mode only.
 
   Args:
@@ -538,8 +541,10 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
 
   Dense's contraction (``lhs [..., K] x rhs [K, N]``) of floating operands runs through
   :func:`bf16_matmul` (operands rounded to bf16, float32 accumulation) whatever their
-  dtype; any other call goes to ``lax.dot_general`` unchanged. The result is in the
-  operands' promoted dtype (or ``preferred_element_type``), as ``lax.dot_general``'s.
+  dtype; any other call goes to ``lax.dot_general`` unchanged. Not differentiated (in
+  inference) on the oneDNN route, float32 weights are rounded to bf16 inside the call,
+  a block of columns at a time, instead of as a separate bf16 copy (the same products, to
+  float32 rounding). The result is in the operands' promoted dtype (or ``preferred_element_type``), as ``lax.dot_general``'s.
   """
   (lc, rc), (lb, rb) = dimension_numbers
   dense = (tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
@@ -549,8 +554,26 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type)
   batch = lhs.shape[:-1]
-  out = bf16_matmul(lhs.reshape(1, int(np.prod(batch)), lhs.shape[-1]), rhs[None])
+  out = _dense(lhs.reshape(int(np.prod(batch)), lhs.shape[-1]), rhs)
   return out.reshape(*batch, rhs.shape[1]).astype(preferred_element_type or dtype)
+
+
+@jax.custom_vjp
+def _dense(x, w):
+  """``bf16_matmul`` of ``[M, K] x [K, N]``; float32 ``w`` rounded inside oneDNN's call."""
+  if matmul_route() != "onednn-bf16" or w.dtype != jnp.float32:
+    return _bf16_matmul(x[None], w[None], jnp.dtype(jnp.float32))[0]
+  out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+  return jax.ffi.ffi_call(_DENSE, out)(x.astype(jnp.bfloat16), w)
+
+
+def _dense_fwd(x, w):  # differentiated: bf16_matmul's VJP
+  y, pullback = jax.vjp(lambda x, w: _bf16_matmul(x[None], w[None], jnp.dtype(jnp.float32))[0],
+                        x, w)
+  return y, pullback
+
+
+_dense.defvjp(_dense_fwd, lambda pullback, dy: pullback(dy))
 
 
 def _main(argv=None) -> int:

@@ -231,6 +231,21 @@ def test_bf16_conv_relu_pool_is_one_call_only_when_not_differentiated():
   assert "siamjax_onednn_conv_bf16" in hlo and "siamjax_onednn_conv_bwd_weights_bf16" in hlo
 
 
+@onednn
+def test_dense_rounds_float32_weights_inside_the_call_only_when_not_differentiated():
+  x = jax.random.normal(jax.random.key(0), (3, 20))
+  w = jax.random.normal(jax.random.key(1), (20, 300))  # two column blocks, a short one
+  dims = (((1,), (0,)), ((), ()))
+  dense = jax.jit(lambda x, w: cpu_kernels.dense_dot_general(x, w, dims))
+  assert "siamjax_onednn_dense_f32_weights_bf16" in dense.lower(x, w).as_text()
+  np.testing.assert_allclose(dense(x, w), cpu_kernels.bf16_matmul(x[None], w[None])[0],
+                             rtol=1e-5, atol=1e-5)
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(cpu_kernels.dense_dot_general(x, w, dims))))
+  hlo = grad.lower(w).as_text()
+  assert "siamjax_onednn_dense_f32_weights_bf16" not in hlo
+  assert "siamjax_onednn_matmul_bf16" in hlo
+
+
 def test_koch_bf16_parameters_are_the_float32_nets():
   x = jnp.zeros((1, 105, 105, 1))
   got = Koch(dtype=jnp.bfloat16).init(jax.random.key(1), x)
@@ -411,6 +426,7 @@ def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path)
   class Lib:
     SiamjaxOnednnMatmulBf16 = SiamjaxOnednnConvBf16 = SiamjaxOnednnConvBwdWeightsBf16 = 0
     SiamjaxOnednnMatmulBf16Out = SiamjaxOnednnConvReluPoolBf16 = 0
+    SiamjaxOnednnDenseF32WeightsBf16 = 0
 
   built, registered = [], []
 
@@ -424,7 +440,7 @@ def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path)
   monkeypatch.setattr(jax.ffi, "pycapsule", lambda f: f)
   monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: registered.append(a[0]))
   assert isinstance(cpu_kernels._load(), Lib)
-  assert built == [None] and len(registered) == 5
+  assert built == [None] and len(registered) == 6
 
 
 def test_an_unloadable_library_without_onednn_falls_back_and_says_why(monkeypatch, tmp_path):

@@ -345,6 +345,69 @@ ffi::Error ConvReluPoolBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
   return ffi::Error::Success();
 }
 
+// ---- inference dense layer: C = A @ round_bf16(B), A bf16[M, K], B f32[K, N] (float32
+// parameters), C f32[M, N]. B is rounded to bf16 (to nearest even, as XLA's convert)
+// kDenseCols columns at a time into a buffer that stays in the cache, and each block of
+// C is one oneDNN product: the rounded copy of B is never written to memory.
+
+constexpr int64_t kDenseCols = 256;
+
+__attribute__((target("avx512f,avx512bw"))) void RoundColumns(
+    const float* b, int64_t k, int64_t n, int64_t n0, int64_t cols, uint16_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < k; ++r) {
+    const float* src = b + r * n + n0;
+    uint16_t* dst = out + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      uint32_t u;
+      std::memcpy(&u, &src[j], sizeof(u));
+      dst[j] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+}
+
+ffi::Error DenseF32WeightsBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::F32> b,
+                               ffi::ResultBuffer<ffi::F32> c) {
+  auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
+  if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || da[1] != db[0] ||
+      dc[0] != da[0] || dc[1] != db[1])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dense operand shapes do not match");
+  try {
+    int64_t m = da[0], k = da[1], n = db[1];
+    using dt = dnnl::memory::data_type;
+    std::vector<uint16_t> buf(k * std::min(n, kDenseCols));
+    dnnl::memory ma(dnnl::memory::desc({1, m, k}, dt::bf16, {m * k, k, 1}), Engine(),
+                    a.untyped_data());
+    dnnl::stream stream(Engine());
+    for (int64_t n0 = 0; n0 < n; n0 += kDenseCols) {
+      int64_t cols = std::min(kDenseCols, n - n0);
+      RoundColumns(b.typed_data(), k, n, n0, cols, buf.data());
+      dnnl::memory::desc wd({1, k, cols}, dt::bf16, {k * cols, cols, 1});
+      dnnl::memory::desc cd({1, m, cols}, dt::f32, {m * n, n, 1});  // columns of C
+      static std::mutex mu;
+      static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, dnnl::matmul> cache;
+      dnnl::matmul* prim;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        auto key = std::make_tuple(m, k, cols, n);
+        auto it = cache.find(key);
+        if (it == cache.end()) {
+          dnnl::matmul::primitive_desc pd(Engine(), ma.get_desc(), wd, cd);
+          it = cache.emplace(key, dnnl::matmul(pd)).first;
+        }
+        prim = &it->second;
+      }
+      dnnl::memory mb(wd, Engine(), buf.data());
+      dnnl::memory mc(cd, Engine(), c->typed_data() + n0);
+      prim->execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}});
+      stream.wait();
+    }
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnMatmulBf16, MatmulBf16<ffi::DataType::F32>,
@@ -378,6 +441,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvBwdWeightsBf16, ConvBwdWeightsBf1
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvReluPoolBf16, ConvReluPoolBf16,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnDenseF32WeightsBf16, DenseF32WeightsBf16,
+                              ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
