@@ -473,8 +473,8 @@ def bf16_conv_relu_pool(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   computation's (the bias is per channel and ReLU monotone, so both commute with the
   max), up to one bf16 rounding of the convolution where a chunk's float32 sums are
   accumulated in another order than the whole batch's. Under differentiation
-  (``jax.grad``, ``jax.vjp``) the unfused computation
-  runs, with :func:`bf16_conv2d`'s weight gradient. Reverse mode only.
+  (``jax.grad``, ``jax.vjp``) the unfused computation runs, with :func:`bf16_conv2d`'s
+  weight gradient. Reverse mode only.
 
   Args:
     x: ``[B, H, W, C]`` floating.
@@ -544,7 +544,8 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
   dtype; any other call goes to ``lax.dot_general`` unchanged. Not differentiated (in
   inference) on the oneDNN route, float32 weights are rounded to bf16 inside the call,
   a block of columns at a time, instead of as a separate bf16 copy (the same products, to
-  float32 rounding). The result is in the operands' promoted dtype (or ``preferred_element_type``), as ``lax.dot_general``'s.
+  float32 rounding). The result is in the operands' promoted dtype (or
+  ``preferred_element_type``), as ``lax.dot_general``'s.
   """
   (lc, rc), (lb, rb) = dimension_numbers
   dense = (tuple(lc) == (lhs.ndim - 1,) and tuple(rc) == (0,) and not lb and not rb
