@@ -75,6 +75,29 @@ def _max_pool2(x: jax.Array) -> jax.Array:
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
+class _ConvReluPool(nn.Module):
+  """``_max_pool2(relu(nn.Conv(..., padding="VALID")(x)))`` with the oneDNN bf16 block.
+
+  The parameters (``kernel`` ``[kh, kw, C, O]``, ``bias`` ``[O]``) are nn.Conv's, made in
+  the same order with the same initialisers, so the parameter tree and its values are
+  those of the unfused layer; :func:`siamjax.cpu_kernels.bf16_conv_relu_pool` computes it
+  (one oneDNN call when not differentiated).
+  """
+
+  features: int
+  kernel_size: tuple[int, int]
+  kernel_init: Callable
+  bias_init: Callable
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return cpu_kernels.bf16_conv_relu_pool(x, kernel, bias)
+
+
 class Koch(nn.Module):
   """The convolutional tower of Koch, Zemel & Salakhutdinov (2015).
 
@@ -97,7 +120,10 @@ class Koch(nn.Module):
       always direct. The parameters are the same either way. In bf16 on the
       ``"onednn-bf16"`` route the matrix work runs on oneDNN's bf16 kernels with float32
       accumulation (:mod:`siamjax.cpu_kernels`): conv1 as a oneDNN bf16 convolution
-      (forward and weight gradient), conv2 .. conv4 as DFT convolutions whose transforms
+      (forward and weight gradient; when not differentiated, i.e. in inference, conv1,
+      its ReLU and pooling are one call,
+      :func:`siamjax.cpu_kernels.bf16_conv_relu_pool`, which never stores conv1's
+      full-size output), conv2 .. conv4 as DFT convolutions whose transforms
       and frequency-wise products are bf16 x bf16 -> float32 products
       (``fourier.dft_conv2d(..., products="bf16", transforms="bf16")``), and the dense
       layer; the activations between them (ReLU, pooling) stay float32, as PyTorch's
@@ -165,9 +191,12 @@ class Koch(nn.Module):
     dft = (functools.partial(fourier.conv_general_dilated, products="bf16", transforms="bf16")
            if onednn else fourier.conv_general_dilated)
     big = {"conv_general_dilated": dft} if self.conv_impl() == "dft" else {}
-    first = {"conv_general_dilated": cpu_kernels.conv_general_dilated} if onednn else {}
     x = x.astype(work)
-    x = _max_pool2(nn.relu(conv(64, (10, 10), name="conv1", **first)(x)))  # 96 -> 48
+    if onednn:  # conv1, ReLU and pooling as one oneDNN call in inference
+      x = _ConvReluPool(64, (10, 10), normal_init(0.0, 1e-2), bias,
+                        param_dtype=self.param_dtype, name="conv1")(x)  # 96 -> 48
+    else:
+      x = _max_pool2(nn.relu(conv(64, (10, 10), name="conv1")(x)))  # 96 -> 48
     x = _max_pool2(nn.relu(conv(128, (7, 7), name="conv2", **big)(x)))  # 42 -> 21
     x = _max_pool2(nn.relu(conv(128, (4, 4), name="conv3", **big)(x)))  # 18 -> 9
     x = nn.relu(conv(256, (4, 4), name="conv4", **big)(x))  # 6x6x256 = 9216

@@ -192,14 +192,15 @@ def _bf16_transforms(x, blocks, mats, kh: int, kw: int) -> jax.Array:
   fh = f32(fwd_h.transpose(2, 3, 0, 1).reshape(2 * h, 2 * h))  # rows (g, s), cols (h, r)
   ih = f32(inv_h.transpose(2, 3, 0, 1).reshape(2 * ho, 2 * h))  # rows (i, u), cols (g, t)
   iw = f32(inv_w.transpose(2, 1, 0).reshape(wo, 2 * kf))  # columns (u, k)
-  mm = cpu_kernels.bf16_transform
+  # Every intermediate result is read as bf16 by the next product: written as bf16.
+  mm = functools.partial(cpu_kernels.bf16_transform, out_dtype=jnp.bfloat16)
   x_f = mm(fw, x.reshape(b * h, wd, c))  # [B, H, r, Kf, C]
   x_f = mm(fh, x_f.reshape(b, 2 * h, kf * c))  # [B, H', s, Kf, C]
   x_f = x_f.reshape(b, h, 2, kf, c).transpose(1, 3, 0, 2, 4).reshape(h * kf, b, 2 * c)
-  y_f = cpu_kernels.bf16_matmul(x_f, blocks)  # [H' Kf, B, t O]
+  y_f = cpu_kernels.bf16_matmul(x_f, blocks, out_dtype=jnp.bfloat16)  # [H' Kf, B, t O]
   y_f = y_f.reshape(h, kf, b, 2, o).transpose(2, 0, 3, 1, 4).reshape(b, 2 * h, kf * o)
   y = mm(ih, y_f)  # [B, Ho, u, Kf, O]
-  y = mm(iw, y.reshape(b * ho, 2 * kf, o))  # [B Ho, Wo, O]
+  y = cpu_kernels.bf16_transform(iw, y.reshape(b * ho, 2 * kf, o))  # [B Ho, Wo, O] float32
   return y.reshape(b, ho, wo, o)
 
 

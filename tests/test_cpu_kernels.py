@@ -54,6 +54,29 @@ def test_bf16_matmul_grads_match_float32_grads():
     np.testing.assert_allclose(got, ref, rtol=0, atol=3e-2 * float(jnp.abs(ref).max()))
 
 
+def test_bf16_results_are_the_float32_results_rounded_once():
+  a, b = _operands(g=2, m=6, k=9, n=5)
+  out = jax.jit(lambda a, b: cpu_kernels.bf16_matmul(a, b, out_dtype=jnp.bfloat16))(a, b)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out, cpu_kernels.bf16_matmul(a, b).astype(jnp.bfloat16))
+  t = cpu_kernels.bf16_transform(a[0], b, out_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(t, cpu_kernels.bf16_transform(a[0], b).astype(jnp.bfloat16))
+  # gradients come in the operands' dtypes, bf16 ones rounded once from the float32 sums
+  ab, bb = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+  ct = jax.random.normal(jax.random.key(3), (2, 6, 5))
+  ga, gb = jax.grad(lambda a, b: jnp.sum(ct * cpu_kernels.bf16_matmul(
+      a, b, out_dtype=jnp.bfloat16)), (0, 1))(ab, bb)
+  ra, rb = jax.grad(lambda a, b: jnp.sum(ct * cpu_kernels.bf16_matmul(a, b)), (0, 1))(
+      ab.astype(jnp.float32), bb.astype(jnp.float32))
+  assert ga.dtype == gb.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(ga, ra.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(gb, rb.astype(jnp.bfloat16))
+  gt = jax.grad(lambda b: jnp.sum(ct * cpu_kernels.bf16_transform(a[0], b)))(bb)
+  assert gt.dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="out_dtype"):
+    cpu_kernels.bf16_matmul(a, b, out_dtype=jnp.float16)
+
+
 @pytest.mark.parametrize("shapes", [((3, 5, 7), (2, 7, 4)), ((5, 7), (7, 4)),
                                     ((3, 5, 7), (3, 6, 4))])
 def test_bf16_matmul_rejects_bad_shapes(shapes):
@@ -126,9 +149,10 @@ def test_bf16_conv2d_matches_rounded_reference(c):
   assert float(np.abs(out - ref).max()) > 0  # the output is rounded to bf16
 
 
-def test_bf16_conv2d_grads_match_float32_grads():
-  x = jax.random.normal(jax.random.key(0), (2, 12, 10, 2))
-  w = jax.random.normal(jax.random.key(1), (5, 4, 2, 6))
+@pytest.mark.parametrize("c", [1, 2])  # 1: the widened one-channel primitive
+def test_bf16_conv2d_grads_match_float32_grads(c):
+  x = jax.random.normal(jax.random.key(0), (2, 12, 10, c))
+  w = jax.random.normal(jax.random.key(1), (5, 4, c, 6))
   ct = jax.random.normal(jax.random.key(2), (2, 8, 7, 6))
   conv = lambda x, w: jax.lax.conv_general_dilated(  # noqa: E731
       x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -145,6 +169,90 @@ def test_bf16_conv2d_rejects_bad_shapes():
     cpu_kernels.bf16_conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 1, 2)))
   with pytest.raises(ValueError, match="x and w"):
     cpu_kernels.bf16_conv2d(jnp.ones((1, 4, 4, 1)), jnp.ones((5, 3, 1, 2)))
+
+
+def _unfused_block(x, w, b):
+  y = jax.nn.relu(cpu_kernels.bf16_conv2d(x, w) + b[None, None, None])
+  n, h, wd, o = y.shape
+  return y.reshape(n, h // 2, 2, wd // 2, 2, o).max(axis=(2, 4))
+
+
+@pytest.mark.parametrize("n,c", [(1, 1), (9, 1), (3, 2)])  # 9: two chunks and a short one
+def test_bf16_conv_relu_pool_equals_the_unfused_block(n, c):
+  x = jax.random.normal(jax.random.key(0), (n, 13, 10, c))
+  w = jax.random.normal(jax.random.key(1), (4, 3, c, 5))
+  b = jax.random.normal(jax.random.key(2), (5,))
+  out = jax.jit(cpu_kernels.bf16_conv_relu_pool)(x, w, b)
+  assert out.dtype == jnp.float32 and out.shape == (n, 5, 4, 5)
+  conv = _conv_ref(x, w)  # naive float64 reference
+  # bias and ReLU commute with the max: the unfused block's numbers, up to one bf16 ulp
+  # of the convolution (a chunk's float32 sums may be accumulated in another order)
+  np.testing.assert_allclose(out, jax.jit(_unfused_block)(x, w, b), rtol=0,
+                             atol=2 ** -7 * float(np.abs(conv).max()))
+  ref = np.maximum(conv + np.asarray(b, np.float64), 0).reshape(n, 5, 2, 4, 2, 5).max((2, 4))
+  # the convolution is rounded to bf16 (half an ulp: 2^-8 relative) before the bias
+  np.testing.assert_allclose(out, ref, rtol=0, atol=2 ** -8 * float(np.abs(conv).max()))
+
+
+def test_bf16_conv_relu_pool_grads_are_the_unfused_blocks():
+  x = jax.random.normal(jax.random.key(0), (3, 13, 10, 1))
+  w = jax.random.normal(jax.random.key(1), (4, 3, 1, 5))
+  b = jax.random.normal(jax.random.key(2), (5,))
+  ct = jax.random.normal(jax.random.key(3), (3, 5, 4, 5))
+  got = jax.jit(jax.grad(lambda w, b: jnp.sum(ct * cpu_kernels.bf16_conv_relu_pool(x, w, b)),
+                         (0, 1)))(w, b)
+  ref = jax.jit(jax.grad(lambda w, b: jnp.sum(ct * _unfused_block(x, w, b)), (0, 1)))(w, b)
+  for g, r in zip(got, ref):
+    np.testing.assert_array_equal(g, r)
+  assert float(jnp.abs(got[0]).max()) > 0
+
+
+def test_bf16_conv_relu_pool_rejects_bad_shapes():
+  x, w = jnp.ones((1, 13, 10, 1)), jnp.ones((4, 3, 1, 5))
+  with pytest.raises(ValueError, match="even"):
+    cpu_kernels.bf16_conv_relu_pool(jnp.ones((1, 12, 10, 1)), w, jnp.zeros(5))
+  with pytest.raises(ValueError, match="b must"):
+    cpu_kernels.bf16_conv_relu_pool(x, w, jnp.zeros(4))
+  with pytest.raises(ValueError, match="x and w"):
+    cpu_kernels.bf16_conv_relu_pool(x, jnp.ones((4, 3, 2, 5)), jnp.zeros(5))
+
+
+@onednn
+def test_bf16_conv_relu_pool_is_one_call_only_when_not_differentiated():
+  x = jax.random.normal(jax.random.key(0), (2, 13, 10, 1))
+  w = jax.random.normal(jax.random.key(1), (4, 3, 1, 5))
+  b = jnp.zeros(5)
+  fwd = jax.jit(cpu_kernels.bf16_conv_relu_pool).lower(x, w, b).as_text()
+  assert "siamjax_onednn_conv_relu_pool_bf16" in fwd
+  assert "siamjax_onednn_conv_bf16" not in fwd
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(cpu_kernels.bf16_conv_relu_pool(x, w, b))))
+  hlo = grad.lower(w).as_text()
+  assert "siamjax_onednn_conv_relu_pool_bf16" not in hlo
+  assert "siamjax_onednn_conv_bf16" in hlo and "siamjax_onednn_conv_bwd_weights_bf16" in hlo
+
+
+@onednn
+def test_dense_rounds_float32_weights_inside_the_call_only_when_not_differentiated():
+  x = jax.random.normal(jax.random.key(0), (3, 20))
+  w = jax.random.normal(jax.random.key(1), (20, 300))  # two column blocks, a short one
+  dims = (((1,), (0,)), ((), ()))
+  dense = jax.jit(lambda x, w: cpu_kernels.dense_dot_general(x, w, dims))
+  assert "siamjax_onednn_dense_f32_weights_bf16" in dense.lower(x, w).as_text()
+  np.testing.assert_allclose(dense(x, w), cpu_kernels.bf16_matmul(x[None], w[None])[0],
+                             rtol=1e-5, atol=1e-5)
+  grad = jax.jit(jax.grad(lambda w: jnp.sum(cpu_kernels.dense_dot_general(x, w, dims))))
+  hlo = grad.lower(w).as_text()
+  assert "siamjax_onednn_dense_f32_weights_bf16" not in hlo
+  assert "siamjax_onednn_matmul_bf16" in hlo
+
+
+def test_koch_bf16_parameters_are_the_float32_nets():
+  x = jnp.zeros((1, 105, 105, 1))
+  got = Koch(dtype=jnp.bfloat16).init(jax.random.key(1), x)
+  ref = Koch().init(jax.random.key(1), x)
+  assert jax.tree.structure(got) == jax.tree.structure(ref)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(g, r)
 
 
 def test_conv_general_dilated_routes_only_valid_unit_stride_convs():
@@ -317,6 +425,8 @@ def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path)
 
   class Lib:
     SiamjaxOnednnMatmulBf16 = SiamjaxOnednnConvBf16 = SiamjaxOnednnConvBwdWeightsBf16 = 0
+    SiamjaxOnednnMatmulBf16Out = SiamjaxOnednnConvReluPoolBf16 = 0
+    SiamjaxOnednnDenseF32WeightsBf16 = 0
 
   built, registered = [], []
 
@@ -330,7 +440,7 @@ def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path)
   monkeypatch.setattr(jax.ffi, "pycapsule", lambda f: f)
   monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: registered.append(a[0]))
   assert isinstance(cpu_kernels._load(), Lib)
-  assert built == [None] and len(registered) == 3
+  assert built == [None] and len(registered) == 6
 
 
 def test_an_unloadable_library_without_onednn_falls_back_and_says_why(monkeypatch, tmp_path):

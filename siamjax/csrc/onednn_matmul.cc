@@ -2,7 +2,8 @@
 //
 // C[g] = op(A[g]) @ op(B[g]) for g < G, row-major, op = transpose when trans_a / trans_b.
 // A: bf16[G, M, K] (or [G, K, M] when trans_a), B: bf16[G, K, N] (or [G, N, K]);
-// G may be 1 on either side (broadcast). C: f32[G, M, N]. oneDNN picks its kernel for
+// G may be 1 on either side (broadcast). C: f32[G, M, N], or bf16 (float32 sums rounded
+// once) for a result that the next product reads as bf16 anyway. oneDNN picks its kernel for
 // the CPU at hand (AMX, AVX512-BF16, or an upconverting fallback); `siamjax_onednn_isa`
 // reports which ISA it dispatches to. Built on demand by siamjax/cpu_kernels.py.
 //
@@ -10,10 +11,18 @@
 // bf16 operands and float32 accumulation: forward (bf16 result) and weight gradient
 // (float32 result), oneDNN's convolution primitives with the kernel in oneDNN's own
 // layout (reordered from / to HWIO).
+//
+// And, for inference, that convolution followed by bias, ReLU and 2x2 max-pooling in one
+// call (float32 result): the batch is convolved a few images at a time into a bf16 buffer
+// that stays in the cache, and each chunk is pooled from there, so the full-size
+// convolution output is never written to memory.
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -27,7 +36,8 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool>;
+using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool,
+                       bool>;  // ..., trans_a, trans_b, bf16 result
 
 dnnl::memory::desc Desc(int64_t g, int64_t rows, int64_t cols, bool trans,
                         dnnl::memory::data_type dt) {
@@ -44,17 +54,19 @@ dnnl::matmul& Primitive(const Key& key) {
   std::lock_guard<std::mutex> lock(mu);
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  auto [ga, gb, g, m, k, n, ta, tb] = key;
+  auto [ga, gb, g, m, k, n, ta, tb, c_bf16] = key;
   using dt = dnnl::memory::data_type;
   auto a = Desc(ga, m, k, ta, dt::bf16);
   auto b = Desc(gb, k, n, tb, dt::bf16);
-  auto c = dnnl::memory::desc({g, m, n}, dt::f32, {m * n, n, 1});
+  auto c = dnnl::memory::desc({g, m, n}, c_bf16 ? dt::bf16 : dt::f32, {m * n, n, 1});
   dnnl::matmul::primitive_desc pd(Engine(), a, b, c);
   return cache.emplace(key, dnnl::matmul(pd)).first->second;
 }
 
+// T: the result's type, F32 or BF16 (the float32 sums rounded to nearest even once).
+template <ffi::DataType T>
 ffi::Error MatmulBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
-                      ffi::ResultBuffer<ffi::F32> c, bool trans_a, bool trans_b) {
+                      ffi::ResultBuffer<T> c, bool trans_a, bool trans_b) {
   auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
   if (da.size() != 3 || db.size() != 3 || dc.size() != 3)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "operands must be rank 3");
@@ -64,13 +76,14 @@ ffi::Error MatmulBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
       (trans_b ? db[2] : db[1]) != k || (ga != g && ga != 1) || (gb != g && gb != 1))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "operand shapes do not match");
   try {
-    Key key{ga, gb, g, m, k, n, trans_a, trans_b};
+    constexpr bool c_bf16 = T == ffi::DataType::BF16;
+    Key key{ga, gb, g, m, k, n, trans_a, trans_b, c_bf16};
     dnnl::matmul& prim = Primitive(key);
     using dt = dnnl::memory::data_type;
     dnnl::memory ma(Desc(ga, m, k, trans_a, dt::bf16), Engine(), a.untyped_data());
     dnnl::memory mb(Desc(gb, k, n, trans_b, dt::bf16), Engine(), b.untyped_data());
-    dnnl::memory mc(dnnl::memory::desc({g, m, n}, dt::f32, {m * n, n, 1}), Engine(),
-                    c->untyped_data());
+    dnnl::memory mc(dnnl::memory::desc({g, m, n}, c_bf16 ? dt::bf16 : dt::f32, {m * n, n, 1}),
+                    Engine(), c->untyped_data());
     dnnl::stream stream(Engine());
     prim.execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}});
     stream.wait();
@@ -157,6 +170,38 @@ ConvBwdW& BwdWPrimitive(const ConvKey& key) {
   return cache.emplace(key, std::move(b)).first->second;
 }
 
+// One input channel (conv1 on grey images): the kw columns of each window become kw
+// channels, out[n, h, j, q] = x[n, h, j + q] for j < W - kw + 1, and the kernel
+// [kh, kw, 1, O] is read as [kh, 1, kw, O] (the same memory). oneDNN 3.2 runs a
+// one-channel bf16 convolution on its older jit kernel and this one on brgconv, about 1.7x
+// faster on the 2-core Zen 4; the widened input is kw / (W / Wo) times the input's size.
+void WidenColumns(const uint16_t* x, int64_t n, int64_t h, int64_t w, int64_t kw,
+                  uint16_t* out) {
+  int64_t wo = w - kw + 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < n * h; ++r) {
+    const uint16_t* src = x + r * w;
+    uint16_t* dst = out + r * wo * kw;
+    for (int64_t j = 0; j < wo; ++j)
+      for (int64_t q = 0; q < kw; ++q) dst[j * kw + q] = src[j + q];
+  }
+}
+
+// The primitive's key and source for x [N, H, W, C] and a [KH, KW, C, O] kernel: widened
+// (see WidenColumns) when C == 1 < KW, into `wide`.
+ConvKey PrimKey(int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw, int64_t o) {
+  if (c == 1 && kw > 1) return ConvKey{n, h, w - kw + 1, kw, kh, 1, o};
+  return ConvKey{n, h, w, c, kh, kw, o};
+}
+
+void* PrimSource(void* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kw,
+                 std::vector<uint16_t>& wide) {
+  if (!(c == 1 && kw > 1)) return x;
+  wide.resize(n * h * (w - kw + 1) * kw);
+  WidenColumns(static_cast<const uint16_t*>(x), n, h, w, kw, wide.data());
+  return wide.data();
+}
+
 ffi::Error ConvFwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                        ffi::ResultBuffer<ffi::BF16> y) {
   auto dx = x.dimensions(), dw = w.dimensions(), dy = y->dimensions();
@@ -165,14 +210,16 @@ ffi::Error ConvFwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
       dy[3] != dw[3])
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv operand shapes do not match");
   try {
-    ConvKey key{dx[0], dx[1], dx[2], dx[3], dw[0], dw[1], dw[3]};
+    ConvKey key = PrimKey(dx[0], dx[1], dx[2], dx[3], dw[0], dw[1], dw[3]);
     ConvFwd& f = FwdPrimitive(key);
     ConvDescs d = MakeConvDescs(key);
     dnnl::stream stream(Engine());
     dnnl::memory wu(d.w_user_bf16, Engine(), w.untyped_data());
     dnnl::memory wp(f.weights, Engine());
     f.to_prim.execute(stream, wu, wp);
-    dnnl::memory src(d.src, Engine(), x.untyped_data());
+    std::vector<uint16_t> wide;
+    dnnl::memory src(d.src, Engine(),
+                     PrimSource(x.untyped_data(), dx[0], dx[1], dx[2], dx[3], dw[1], wide));
     dnnl::memory dst(d.dst_bf16, Engine(), y->untyped_data());
     f.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, dst}});
     stream.wait();
@@ -190,11 +237,13 @@ ffi::Error ConvBwdWeightsBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> d
       sy[3] != sw[3])
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv operand shapes do not match");
   try {
-    ConvKey key{sx[0], sx[1], sx[2], sx[3], sw[0], sw[1], sw[3]};
+    ConvKey key = PrimKey(sx[0], sx[1], sx[2], sx[3], sw[0], sw[1], sw[3]);
     ConvBwdW& b = BwdWPrimitive(key);
     ConvDescs d = MakeConvDescs(key);
     dnnl::stream stream(Engine());
-    dnnl::memory src(d.src, Engine(), x.untyped_data());
+    std::vector<uint16_t> wide;  // widened: the [KH, 1, KW, O] gradient is [KH, KW, 1, O]'s
+    dnnl::memory src(d.src, Engine(),
+                     PrimSource(x.untyped_data(), sx[0], sx[1], sx[2], sx[3], sw[1], wide));
     dnnl::memory ddst(d.dst_bf16, Engine(), dy.untyped_data());
     dnnl::memory dwp(b.diff_weights, Engine());
     b.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, ddst},
@@ -208,13 +257,172 @@ ffi::Error ConvBwdWeightsBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> d
   return ffi::Error::Success();
 }
 
+
+// ---- inference: y = maxpool2x2(relu(conv(x, w) + b)), dst f32[N, Ho/2, Wo/2, O].
+// The convolution's bf16 output (float32 sums rounded once, as ConvFwdBf16) is formed
+// `kChunk` images at a time in a reused buffer; bias and ReLU commute with the max
+// (the same bias per channel, monotone), so the result is pool(relu(float(conv_bf16) + b))
+// (the float32 sums of a chunk's primitive may be accumulated in another order than the
+// whole batch's: the bf16 rounding may then differ by an ulp).
+
+constexpr int64_t kChunk = 4;
+
+inline float Bf16ToF32(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Pools one image: conv [Ho, Wo, O] bf16 -> out [Ho/2, Wo/2, O] f32. (Registered only on
+// CPUs with AVX512-BF16 or AMX, so AVX512F/BW are there.)
+__attribute__((target("avx512f,avx512bw"))) void PoolReluBias(
+    const uint16_t* conv, const float* bias, float* out, int64_t ho, int64_t wo, int64_t o) {
+  int64_t hp = ho / 2, wp = wo / 2;
+  for (int64_t i = 0; i < hp; ++i) {
+    const uint16_t* r0 = conv + (2 * i) * wo * o;
+    const uint16_t* r1 = r0 + wo * o;
+    float* dst = out + i * wp * o;
+    for (int64_t j = 0; j < wp; ++j) {
+      const uint16_t* a = r0 + 2 * j * o;
+      const uint16_t* c = r1 + 2 * j * o;
+      float* d = dst + j * o;
+      for (int64_t k = 0; k < o; ++k) {
+        float m = std::max(std::max(Bf16ToF32(a[k]), Bf16ToF32(a[k + o])),
+                           std::max(Bf16ToF32(c[k]), Bf16ToF32(c[k + o])));
+        d[k] = std::max(m + bias[k], 0.0f);
+      }
+    }
+  }
+}
+
+ffi::Error ConvReluPoolBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                            ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y) {
+  auto dx = x.dimensions(), dw = w.dimensions(), dy = y->dimensions();
+  int64_t ho = dx.size() == 4 && dw.size() == 4 ? dx[1] - dw[0] + 1 : -1;
+  int64_t wo = dx.size() == 4 && dw.size() == 4 ? dx[2] - dw[1] + 1 : -1;
+  if (dx.size() != 4 || dw.size() != 4 || dy.size() != 4 || dw[2] != dx[3] ||
+      ho % 2 || wo % 2 || dy[0] != dx[0] || dy[1] != ho / 2 || dy[2] != wo / 2 ||
+      dy[3] != dw[3] || b.element_count() != dw[3])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "conv_relu_pool operand shapes do not match");
+  try {
+    int64_t n = dx[0], h = dx[1], o = dw[3];
+    bool widen = dx[3] == 1 && dw[1] > 1;
+    int64_t chunk = std::min(n, kChunk);
+    ConvKey key = PrimKey(chunk, h, dx[2], dx[3], dw[0], dw[1], o);
+    int64_t in_image = dx[1] * dx[2] * dx[3], prim_image = h * std::get<2>(key) * std::get<3>(key);
+    int64_t conv_image = ho * wo * o, out_image = (ho / 2) * (wo / 2) * o;
+    ConvFwd& f = FwdPrimitive(key);
+    ConvDescs d = MakeConvDescs(key);
+    dnnl::stream stream(Engine());
+    dnnl::memory wu(d.w_user_bf16, Engine(), w.untyped_data());
+    dnnl::memory wp(f.weights, Engine());
+    f.to_prim.execute(stream, wu, wp);
+    std::vector<uint16_t> buf(chunk * conv_image), in(chunk * prim_image);
+    dnnl::memory dst(d.dst_bf16, Engine(), buf.data());
+    dnnl::memory s(d.src, Engine(), in.data());
+    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+    float* out = y->typed_data();
+    const float* bias = b.typed_data();
+    for (int64_t start = 0; start < n; start += chunk) {
+      int64_t m = std::min(chunk, n - start);
+      const uint16_t* xs = src + start * in_image;
+      if (m < chunk) std::fill(in.begin(), in.end(), 0);  // last, short chunk: zero-pad
+      if (widen)
+        WidenColumns(xs, m, h, dx[2], dw[1], in.data());
+      else
+        std::memcpy(in.data(), xs, m * in_image * sizeof(uint16_t));
+      f.prim.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, dst}});
+      stream.wait();
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < m; ++i)
+        PoolReluBias(buf.data() + i * conv_image, bias, out + (start + i) * out_image, ho, wo, o);
+    }
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// ---- inference dense layer: C = A @ round_bf16(B), A bf16[M, K], B f32[K, N] (float32
+// parameters), C f32[M, N]. B is rounded to bf16 (to nearest even, as XLA's convert)
+// kDenseCols columns at a time into a buffer that stays in the cache, and each block of
+// C is one oneDNN product: the rounded copy of B is never written to memory.
+
+constexpr int64_t kDenseCols = 256;
+
+__attribute__((target("avx512f,avx512bw"))) void RoundColumns(
+    const float* b, int64_t k, int64_t n, int64_t n0, int64_t cols, uint16_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < k; ++r) {
+    const float* src = b + r * n + n0;
+    uint16_t* dst = out + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      uint32_t u;
+      std::memcpy(&u, &src[j], sizeof(u));
+      dst[j] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+  }
+}
+
+ffi::Error DenseF32WeightsBf16(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::F32> b,
+                               ffi::ResultBuffer<ffi::F32> c) {
+  auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
+  if (da.size() != 2 || db.size() != 2 || dc.size() != 2 || da[1] != db[0] ||
+      dc[0] != da[0] || dc[1] != db[1])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dense operand shapes do not match");
+  try {
+    int64_t m = da[0], k = da[1], n = db[1];
+    using dt = dnnl::memory::data_type;
+    std::vector<uint16_t> buf(k * std::min(n, kDenseCols));
+    dnnl::memory ma(dnnl::memory::desc({1, m, k}, dt::bf16, {m * k, k, 1}), Engine(),
+                    a.untyped_data());
+    dnnl::stream stream(Engine());
+    for (int64_t n0 = 0; n0 < n; n0 += kDenseCols) {
+      int64_t cols = std::min(kDenseCols, n - n0);
+      RoundColumns(b.typed_data(), k, n, n0, cols, buf.data());
+      dnnl::memory::desc wd({1, k, cols}, dt::bf16, {k * cols, cols, 1});
+      dnnl::memory::desc cd({1, m, cols}, dt::f32, {m * n, n, 1});  // columns of C
+      static std::mutex mu;
+      static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, dnnl::matmul> cache;
+      dnnl::matmul* prim;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        auto key = std::make_tuple(m, k, cols, n);
+        auto it = cache.find(key);
+        if (it == cache.end()) {
+          dnnl::matmul::primitive_desc pd(Engine(), ma.get_desc(), wd, cd);
+          it = cache.emplace(key, dnnl::matmul(pd)).first;
+        }
+        prim = &it->second;
+      }
+      dnnl::memory mb(wd, Engine(), buf.data());
+      dnnl::memory mc(cd, Engine(), c->typed_data() + n0);
+      prim->execute(stream, {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}});
+      stream.wait();
+    }
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnMatmulBf16, MatmulBf16,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnMatmulBf16, MatmulBf16<ffi::DataType::F32>,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("trans_a")
+                                  .Attr<bool>("trans_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnMatmulBf16Out, MatmulBf16<ffi::DataType::BF16>,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<bool>("trans_a")
                                   .Attr<bool>("trans_b"));
 
@@ -228,6 +436,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvBwdWeightsBf16, ConvBwdWeightsBf1
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvReluPoolBf16, ConvReluPoolBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnDenseF32WeightsBf16, DenseF32WeightsBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" int siamjax_onednn_isa() {
