@@ -11,13 +11,16 @@ through an XLA FFI custom call, with its own VJP whose two gradient products are
 bf16 x bf16 -> float32 oneDNN products.
 
 The kernel is optional and opt-in. It needs a C++17 compiler and oneDNN's headers and
-library (e.g. ``pip install --target DIR onednn-cpu-gomp onednn-devel-cpu-gomp``, or a
-system oneDNN). :func:`build` compiles ``siamjax/csrc/onednn_matmul.cc`` into a cache
-directory (``$SIAMJAX_CACHE_DIR``, default ``~/.cache/siamjax``)::
+library (``pip install -e '.[onednn]'``, ``pip install --target DIR onednn-cpu-gomp
+onednn-devel-cpu-gomp``, or a system oneDNN). :func:`build` compiles
+``siamjax/csrc/onednn_matmul.cc`` into a cache directory (``$SIAMJAX_CACHE_DIR``, default
+``~/.cache/siamjax``; one file per source version and oneDNN folder)::
 
     python -m siamjax.cpu_kernels build --onednn DIR   # DIR holds include/ and lib/
 
-After that, or with ``SIAMJAX_ONEDNN=DIR`` set (then it is built on first use),
+The first process that needs the kernel also builds it (about 3 s) when none is built for
+this source version, or the one built no longer loads, and oneDNN's headers are found
+(``$SIAMJAX_ONEDNN=DIR``, or the ``onednn`` extra in this environment). Then
 :func:`matmul_route` returns ``"onednn-bf16"`` on a CPU with AVX512-BF16 or AMX, and
 :class:`siamjax.encoders.Koch` in bf16 with ``conv="auto"`` sends its matrix work through
 it: conv1 as a oneDNN bf16 convolution (:func:`bf16_conv2d`), the DFT transforms
@@ -80,14 +83,15 @@ def library_path(onednn: str | None = None) -> str:
 
 
 def _built_libraries() -> list[str]:
-  """Every library built from this source version, the one for the oneDNN found first."""
+  """The libraries built from this source version: the one for the oneDNN found here
+  first, then any other (e.g. built with ``--onednn DIR`` for a prefix not searched)."""
   try:
     preferred = [library_path()]
   except FileNotFoundError:
     preferred = []
   pattern = os.path.join(_cache_dir(), f"libsiamjax_onednn-{_source_tag()}-*.so")
-  others = sorted(glob.glob(pattern))
-  return preferred + [p for p in others if p not in preferred]
+  return [p for p in preferred if os.path.exists(p)] + [
+      p for p in sorted(glob.glob(pattern)) if p not in preferred]
 
 
 def _onednn_prefix(prefix: str | None) -> str:
@@ -151,12 +155,12 @@ def _cpu_has_bf16() -> bool:
 
 
 def _load() -> ctypes.CDLL | None:
-  """Loads (building first when ``SIAMJAX_ONEDNN`` names oneDNN) and registers the kernel.
+  """Loads the kernel library (building it first when needed) and registers its targets.
 
   Tries the library built for the oneDNN found here, then any other build of this source
-  version (e.g. ``build(--onednn DIR)`` with a prefix that is not searched); one that
-  exists but does not load (its oneDNN was removed) is reported in ``route`` and rebuilt
-  when oneDNN is found here.
+  version. When none exists, or none loads (its oneDNN was removed), and oneDNN's headers
+  are found (``$SIAMJAX_ONEDNN``, or the ``onednn`` extra in this environment), it is
+  built once, in about 3 s; otherwise the route is ``"xla"`` and ``route`` says why.
   """
   if "lib" in _state:
     return _state["lib"]
@@ -167,19 +171,14 @@ def _load() -> ctypes.CDLL | None:
   errors = []
   lib = None
   try:
-    paths = _built_libraries()
-    if not paths and setting:
-      paths = [build(setting)]
-    for path in paths:
+    for path in _built_libraries():
       try:
         lib = ctypes.CDLL(path)
         break
       except OSError as e:
         errors.append(str(e))
-    if lib is None and errors:  # built, but its oneDNN is gone: rebuild against ours
+    if lib is None:  # not built for this source yet, or its oneDNN is gone: build it
       lib = ctypes.CDLL(build(setting or None))
-    if lib is None:
-      return None
     for target, symbol in ((_TARGET, lib.SiamjaxOnednnMatmulBf16),
                            (_TARGET_BF16, lib.SiamjaxOnednnMatmulBf16Out),
                            (_CONV, lib.SiamjaxOnednnConvBf16),

@@ -404,6 +404,12 @@ def _fake_onednn(root, name):
   return str(prefix)
 
 
+class _FakeLib:  # what ctypes.CDLL returns, for the cache tests: the handler symbols
+  SiamjaxOnednnMatmulBf16 = SiamjaxOnednnConvBf16 = SiamjaxOnednnConvBwdWeightsBf16 = 0
+  SiamjaxOnednnMatmulBf16Out = SiamjaxOnednnConvReluPoolBf16 = 0
+  SiamjaxOnednnDenseF32WeightsBf16 = 0
+
+
 def test_each_onednn_gets_its_own_cached_library(monkeypatch, tmp_path):
   # The library records its oneDNN folder as run path: two virtual environments sharing
   # ~/.cache/siamjax must not overwrite each other's build (one did, in CI).
@@ -423,24 +429,34 @@ def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path)
   broken.write_text("its oneDNN was deleted")
   monkeypatch.setattr(cpu_kernels, "library_path", lambda onednn=None: str(broken))
 
-  class Lib:
-    SiamjaxOnednnMatmulBf16 = SiamjaxOnednnConvBf16 = SiamjaxOnednnConvBwdWeightsBf16 = 0
-    SiamjaxOnednnMatmulBf16Out = SiamjaxOnednnConvReluPoolBf16 = 0
-    SiamjaxOnednnDenseF32WeightsBf16 = 0
-
   built, registered = [], []
 
   def fake_cdll(path):
     if path == str(broken) and not built:
       raise OSError("libdnnl.so.3: cannot open shared object file")
-    return Lib()
+    return _FakeLib()
 
   monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", fake_cdll)
   monkeypatch.setattr(cpu_kernels, "build", lambda onednn=None: built.append(onednn) or str(broken))
   monkeypatch.setattr(jax.ffi, "pycapsule", lambda f: f)
   monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: registered.append(a[0]))
-  assert isinstance(cpu_kernels._load(), Lib)
+  assert isinstance(cpu_kernels._load(), _FakeLib)
   assert built == [None] and len(registered) == 6
+
+
+def test_a_missing_library_is_built_on_first_use(monkeypatch, tmp_path):
+  monkeypatch.setenv("SIAMJAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.delenv("SIAMJAX_ONEDNN", raising=False)
+  monkeypatch.setattr(cpu_kernels, "_state", {})
+  monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16", lambda: True)
+  monkeypatch.setattr(cpu_kernels, "library_path", lambda onednn=None: str(tmp_path / "x.so"))
+
+  built = []
+  monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", lambda path: _FakeLib())
+  monkeypatch.setattr(cpu_kernels, "build", lambda onednn=None: built.append(onednn) or "b.so")
+  monkeypatch.setattr(jax.ffi, "pycapsule", lambda f: f)
+  monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: None)
+  assert isinstance(cpu_kernels._load(), _FakeLib) and built == [None]
 
 
 def test_an_unloadable_library_without_onednn_falls_back_and_says_why(monkeypatch, tmp_path):
