@@ -427,12 +427,9 @@ def bf16_conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
   return _bf16_conv2d(x, w)
 
 
-def _max_pool2(x):
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
 def _conv_relu_pool_xla(x, w, b):  # what the training route computes
+  from siamjax.encoders import _max_pool2  # the encoders' pooling (they import this module)
+
   return _max_pool2(jax.nn.relu(bf16_conv2d(x, w) + b.astype(jnp.float32)[None, None, None]))
 
 

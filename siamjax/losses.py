@@ -297,28 +297,7 @@ def valid_anchors(
   """
   if need not in _NEEDS:
     raise ValueError(f"need must be 'both', 'positive' or 'any', got {need!r}")
-  labels = _checks.as_array("labels", labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
-  _checks.rank("labels", labels, 1, "[batch] class ids")
-  b = labels.shape[0]
-  valid_B = _mask("valid", valid, b)
-  if ref_labels is None:
-    if ref_valid is not None or ref_exclude is not None:
-      raise ValueError("ref_valid/ref_exclude were given without ref_labels")
-    ref_L, ref_valid_R = labels, valid_B
-    not_self = ~jnp.eye(b, dtype=bool)
-  else:
-    ref_L = _checks.as_array("ref_labels", ref_labels)
-    if not jnp.issubdtype(ref_L.dtype, jnp.integer):
-      raise ValueError(f"ref_labels must be integer class ids, got dtype {ref_L.dtype}")
-    _checks.rank("ref_labels", ref_L, 1, "[R] class ids")
-    ref_valid_R = _mask("ref_valid", ref_valid, ref_L.shape[0])
-    exclude_B = _ref_exclude(ref_exclude, b, ref_L.shape[0])
-    not_self = True if exclude_B is None else (
-        exclude_B[:, None] != jnp.arange(ref_L.shape[0])[None, :])
-  partner = not_self & valid_B[:, None] & ref_valid_R[None, :]
-  same = labels[:, None] == ref_L[None, :]
+  same, partner = _same_and_partner(labels, valid, ref_labels, ref_valid, ref_exclude)
   has_pos = jnp.any(same & partner, axis=1)
   has_neg = jnp.any(~same & partner, axis=1)
   if need == "both":
@@ -608,19 +587,36 @@ def _max_positives(max_positives, labels, anchor_indices, valid, ref_labels, ref
   return max_positives
 
 
-def _positive_counts(labels, *, valid=None, ref_labels=None, ref_valid=None, ref_exclude=None):
-  """``[B]`` number of positive partners of each row (as :func:`valid_anchors` counts)."""
+def _same_and_partner(labels, valid=None, ref_labels=None, ref_valid=None, ref_exclude=None):
+  """``[B, R]`` same-label and partner masks of each row against its partners (checked)."""
+  labels = _checks.as_array("labels", labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+  _checks.rank("labels", labels, 1, "[batch] class ids")
   b = labels.shape[0]
   valid_B = _mask("valid", valid, b)
   if ref_labels is None:
-    ref_L, ref_valid_R, not_self = labels, valid_B, ~jnp.eye(b, dtype=bool)
+    if ref_valid is not None or ref_exclude is not None:
+      raise ValueError("ref_valid/ref_exclude were given without ref_labels")
+    ref_L, ref_valid_R = labels, valid_B
+    not_self = ~jnp.eye(b, dtype=bool)
   else:
-    ref_L = jnp.asarray(ref_labels)
+    ref_L = _checks.as_array("ref_labels", ref_labels)
+    if not jnp.issubdtype(ref_L.dtype, jnp.integer):
+      raise ValueError(f"ref_labels must be integer class ids, got dtype {ref_L.dtype}")
+    _checks.rank("ref_labels", ref_L, 1, "[R] class ids")
     ref_valid_R = _mask("ref_valid", ref_valid, ref_L.shape[0])
-    not_self = True if ref_exclude is None else (
-        jnp.asarray(ref_exclude)[:, None] != jnp.arange(ref_L.shape[0])[None, :])
+    exclude_B = _ref_exclude(ref_exclude, b, ref_L.shape[0])
+    not_self = True if exclude_B is None else (
+        exclude_B[:, None] != jnp.arange(ref_L.shape[0])[None, :])
   partner = not_self & valid_B[:, None] & ref_valid_R[None, :]
-  return jnp.sum((labels[:, None] == ref_L[None, :]) & partner, axis=1)
+  return labels[:, None] == ref_L[None, :], partner
+
+
+def _positive_counts(labels, *, valid=None, ref_labels=None, ref_valid=None, ref_exclude=None):
+  """``[B]`` number of positive partners of each row (as :func:`valid_anchors` counts)."""
+  same, partner = _same_and_partner(labels, valid, ref_labels, ref_valid, ref_exclude)
+  return jnp.sum(same & partner, axis=1)
 
 
 def _positives_by_slot(dist_CxR, pos_CxR, max_positives: int):

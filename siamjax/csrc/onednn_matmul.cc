@@ -202,12 +202,17 @@ void* PrimSource(void* x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kw
   return wide.data();
 }
 
+// x [N, H, W, C], w [KH, KW, C, O], y [N, H - KH + 1, W - KW + 1, O] ('valid', stride 1).
+template <typename Dims>
+bool ValidConvShapes(const Dims& x, const Dims& w, const Dims& y) {
+  return x.size() == 4 && w.size() == 4 && y.size() == 4 && w[2] == x[3] && y[0] == x[0] &&
+         y[1] == x[1] - w[0] + 1 && y[2] == x[2] - w[1] + 1 && y[3] == w[3];
+}
+
 ffi::Error ConvFwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                        ffi::ResultBuffer<ffi::BF16> y) {
   auto dx = x.dimensions(), dw = w.dimensions(), dy = y->dimensions();
-  if (dx.size() != 4 || dw.size() != 4 || dy.size() != 4 || dw[2] != dx[3] ||
-      dy[0] != dx[0] || dy[1] != dx[1] - dw[0] + 1 || dy[2] != dx[2] - dw[1] + 1 ||
-      dy[3] != dw[3])
+  if (!ValidConvShapes(dx, dw, dy))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv operand shapes do not match");
   try {
     ConvKey key = PrimKey(dx[0], dx[1], dx[2], dx[3], dw[0], dw[1], dw[3]);
@@ -232,9 +237,7 @@ ffi::Error ConvFwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
 ffi::Error ConvBwdWeightsBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> dy,
                               ffi::ResultBuffer<ffi::F32> dw) {
   auto sx = x.dimensions(), sy = dy.dimensions(), sw = dw->dimensions();
-  if (sx.size() != 4 || sy.size() != 4 || sw.size() != 4 || sw[2] != sx[3] ||
-      sy[0] != sx[0] || sy[1] != sx[1] - sw[0] + 1 || sy[2] != sx[2] - sw[1] + 1 ||
-      sy[3] != sw[3])
+  if (!ValidConvShapes(sx, sw, sy))
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv operand shapes do not match");
   try {
     ConvKey key = PrimKey(sx[0], sx[1], sx[2], sx[3], sw[0], sw[1], sw[3]);
