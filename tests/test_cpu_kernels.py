@@ -390,6 +390,16 @@ def test_disabled_route_is_xla():
   assert out == ["xla", "direct"]
 
 
+def test_command_line_route_runs_one_copy_of_the_module():
+  """``python -m siamjax.cpu_kernels`` runs the package's ``__main__``: no second copy of
+  the module (runpy's RuntimeWarning, an error here) and the same route as an import."""
+  env = dict(os.environ, SIAMJAX_ONEDNN="0")
+  out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
+                        "siamjax.cpu_kernels", "route"], env=env, capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.split() == ["xla"] and "Warning" not in out.stderr
+
+
 def test_build_without_onednn_raises(tmp_path):
   with pytest.raises(FileNotFoundError, match="oneDNN headers"):
     cpu_kernels.build(str(tmp_path))

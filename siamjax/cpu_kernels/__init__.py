@@ -56,7 +56,8 @@ _CONV = "siamjax_onednn_conv_bf16"
 _CONV_BWD_W = "siamjax_onednn_conv_bwd_weights_bf16"
 _CONV_POOL = "siamjax_onednn_conv_relu_pool_bf16"
 _DENSE = "siamjax_onednn_dense_f32_weights_bf16"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "onednn_matmul.cc")
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
+                       "onednn_matmul.cc")
 _state: dict = {}
 
 
@@ -593,6 +594,3 @@ def _main(argv=None) -> int:
   print(matmul_route(), _state.get("error", ""))
   return 0
 
-
-if __name__ == "__main__":
-  sys.exit(_main())
