@@ -16,7 +16,9 @@ the same float32 embeddings and the same labels, in one process.
   clocked around ``block_until_ready`` (torch CPU ops are synchronous); the row gives
   the median and the spread. A row whose first call took over ``slow_s`` (2 s) times
   ``slow_repeats`` (2) calls instead, so that the default run fits in about 3 minutes on
-  2 cores; each row records its ``repeats``.
+  2 cores; a fast row keeps calling until its timed calls add up to ``min_total_s``
+  (0.5 s, at most ``max_repeats`` = 50 calls), because single millisecond-long calls on
+  2 cores swing by 2-3x; each row records its ``repeats``. Both sides are clocked alike.
 * Memory: ``temp_bytes`` is siamjax's compiled temporaries
   (``jitted.lower(...).compile().memory_analysis().temp_size_in_bytes``: what XLA
   allocates for the call besides inputs and outputs). ``rss_peak_delta_bytes`` is
@@ -170,6 +172,9 @@ class Config:
   # A row whose first call takes longer than slow_s seconds times slow_repeats calls.
   slow_s: float = 2.0
   slow_repeats: int = 2
+  # A fast row repeats until its timed calls add up to min_total_s (at most max_repeats).
+  min_total_s: float = 0.5
+  max_repeats: int = 50
   # PML rows may map at most this many GiB beyond the process's size (None: no cap).
   pml_memory_gib: float | None = 6.0
   losses: tuple = LOSS_NAMES
@@ -257,7 +262,8 @@ def address_space_cap(extra_bytes: int | None):
 
 def clock(run: Callable[[], object], sync: Callable[[object], object], cfg: "Config"):
   """First call, then ``cfg.repeats`` timed calls (``cfg.slow_repeats`` when the first took
-  longer than ``cfg.slow_s``), then one untimed call that measures the peak memory.
+  longer than ``cfg.slow_s``; more, up to ``cfg.max_repeats``, until they add up to
+  ``cfg.min_total_s``), then one untimed call that measures the peak memory.
 
   Returns ``(first_s, times_s, rss_peak_delta_bytes, output of the last call)``.
   """
@@ -266,7 +272,7 @@ def clock(run: Callable[[], object], sync: Callable[[object], object], cfg: "Con
   first = time.perf_counter() - t0
   n = cfg.slow_repeats if first > cfg.slow_s else cfg.repeats
   times = []
-  for _ in range(n):
+  while len(times) < n or (sum(times) < cfg.min_total_s and len(times) < cfg.max_repeats):
     t0 = time.perf_counter()
     sync(run())
     times.append(time.perf_counter() - t0)
@@ -416,8 +422,9 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
           "first_call_s the first run after it. PML: loss_fn(e, y).backward(), eager torch "
           "on the CPU; first_call_s is its first call.",
           "step_s: median of the repeats, each clocked around block_until_ready; a row whose "
-          "first call took over %g s times %d repeats instead of %d (see its 'repeats')."
-          % (cfg.slow_s, cfg.slow_repeats, cfg.repeats),
+          "first call took over %g s times %d repeats instead of %d, a fast row repeats "
+          "until its timed calls add up to %g s (at most %d; see its 'repeats')."
+          % (cfg.slow_s, cfg.slow_repeats, cfg.repeats, cfg.min_total_s, cfg.max_repeats),
           "PML rows run under an address-space cap of %s GiB beyond the process's size "
           "(RLIMIT_AS); a row that needs more is 'skipped' with PML's allocation error."
           % cfg.pml_memory_gib,

@@ -37,6 +37,8 @@ def main(argv=None) -> None:
   p.add_argument("--repeats", type=int, help="timed calls per row (default 5)")
   p.add_argument("--slow-repeats", type=int,
                  help="timed calls of a row whose first call took over 2 s (default 2)")
+  p.add_argument("--min-total-s", type=float,
+                 help="a fast row repeats until its timed calls add up to this (default 0.5)")
   p.add_argument("--pml-memory-gib", type=float,
                  help="address-space cap for PML rows beyond the process's size (default 6; "
                       "0: no cap). A row that needs more is reported as skipped")
@@ -55,8 +57,9 @@ def main(argv=None) -> None:
 
   cfg = lb.Config()
   if args.smoke:
-    cfg.batches, cfg.dim, cfg.repeats, cfg.slow_repeats = (16,), 8, 1, 1
-  for name in ("batches", "dim", "repeats", "slow_repeats", "pml_memory_gib", "losses"):
+    cfg.batches, cfg.dim, cfg.repeats, cfg.slow_repeats, cfg.min_total_s = (16,), 8, 1, 1, 0.0
+  for name in ("batches", "dim", "repeats", "slow_repeats", "min_total_s", "pml_memory_gib",
+               "losses"):
     value = getattr(args, name)
     if value is not None:
       setattr(cfg, name, tuple(value) if isinstance(value, list) else value)
