@@ -424,7 +424,8 @@ _MAX_POSITIVES_ARG = """\
       else the sort. With concrete labels the choice is made once when tracing; under
       ``jit`` each chunk of anchors chooses with ``lax.switch`` on its largest positive
       count, which compiles every branch (2-3x the compile time, and 20-30% slower at
-      ``B = 4096`` than the one branch it picks). Pass ``max_positives`` to compile one.
+      ``B = 4096`` than the one branch it picks; under ``vmap`` over the labels every
+      branch runs). Pass ``max_positives`` to compile one.
 """
 
 

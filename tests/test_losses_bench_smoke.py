@@ -4,6 +4,7 @@ import json
 import os
 import resource
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -59,9 +60,25 @@ def test_compare_flags_differences():
   assert not bad["equal"] and bad["grad_rel_diff"] == pytest.approx(0.01)
 
 
+def test_clock_repeats_fast_rows_until_min_total_and_caps_them():
+  calls = []
+
+  def run():
+    calls.append(1)
+    time.sleep(0.004)
+
+  cfg = lb.Config(repeats=2, min_total_s=0.03, max_repeats=50)
+  _, times, _, _ = lb.clock(run, lambda x: x, cfg)
+  assert 2 <= len(times) < 50 and sum(times) >= 0.03 and sum(times[:-1]) < 0.03
+  cfg = lb.Config(repeats=2, min_total_s=10.0, max_repeats=4)
+  assert len(lb.clock(run, lambda x: x, cfg)[1]) == 4
+  cfg = lb.Config(repeats=3, min_total_s=0.0)
+  assert len(lb.clock(run, lambda x: x, cfg)[1]) == 3
+
+
 @pytest.mark.slow
 def test_run_writes_rows_checks_equality_and_skips_missing_losses(tmp_path):
-  cfg = lb.Config(batches=(8,), dim=4, repeats=1, slow_repeats=1)
+  cfg = lb.Config(batches=(8,), dim=4, repeats=1, slow_repeats=1, min_total_s=0.0)
   out = tmp_path / "losses.json"
   lb.run(cfg, str(out), "pytest")
   rec = json.loads(out.read_text())
