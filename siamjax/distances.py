@@ -67,17 +67,19 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
     x: non-negative values of any shape.
 
   Returns:
-    ``sqrt(x)``, same shape; its gradient at 0 is 0 instead of ``inf``/NaN.
+    ``sqrt(x)``, same shape; its gradient at 0 is 0 instead of ``inf``/NaN. NaN stays
+    NaN (a NaN embedding gives a NaN distance, not 0).
 
   References:
     JAX FAQ, "Gradients contain NaN where using where" (the double-where trick).
 
-  >>> import jax
-  >>> float(jax.grad(safe_sqrt)(0.0))
-  0.0
+  >>> import jax, jax.numpy as jnp
+  >>> float(jax.grad(safe_sqrt)(0.0)), float(safe_sqrt(jnp.nan))
+  (0.0, nan)
   """
   positive = x > 0
-  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)),
+                   jnp.where(jnp.isnan(x), x, jnp.zeros_like(x)))
 
 
 def l1(a: jax.Array, b: jax.Array) -> jax.Array:

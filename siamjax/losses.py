@@ -452,6 +452,15 @@ The default admits ``B = 4096`` in float32 (64 MiB); set it to 0 to always chunk
 """
 
 
+def _zero_padding(x: jax.Array, given, valid_N: jax.Array) -> jax.Array:
+  """``x`` with the rows that a given ``valid`` mask marks False set to 0 (private).
+
+  Such rows take part in nothing, so NaN or inf padding then changes no value or gradient
+  (a NaN times the zero weight of a masked row would still be NaN).
+  """
+  return x if given is None else jnp.where(valid_N[:, None], x, jnp.zeros((), x.dtype))
+
+
 def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
                        chunk_size: int, anchor_indices=None, valid=None,
                        ref_embeddings=None, ref_labels=None, ref_valid=None,
@@ -481,11 +490,12 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
   exclude_B = None if ref is None else _ref_exclude(ref_exclude, b, ref[0].shape[0])
   rows_A = _anchor_rows(anchor_indices, b)
   dtype = _compute_dtype(emb, *(() if ref is None else (ref[0],)))
-  emb = emb.astype(dtype)
+  emb = _zero_padding(emb.astype(dtype), valid, valid_B)
   if ref is None:
     partners_R, labels_R, valid_R = emb, labels, valid_B
   else:
-    partners_R, labels_R, valid_R = ref[0].astype(dtype), ref[1], ref[2]
+    partners_R = _zero_padding(ref[0].astype(dtype), ref_valid, ref[2])
+    labels_R, valid_R = ref[1], ref[2]
   if distance != "cosine":  # translation-invariant: centre once (see distances._pairwise)
     # on the valid partners (padding may be far off); ref_exclude does not change it: the
     # mean only conditions the Gram products, it is no partner of anyone
@@ -557,8 +567,8 @@ def _mined_distances(select, distance: str, emb: jax.Array, labels: jax.Array,
                      ref_labels=None, ref_valid=None, ref_exclude=None):
   """Distances from each anchor to the K partners that ``select`` mines (private).
 
-  ``select(dist_CxR, pos_CxR, neg_CxR) -> [C, K]`` integer partner rows (``-1`` for none)
-  runs as a :func:`_map_anchor_chunks` reduction on ``stop_gradient`` inputs, so its Gram
+  ``select(dist_CxR, pos_CxR, neg_CxR) -> [C, K]`` integer partner rows (``-1`` for none,
+  ``R`` for a partner it could not place, e.g. a NaN distance: its distance is NaN) runs as a :func:`_map_anchor_chunks` reduction on ``stop_gradient`` inputs, so its Gram
   product is formed once and never differentiated. The chosen distances are then formed
   directly from the gathered rows (as :func:`siamjax.distances.euclidean` would), so the
   gradient costs ``O(A K D)`` instead of two more ``[B, D] x [D, B]`` products. Where
@@ -569,16 +579,24 @@ def _mined_distances(select, distance: str, emb: jax.Array, labels: jax.Array,
     distances are 0 where ``found`` is False.
   """
   sg = jax.lax.stop_gradient
+  if ref_embeddings is not None:
+    ref_embeddings = _checks.as_array("ref_embeddings", ref_embeddings)
   idx_AxK = _map_anchor_chunks(
       select, distance, sg(emb), labels, chunk_size, anchor_indices, valid,
       None if ref_embeddings is None else sg(ref_embeddings), ref_labels, ref_valid,
       ref_exclude, fill=-1)
   dtype = _compute_dtype(emb, *(() if ref_embeddings is None else (ref_embeddings,)))
-  anchors_AxD = emb.astype(dtype)
+  emb = _zero_padding(emb.astype(dtype), valid, _mask("valid", valid, emb.shape[0]))
+  anchors_AxD = emb
   if anchor_indices is not None:
     anchors_AxD = anchors_AxD[_anchor_rows(anchor_indices, emb.shape[0])]
-  partners_R = (emb if ref_embeddings is None else ref_embeddings).astype(dtype)
+  partners_R = emb if ref_embeddings is None else _zero_padding(
+      ref_embeddings.astype(dtype), ref_valid,
+      _mask("ref_valid", ref_valid, ref_embeddings.shape[0]))
+  r = partners_R.shape[0]
   found_AxK = idx_AxK >= 0
+  # select found a partner but none at its extreme distance: that one is NaN
+  nan_AxK = idx_AxK >= r
 
   @jax.checkpoint  # saves no [A, D] gather: the backward pass gathers again
   def partner_distance(anchors_AxD, partners_RxD, idx_A):
@@ -590,8 +608,9 @@ def _mined_distances(select, distance: str, emb: jax.Array, labels: jax.Array,
     sq_A = jnp.sum(jnp.square(anchors_AxD - chosen_AxD), axis=-1)
     return _distances.safe_sqrt(sq_A) if distance == "euclidean" else sq_A
 
-  dist_AxK = jnp.stack([partner_distance(anchors_AxD, partners_R, jnp.maximum(idx_A, 0))
+  dist_AxK = jnp.stack([partner_distance(anchors_AxD, partners_R, jnp.clip(idx_A, 0, r - 1))
                         for idx_A in idx_AxK.T], axis=1)
+  dist_AxK = jnp.where(nan_AxK, jnp.nan, dist_AxK)
   return jnp.where(found_AxK, dist_AxK, 0.0), found_AxK
 
 

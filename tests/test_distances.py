@@ -200,3 +200,13 @@ def test_gram_distances_are_accurate_with_a_large_shared_offset():
       jnp.asarray(x, jnp.float32))
   g_direct = ((x[:, None] - y[None]) / direct[..., None]).sum(1)
   np.testing.assert_allclose(g, g_direct, atol=1e-3)
+
+
+def test_nan_embeddings_give_nan_distances_not_zero():
+  """safe_sqrt used to send NaN to 0: a NaN embedding then sat at distance 0 from all."""
+  x = jnp.array([[jnp.nan, 1.0], [0.0, 1.0]])
+  y = jnp.array([[0.0, 0.0]])
+  assert np.isnan(D.euclidean(x[0], y[0]))
+  np.testing.assert_array_equal(np.isnan(D.pairwise_distances(x, y)), [[True], [False]])
+  assert np.isnan(D.safe_sqrt(jnp.nan)) and float(D.safe_sqrt(0.0)) == 0.0
+  assert float(jax.grad(D.safe_sqrt)(0.0)) == 0.0

@@ -285,3 +285,66 @@ def test_max_positives_check_grads_float64(fn):
     labels = jnp.asarray(np.arange(9) // 3, jnp.int32)
     check_grads(lambda e: fn(e, labels, margin=0.5, chunk_size=4, max_positives=2), (emb,),
                 order=1, eps=1e-6, modes=("rev",))
+
+
+# -------------------------------------------------------------------------------------
+# batch-hard: partners mined on undifferentiated distances, distances formed again
+# -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
+def test_batch_hard_with_a_nan_row_is_nan_where_it_counts_not_silently_finite(distance):
+  """A NaN embedding makes the hardest distance NaN for every anchor that sees it (as
+  a max over the row does): the mined path must not fall back to another partner."""
+  emb, labels = _pk_batch(3, 4)
+  emb = emb.at[5].set(jnp.nan)
+  out = np.asarray(L.batch_hard_triplet_loss(emb, labels, distance=distance))
+  assert np.isnan(out).all()  # row 5 is every other anchor's positive or negative
+  out = np.asarray(L.batch_hard_triplet_loss(emb, labels, distance=distance,
+                                             valid=jnp.arange(12) != 5))
+  assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("fn", IN_BATCH, ids=_name)
+@pytest.mark.parametrize("budget", [2**62, 0], ids=["one_block", "chunked"])
+def test_nan_or_inf_padding_changes_no_value_or_gradient(monkeypatch, fn, budget):
+  """Rows with valid (ref_valid) False take part in nothing, whatever they hold."""
+  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", budget)
+  emb, labels = _pk_batch(3, 4)
+  ref = jnp.asarray(RNG.normal(size=(6, 5)), jnp.float32)
+  ref_labels = jnp.arange(6) % 3
+  valid, ref_valid = jnp.arange(12) != 5, jnp.arange(6) != 2
+  for kw in (dict(valid=valid),
+             dict(valid=valid, ref_labels=ref_labels, ref_valid=ref_valid)):
+    def run(e, r):
+      extra = {"ref_embeddings": r} if "ref_labels" in kw else {}
+      return _weighted(lambda e_, y, **k: fn(e_, y, **extra, **k), labels, chunk_size=5,
+                       **kw)(e)
+    clean = run(emb, ref)
+    dirty = run(emb.at[5].set(jnp.nan), ref.at[2].set(jnp.inf))
+    _assert_same(clean, dirty)
+
+
+def test_batch_hard_takes_array_likes_and_equals_the_full_reduction():
+  """Reference sets as lists or numpy arrays; values and gradients equal the plain
+  max / min over the distance matrix (no ties in random data)."""
+  emb, labels = _pk_batch(4, 3)
+  ref = RNG.normal(size=(7, 5)).astype(np.float32)
+  ref_labels = np.arange(7) % 4
+  kw = dict(ref_embeddings=ref.tolist(), ref_labels=ref_labels.tolist())
+  np.testing.assert_allclose(L.batch_hard_triplet_loss(emb, labels, **kw),
+                             L.batch_hard_triplet_loss(emb, labels, ref_embeddings=ref,
+                                                       ref_labels=ref_labels), rtol=1e-6)
+
+  def naive(e, r):
+    d = jnp.sqrt(jnp.sum((e[:, None] - r[None]) ** 2, -1))
+    same = labels[:, None] == jnp.asarray(ref_labels)[None]
+    hp = jnp.max(jnp.where(same, d, -jnp.inf), 1)
+    hn = jnp.min(jnp.where(~same, d, jnp.inf), 1)
+    return jnp.maximum(hp - hn + 1.0, 0.0)
+  w = jnp.arange(1.0, 13.0)
+  mine = jax.grad(lambda e, r: jnp.sum(w * L.batch_hard_triplet_loss(
+      e, labels, ref_embeddings=r, ref_labels=ref_labels)), argnums=(0, 1))(emb, ref)
+  want = jax.grad(lambda e, r: jnp.sum(w * naive(e, r)), argnums=(0, 1))(emb, ref)
+  for a, b in zip(mine, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
