@@ -63,14 +63,12 @@ once and answer every positive with a binary search, ``O(B^2 log B)`` time besid
 ``B = 4096`` in float32), it is formed by one matrix product and kept for the backward
 pass (loss and gradient cost three ``[B, D] x [D, B]``-sized products); the per-anchor work
 runs on ``chunk_size`` rows of it at a time and is recomputed in the backward pass, which
-keeps the other temporaries ``O(chunk_size * B)``; its gradient with respect to its rows of
-distances is formed together with its value (one VJP with unit cotangents: each anchor's
-value depends on its own row only), not by differentiating it again. At ``B = 4096``,
-``D = 512`` this compiles to 0.14--0.30 GiB of temporaries for loss and gradient. Larger
-blocks are processed in chunks of ``chunk_size`` anchors that form their own rows of the
-block, again in the backward pass (four products), so memory stays ``O(chunk_size * B)``
-besides the embeddings: ``B = 4096`` with ``D = 4096`` and ``FULL_BLOCK_BYTES = 0`` compiles to
-0.20--0.31 GiB of temporaries, 0.19--0.30 GiB with the default (``tests/test_losses.py``
+keeps the other temporaries ``O(chunk_size * B)``. At ``B = 4096``, ``D = 512`` this
+compiles to 0.14--0.21 GiB of temporaries for loss and gradient. Larger blocks are
+processed in chunks of ``chunk_size`` anchors that form their own rows of the block, again
+in the backward pass (four products), so memory stays ``O(chunk_size * B)`` besides the
+embeddings: ``B = 4096`` with ``D = 4096`` and ``FULL_BLOCK_BYTES = 0`` compiles to
+0.20--0.25 GiB of temporaries, 0.19--0.25 GiB with the default (``tests/test_losses.py``
 checks the compiled memory). Batch-hard mining is cheaper still: its two partners are
 chosen on undifferentiated distances and their distances formed again from the gathered
 rows, so loss and gradient cost one product on either path (0.09 GiB of temporaries at
@@ -463,28 +461,6 @@ def _zero_padding(x: jax.Array, given, valid_N: jax.Array) -> jax.Array:
   return x if given is None else jnp.where(valid_N[:, None], x, jnp.zeros((), x.dtype))
 
 
-def _row_vjp(reduce):
-  """``reduce`` whose gradient w.r.t. its rows is formed with its value (private).
-
-  Each anchor's value depends on its own row of ``dist`` only, so one VJP with unit
-  cotangents gives every row's gradient; differentiated, the forward pass computes that
-  slope once and the backward pass scales it, instead of recomputing the reduction.
-  """
-  @jax.custom_vjp
-  def f(dist, pos, neg):
-    return reduce(dist, pos, neg)
-
-  def fwd(dist, pos, neg):
-    out, vjp = jax.vjp(lambda d: reduce(d, pos, neg), dist)
-    return out, vjp(jnp.ones_like(out))[0]
-
-  def bwd(slope, g):
-    return slope * g[:, None], None, None
-
-  f.defvjp(fwd, bwd)
-  return f
-
-
 def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
                        chunk_size: int, anchor_indices=None, valid=None,
                        ref_embeddings=None, ref_labels=None, ref_valid=None,
@@ -543,7 +519,7 @@ def _map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
       partner_CxR = partner_CxR & (rows_C[:, None] != idx_B[None, :])
     elif exclude_B is not None:
       partner_CxR = partner_CxR & (exclude_B[rows_C][:, None] != idx_R[None, :])
-    out = _row_vjp(reduce)(dist_CxR, same_CxR & partner_CxR, ~same_CxR & partner_CxR)
+    out = reduce(dist_CxR, same_CxR & partner_CxR, ~same_CxR & partner_CxR)
     keep = valid_B[rows_C].reshape((-1,) + (1,) * (out.ndim - 1))
     return jnp.where(keep, out, jnp.asarray(fill, out.dtype))
 
