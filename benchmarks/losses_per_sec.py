@@ -44,13 +44,15 @@ def main(argv=None) -> None:
                       "0: no cap). A row that needs more is reported as skipped")
   p.add_argument("--losses", nargs="+", help="loss names (default: all)")
   p.add_argument("--no-pml", action="store_true", help="siamjax rows only")
-  p.add_argument("--no-fast-cpu", action="store_true",
-                 help="leave XLA_FLAGS alone (default: siamjax.xla.enable_fast_cpu())")
+  p.add_argument("--fast-cpu", action="store_true",
+                 help="set siamjax.xla.FAST_CPU_FLAGS first (default: XLA's own flags, which "
+                      "run most losses 10-50%% faster here; the fast flags are tuned for the "
+                      "Koch convnet)")
   args = p.parse_args(argv)
 
   import siamjax.xla
 
-  if not args.no_fast_cpu:
+  if args.fast_cpu:
     siamjax.xla.enable_fast_cpu()
   import losses_bench as lb
   import harness
