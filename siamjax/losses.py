@@ -423,7 +423,7 @@ _MAX_POSITIVES_ARG = """\
       direct work with :data:`POSITIVE_SLOTS` slots when no anchor has more positives,
       else the sort. With concrete labels the choice is made once when tracing; under
       ``jit`` each chunk of anchors chooses with ``lax.switch`` on its largest positive
-      count, which compiles every branch (2-3x the compile time, and 20-30% slower at
+      count, which compiles every branch (2-3x the compile time, and 10-30% slower at
       ``B = 4096`` than the one branch it picks; under ``vmap`` over the labels every
       branch runs). Pass ``max_positives`` to compile one.
 """

@@ -11,7 +11,10 @@ AMD EPYC: a batched ``[1200, 64, 128] @ [1200, 128, 256]`` product runs at 57 GF
 against 24 with YNNPACK doing the dots only (``ynn_fusion_type=individual_dot``, this
 module's earlier choice), which is what :func:`siamjax.fourier.dft_conv2d`'s
 frequency-wise products need; the Omniglot ``quick`` preset's 150 steps took 66 s
-against 78 s. Results are unchanged beyond float rounding.
+against 78 s. Results are unchanged beyond float rounding. They do not help everything:
+the in-batch losses of :mod:`siamjax.losses` alone (Gram products and elementwise work,
+no convolutions) run 10-50% slower with them
+(``benchmarks/results/losses-cpu-amd-epyc-2core*.json``).
 
 XLA reads ``XLA_FLAGS`` once, when JAX initialises its backends (the first
 ``jax.devices()``, array creation or jitted call). So the fast path must be chosen
