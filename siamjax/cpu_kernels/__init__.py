@@ -389,6 +389,14 @@ def _conv_bwd(res, dy):
 _bf16_conv2d.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _check_valid_conv(x, w) -> None:
+  """``x [B, H, W, C]`` and ``w [kh, kw, C, O]`` with the kernel fitting the input."""
+  if x.ndim != 4 or w.ndim != 4 or w.shape[2] != x.shape[3] or w.shape[0] > x.shape[1] \
+      or w.shape[1] > x.shape[2]:
+    raise ValueError(f"x and w must be [B, H, W, C] and [kh, kw, C, O] with the kernel "
+                     f"fitting the input, got {x.shape} and {w.shape}")
+
+
 def bf16_conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
   """'Valid', stride-1 2-D convolution (cross-correlation) in bf16 with float32 accumulation.
 
@@ -419,10 +427,7 @@ def bf16_conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
   (2, 3, 4, 4)
   """
   x, w = jnp.asarray(x), jnp.asarray(w)
-  if x.ndim != 4 or w.ndim != 4 or w.shape[2] != x.shape[3] or w.shape[0] > x.shape[1] \
-      or w.shape[1] > x.shape[2]:
-    raise ValueError(f"x and w must be [B, H, W, C] and [kh, kw, C, O] with the kernel "
-                     f"fitting the input, got {x.shape} and {w.shape}")
+  _check_valid_conv(x, w)
   if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(w.dtype, jnp.floating)):
     raise ValueError(f"x and w must be floating, got {x.dtype} and {w.dtype}")
   return _bf16_conv2d(x, w)
@@ -490,10 +495,7 @@ def bf16_conv_relu_pool(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   (2, 2, 2, 5)
   """
   x, w, b = jnp.asarray(x), jnp.asarray(w), jnp.asarray(b)
-  if x.ndim != 4 or w.ndim != 4 or w.shape[2] != x.shape[3] or w.shape[0] > x.shape[1] \
-      or w.shape[1] > x.shape[2]:
-    raise ValueError(f"x and w must be [B, H, W, C] and [kh, kw, C, O] with the kernel "
-                     f"fitting the input, got {x.shape} and {w.shape}")
+  _check_valid_conv(x, w)
   if (x.shape[1] - w.shape[0] + 1) % 2 or (x.shape[2] - w.shape[1] + 1) % 2:
     raise ValueError(f"x and w: the convolution's output must have an even height and "
                      f"width for 2x2 pooling, got x {x.shape} and w {w.shape}")
