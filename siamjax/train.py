@@ -55,7 +55,7 @@ import numpy as np
 import optax
 
 __all__ = ["init_state", "make_train_step", "fit", "run", "FitResult", "restore", "restore_best",
-           "per_layer_sgd", "lock_workdir", "RunError", "WorkdirLocked",
+           "restore_variables", "per_layer_sgd", "lock_workdir", "RunError", "WorkdirLocked",
            "CheckpointMismatch", "Interrupted", "checkpoint_steps"]
 
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
@@ -381,6 +381,50 @@ def restore_best(workdir, like):
   """The best checkpoint's state under ``workdir`` (``None`` if there is none)."""
   out = restore(workdir, like, which="best")
   return None if out is None else out[0]
+
+
+def restore_variables(workdir, *, which: str = "best") -> tuple[dict, dict, int, str]:
+  """A finished or running work directory's model variables, without knowing its optimiser.
+
+  Reads the checkpoint's own metadata for the shapes, so no ``like`` state is needed: a
+  model can be loaded by code that never built the training state.
+
+  Args:
+    workdir: a work directory written by :func:`fit`.
+    which: ``"best"``: the best checkpoint when the run kept one, else the latest (what
+      the recipes evaluate); ``"latest"``: the latest.
+
+  Returns:
+    ``(params, model_state, step, kind)`` with host (NumPy) arrays; ``kind`` is
+    ``"best"`` or ``"latest"``, the checkpoint actually read.
+
+  Raises:
+    RunError: ``workdir`` is missing or holds no finished checkpoint (naming the
+      checkpoint interval the run would have saved at, when it says).
+  """
+  import orbax.checkpoint as ocp
+  if which not in ("latest", "best"):
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise RunError(f"workdir {workdir} does not exist")
+  folders = (["checkpoints_best"] if which == "best" else []) + ["checkpoints"]
+  for name in folders:
+    steps = checkpoint_steps(workdir) if name == "checkpoints" else sorted(
+        int(p.name) for p in (workdir / name).glob("*")
+        if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    if steps:
+      break
+  else:
+    raise RunError(f"workdir {workdir} holds no checkpoint: its run has not saved one yet "
+                   f"(it saves at every checkpoint interval and when training ends); "
+                   f"train it first, or wait for its first checkpoint")
+  mgr = ocp.CheckpointManager((workdir / name).absolute(), item_handlers={
+      "state": ocp.StandardCheckpointHandler()})
+  state = mgr.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  state = jax.device_get(state["state"])
+  return (state["params"], state.get("model_state") or {}, steps[-1],
+          "best" if name == "checkpoints_best" else "latest")
 
 
 def _trim_log(path: Path, step: int) -> None:

@@ -38,13 +38,31 @@ def test_score_fn_with_variables_head():
   assert oneshot.oneshot_predictions(_embed, head, w_y, support, query).tolist() == [[0]]
 
 
-def test_pixels_on_exact_copies_are_perfect():
-  imgs = jax.random.randint(jax.random.key(0), (3, 5, 8, 8), 0, 256).astype(jnp.uint8)
+def test_pixels_on_near_copies_are_perfect():
+  imgs = jax.random.randint(jax.random.key(0), (3, 5, 8, 8), 0, 250).astype(jnp.uint8)
   perm = jnp.array([[4, 3, 2, 1, 0], [0, 2, 4, 1, 3], [1, 0, 3, 2, 4]])
   query = jnp.take_along_axis(imgs, perm[:, :, None, None], axis=1)
+  query = query.at[:, :, 0, 0].add(3)  # one pixel changed: no longer the same image
   r = oneshot.evaluate_oneshot(oneshot.pixel_embed, oneshot.neg_squared_euclidean, None,
                                imgs, query, perm)
   assert r.accuracy == 1.0 and r.trials == 15
+
+
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.float32])
+def test_a_query_that_is_its_own_support_image_is_refused(dtype):
+  imgs = jax.random.randint(jax.random.key(0), (3, 5, 8, 8), 0, 250).astype(dtype)
+  perm = jnp.array([[4, 3, 2, 1, 0], [0, 2, 4, 1, 3], [1, 0, 3, 2, 4]])
+  query = jnp.take_along_axis(imgs, perm[:, :, None, None], axis=1) + 1
+  query = query.at[2, 3].set(imgs[2, 2])  # task 2, query 3 is support image 2
+  with pytest.raises(ValueError, match="query 3 of task 2 is the same image as support "
+                                       "image 2"):
+    oneshot.evaluate_oneshot(oneshot.pixel_embed, oneshot.neg_squared_euclidean, None,
+                             imgs, query, perm)
+  # The same image in another task's support is no copy of this task's support images.
+  query = query.at[2, 3].set(imgs[0, 2])
+  r = oneshot.evaluate_oneshot(oneshot.pixel_embed, oneshot.neg_squared_euclidean, None,
+                               imgs, query, perm)
+  assert r.trials == 15
 
 
 def test_interval_and_bad_input():

@@ -19,7 +19,7 @@ import pathlib
 import numpy as np
 
 __all__ = ["IMAGE_SUFFIXES", "CSVDataError", "ImageFolderError", "SPLIT_NAMES",
-           "load_image_folder", "load_vector_pairs_csv",
+           "load_image_folder", "open_image", "image_array", "load_vector_pairs_csv",
            "write_synthetic_vector_pairs_csv", "write_synthetic_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -299,8 +299,6 @@ def load_image_folder(
   Raises:
     ImageFolderError (a ``ValueError``): naming the folder or file and what to pass.
   """
-  from PIL import Image  # Pillow: optional, only needed for image folders
-
   root = pathlib.Path(root)
   if not root.is_dir():
     raise ImageFolderError(f"root: {root} is not a folder")
@@ -341,20 +339,46 @@ def load_image_folder(
       raise ImageFolderError(f"root: class folder {d} has {len(files)} image(s), needs at "
                              f"least {min_per_class}")
     for p in files:
-      try:
-        with Image.open(p) as im:
-          im.load()
-          x = _to_uint8(im, grayscale, p)
-        images.append(np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR), np.uint8))
-      except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageFolderError(f"root: cannot read image {p} ({e}); delete or replace "
-                               f"it") from None
+      images.append(image_array(open_image(p, what="root: cannot read image"), size=(h, w),
+                                grayscale=grayscale, where=p))
       labels.append(c)
       paths.append(str(p))
-  x = np.stack(images)
-  if grayscale:
-    x = x[..., None]
-  return x, np.asarray(labels, np.int32), [d.name for d in class_dirs], paths
+  return (np.stack(images), np.asarray(labels, np.int32), [d.name for d in class_dirs],
+          paths)
+
+
+def open_image(path: str | os.PathLike, *, what: str = "cannot read image"):
+  """Opens and decodes one image file (a Pillow image, fully loaded).
+
+  Raises:
+    ImageFolderError (a ``ValueError``): the file is missing or does not decode, naming it.
+  """
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return im
+  except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ImageFolderError(f"{what} {path} ({e}); delete or replace it") from None
+
+
+def image_array(im, *, size: tuple[int, int], grayscale: bool, where="image") -> np.ndarray:
+  """One Pillow image as :func:`load_image_folder` reads it: 8-bit grey or RGB, resized.
+
+  Args:
+    im: a decoded Pillow image of any mode (see :func:`load_image_folder`).
+    size: ``(height, width)`` after resizing (bilinear, Pillow).
+    grayscale: one channel instead of RGB.
+    where: the file or item named in errors.
+
+  Returns:
+    ``[H, W, 1]`` (grey) or ``[H, W, 3]`` uint8.
+  """
+  from PIL import Image
+  h, w = size
+  x = np.asarray(Image.fromarray(_to_uint8(im, grayscale, where)).resize((w, h), Image.BILINEAR),
+                 np.uint8)
+  return x[..., None] if grayscale else x
 
 
 def write_synthetic_image_folder(root: str | os.PathLike, *, classes: int = 4,

@@ -40,7 +40,8 @@ import numpy as np
 
 __all__ = [
     "OmniglotSplit", "LakeRuns", "OmniglotDataError", "load_omniglot", "load_lake_runs",
-    "resolve_data_dir", "URLS", "SHA256", "SPLIT_FILES", "IMAGE_SIZE", "DRAWERS",
+    "resolve_data_dir", "URLS", "SHA256", "SPLIT_FILES", "IMAGE_SIZE", "DRAWERS", "ink_mask",
+    "lake_alphabets",
 ]
 
 IMAGE_SIZE = 105
@@ -202,14 +203,22 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
     ) from None
 
 
+def ink_mask(im) -> np.ndarray:
+  """A decoded drawing (a Pillow image) as a bool ink mask, as the dataset's PNGs are read.
+
+  Mode ``"1"`` (Omniglot's own): ``True`` is background. Other modes: dark pixels
+  (grey < 128) are ink.
+  """
+  return ~np.asarray(im, bool) if im.mode == "1" else np.asarray(im.convert("L")) < 128
+
+
 def _decode_png(zf: zipfile.ZipFile, member: str, path: Path) -> np.ndarray:
   """Decodes one PNG to a ``[105, 105]`` bool ink mask."""
   from PIL import Image, UnidentifiedImageError
   try:
     with Image.open(io.BytesIO(zf.read(member))) as im:
       im.load()
-      # Mode "1": True = background. Other modes: dark pixels are ink.
-      ink = ~np.asarray(im, bool) if im.mode == "1" else np.asarray(im.convert("L")) < 128
+      ink = ink_mask(im)
   except (zipfile.BadZipFile, UnidentifiedImageError, OSError, EOFError, ValueError) as e:
     raise OmniglotDataError(
         f"{path}: member {member} is corrupt ({e}); delete {path.name} and "
@@ -357,6 +366,17 @@ def load_omniglot(split: str = "background", *, data_dir=None, cache_dir=None,
   f = _cached(path, cache_dir, lambda p: _decode_split(p, split), OmniglotSplit._fields)
   return OmniglotSplit(f["images"], np.asarray(f["alphabet_ids"], np.int32),
                        tuple(f["alphabets"]), tuple(f["characters"]))
+
+
+def lake_alphabets(evaluation: OmniglotSplit, runs: LakeRuns) -> set[int]:
+  """Alphabet ids of the evaluation split that Lake's runs draw from (found by matching
+  the runs' images to the split's, pixel for pixel): the other evaluation alphabets are
+  free for validation."""
+  by_image = {np.packbits(img > 0).tobytes(): a for imgs, a in
+              zip(evaluation.images, evaluation.alphabet_ids) for img in imgs}
+  found = {by_image.get(np.packbits(img > 0).tobytes()) for img in runs.support.reshape(
+      (-1,) + runs.support.shape[2:])}
+  return {int(a) for a in found if a is not None}
 
 
 def load_lake_runs(*, data_dir=None, cache_dir=None, download: bool = False) -> LakeRuns:

@@ -135,6 +135,29 @@ def _predict(embed_fn, score_fn, variables, support, query, *, chunk_size):
   return jnp.argmax(scores_TxQxN, axis=-1).astype(jnp.int32), bad_emb, bad_scores
 
 
+def _refuse_queries_in_support(support, query) -> None:
+  """Raises ValueError when a query image is one of its own task's support images.
+
+  Such a query matches itself, so accuracy would count a copy as recognised. Images are
+  compared exactly: hashed on the host, then every hash match checked pixel for pixel.
+  """
+  s, q = np.asarray(support), np.asarray(query)
+  t, n, m = s.shape[0], s.shape[1], q.shape[1]
+  s, q = s.reshape(t, n, -1), q.reshape(t, m, -1)
+  if s.dtype.kind == "f":  # compare bits: -0.0 and 0.0 differ, NaN equals itself
+    s, q = s.view(f"u{s.dtype.itemsize}"), q.view(f"u{q.dtype.itemsize}")
+  weights = np.random.default_rng(0).integers(1, 2**61, size=s.shape[-1], dtype=np.uint64)
+  with np.errstate(over="ignore"):
+    h_s = (s.astype(np.uint64) * weights).sum(-1, dtype=np.uint64)
+    h_q = (q.astype(np.uint64) * weights).sum(-1, dtype=np.uint64)
+  for ti, qi, ni in zip(*np.nonzero(h_q[:, :, None] == h_s[:, None, :])):
+    if np.array_equal(q[ti, qi], s[ti, ni]):
+      raise ValueError(
+          f"query {int(qi)} of task {int(ti)} is the same image as support image {int(ni)} "
+          f"of its task: it would be recognised as a copy of itself; draw each query apart "
+          f"from its task's support images (another drawer, another photo)")
+
+
 def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support, query,
                      answers, *,
                      chunk_size: int = 200) -> OneShotResult:
@@ -149,7 +172,8 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
 
   Raises:
     ValueError: empty tasks, fewer than two classes, ``answers`` of the wrong shape or
-      outside ``[0, N)``, or any NaN/inf embedding or score (counted).
+      outside ``[0, N)``, a query image that is one of its task's support images, or any
+      NaN/inf embedding or score (counted).
 
   >>> import jax.numpy as jnp
   >>> s = jnp.array([[[0.0], [1.0]]]); q = jnp.array([[[0.9], [0.1]]])
@@ -184,6 +208,8 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
     if bad.any():
       raise ValueError(f"answers must be support indices in [0, {n}) for a {n}-way task; "
                        f"{int(bad.sum())} of {out.size} are not (e.g. {int(out[bad][0])})")
+  if _checks._is_concrete(support) and _checks._is_concrete(query):
+    _refuse_queries_in_support(support, query)
   pred, bad_emb, bad_scores = _predict(embed_fn, score_fn, variables, support, query,
                                        chunk_size=chunk_size)
   correct, bad_emb, bad_scores = (int(v) for v in jax.device_get(

@@ -33,7 +33,9 @@ from siamjax.evaluation import retrieval as _retrieval
 
 __all__ = [
     "roc_curve", "auc", "equal_error_rate", "threshold_at_far", "best_threshold_accuracy",
-    "accuracy_at", "verification_report", "save_roc_png", "hardest_mistakes", "contact_sheet",
+    "accuracy_at", "operating_points", "operating_rates", "operating_curves",
+    "choose_operating_point", "point_at",
+    "verification_report", "save_roc_png", "hardest_mistakes", "contact_sheet",
     "recall_at_1",
 ]
 
@@ -207,6 +209,138 @@ def accuracy_at(scores, similar, threshold: float) -> float:
   """
   scores, y = _scores_labels(scores, similar)
   return float(np.mean((scores >= threshold) == y))
+
+
+def operating_points(scores, correct, impostor) -> dict:
+  """Counts at every threshold of a decision rule "accept when ``score >= t``".
+
+  The general form of :func:`roc_curve` for calibrating decisions: each item (a pair, or
+  an identification probe with its nearest gallery match) is *correct* when accepting it
+  is right, an *impostor* when accepting it is a false accept, or neither (an enrolled
+  probe whose nearest match has another label: accepting it is wrong, but it is no
+  stranger). For verification pairs, ``correct`` = same label and ``impostor`` = the rest.
+
+  Args:
+    scores: ``[P]`` finite scores, higher = more alike.
+    correct: ``[P]`` bool.
+    impostor: ``[P]`` bool, disjoint from ``correct``.
+
+  Returns:
+    ``{"thresholds" [T], "accepted" [T], "correct" [T], "impostor" [T]`` (counts of
+    accepted items at each threshold, the first threshold ``+inf`` accepting nothing),
+    ``"n"``, ``"genuine"`` (items that are not impostors), ``"impostors"``}``.
+
+  >>> p = operating_points([0.9, 0.8, 0.3], [True, False, False], [False, True, True])
+  >>> p["thresholds"].tolist(), p["correct"].tolist(), p["impostor"].tolist()
+  ([inf, 0.9, 0.8, 0.3], [0, 1, 1, 1], [0, 0, 1, 2])
+  """
+  scores = np.asarray(scores, np.float64)
+  correct, impostor = np.asarray(correct, bool), np.asarray(impostor, bool)
+  if scores.ndim != 1 or scores.size == 0:
+    raise ValueError(f"scores must be a non-empty [P] array, got shape {scores.shape}")
+  if correct.shape != scores.shape or impostor.shape != scores.shape:
+    raise ValueError(f"correct and impostor must have the shape of scores {scores.shape}, "
+                     f"got {correct.shape} and {impostor.shape}")
+  if not np.all(np.isfinite(scores)):
+    raise ValueError(f"scores must be finite: {int(np.sum(~np.isfinite(scores)))} of "
+                     f"{scores.size} are NaN or inf")
+  if np.any(correct & impostor):
+    raise ValueError("an item cannot be both correct and an impostor")
+  order = np.argsort(-scores, kind="stable")
+  s = scores[order]
+  last = np.r_[np.flatnonzero(np.diff(s) != 0), s.size - 1]
+  zero = np.zeros(1, np.int64)
+  return {"thresholds": np.r_[np.inf, s[last]], "accepted": np.r_[zero, last + 1],
+          "correct": np.r_[zero, np.cumsum(correct[order])[last]],
+          "impostor": np.r_[zero, np.cumsum(impostor[order])[last]],
+          "n": int(s.size), "genuine": int((~impostor).sum()), "impostors": int(impostor.sum())}
+
+
+def _rate_counts(points: dict) -> dict:
+  """``{rate: (numerator [T], denominator)}`` over every point of :func:`operating_points`."""
+  c, f, a = (np.asarray(points[k], np.int64) for k in ("correct", "impostor", "accepted"))
+  g, m, n = points["genuine"], points["impostors"], points["n"]
+  return {"far": (f, m), "frr": (g - c, g), "recall": (c, g), "precision": (c, a),
+          "accuracy": (c + m - f, n)}
+
+
+def operating_curves(points: dict) -> dict:
+  """Every rate of :func:`operating_rates` at every point, ``{rate: [T] float}`` (NaN where
+  its denominator is 0, e.g. precision when nothing is accepted).
+
+  >>> p = operating_points([0.9, 0.8, 0.3], [True, False, False], [False, True, True])
+  >>> operating_curves(p)["far"].tolist()
+  [0.0, 0.0, 0.5, 1.0]
+  """
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return {k: np.where(np.asarray(den) > 0, np.asarray(num, np.float64) /
+                        np.maximum(den, 1), np.nan)
+            for k, (num, den) in _rate_counts(points).items()}
+
+
+def operating_rates(points: dict, i: int) -> dict:
+  """The rates at point ``i`` of :func:`operating_points`, as ``{rate: (numerator,
+  denominator)}``: ``far`` (impostors accepted), ``frr`` (genuine items not accepted
+  correctly), ``recall`` (``1 - frr``), ``precision`` (accepted items that are correct)
+  and ``accuracy`` (correct accepts plus impostor rejections, over all items).
+
+  >>> p = operating_points([0.9, 0.8, 0.3], [True, False, False], [False, True, True])
+  >>> operating_rates(p, 2)["far"], operating_rates(p, 2)["precision"]
+  ((1, 2), (1, 2))
+  """
+  return {k: (int(np.asarray(num)[i]) if np.ndim(num) else int(num),
+              int(np.asarray(den)[i]) if np.ndim(den) else int(den))
+          for k, (num, den) in _rate_counts(points).items()}
+
+
+def point_at(points: dict, threshold: float) -> int:
+  """The index into :func:`operating_points` of the rule "accept when ``score >=
+  threshold``", for any threshold (chosen on other data, say).
+
+  >>> p = operating_points([0.9, 0.8, 0.3], [True, False, False], [False, True, True])
+  >>> point_at(p, 0.85), point_at(p, 2.0), point_at(p, -1.0)
+  (1, 0, 3)
+  """
+  return int(np.sum(np.asarray(points["thresholds"]) >= threshold)) - 1
+
+
+def choose_operating_point(points: dict, kind: str, value: float | None = None) -> int:
+  """The index into :func:`operating_points` that meets a calibration target.
+
+  Args:
+    points: from :func:`operating_points`.
+    kind: ``"far"`` (the most accepting threshold with FAR <= ``value``),
+      ``"precision"`` (the most accepting one with precision >= ``value``), ``"eer"``
+      (where FAR and FRR are closest; ties: the strictest) or ``"best_accuracy"`` (the
+      most correct decisions; ties: the strictest).
+    value: the target rate for ``"far"`` and ``"precision"``.
+
+  Raises:
+    ValueError: an unknown kind, a rate outside [0, 1], or a precision no threshold reaches.
+
+  >>> p = operating_points([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0], [0, 1, 0, 1])
+  >>> [float(p["thresholds"][choose_operating_point(p, k, v)]) for k, v in
+  ...  (("far", 0.0), ("precision", 0.6), ("eer", None), ("best_accuracy", None))]
+  [0.9, 0.3, 0.8, 0.9]
+  """
+  if kind not in ("far", "precision", "eer", "best_accuracy"):
+    raise ValueError(f"kind must be 'far', 'precision', 'eer' or 'best_accuracy', got "
+                     f"{kind!r}")
+  if kind in ("far", "precision") and (value is None or not 0.0 <= float(value) <= 1.0):
+    raise ValueError(f"a {kind} target needs a rate in [0, 1], got {value!r}")
+  rate = operating_curves(points)
+  if kind == "far":
+    return int(np.flatnonzero(rate["far"] <= value)[-1])  # the first point accepts nothing
+  if kind == "precision":
+    ok = np.flatnonzero(rate["precision"] >= value)
+    if ok.size == 0:
+      raise ValueError(f"no threshold reaches precision {value:g} on these data (the "
+                       f"highest is {np.nanmax(rate['precision']):.4g}); lower the target or "
+                       f"calibrate on more data")
+    return int(ok[-1])
+  if kind == "eer":
+    return int(np.argmin(np.abs(rate["far"] - rate["frr"])))
+  return int(np.argmax(rate["accuracy"]))
 
 
 def verification_report(distance, similar, *, target_fars=(1e-1, 1e-2, 1e-3),

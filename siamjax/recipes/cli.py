@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping
 
-__all__ = ["main", "config_diff"]
+__all__ = ["main", "config_diff", "config_from_dict"]
 
 # Work-directory protocol fields every recipe's config may change between runs of one
 # directory: they change how long or how verbosely it runs, not what it computes.
@@ -114,6 +114,32 @@ def config_diff(saved: Mapping, wanted: Mapping, resumable=frozenset(),
     out.append(f"{k}: {saved.get(k, '(absent)')!r} in the workdir, "
                f"{wanted.get(k, '(absent)')!r} now".replace("'", ""))
   return out
+
+
+def config_from_dict(config_cls, saved: Mapping):
+  """The ``Config`` a work directory's ``config.json`` holds (:func:`main` writes it).
+
+  JSON lists become tuples where the field is a tuple; fields added to ``Config`` since
+  the run keep their defaults.
+
+  Raises:
+    ValueError: a field this version of the recipe does not know.
+
+  >>> import dataclasses
+  >>> @dataclasses.dataclass
+  ... class C:
+  ...   drawers: tuple[int, ...] = (0,)
+  ...   lr: float = 1.0
+  >>> config_from_dict(C, {"drawers": [1, 2]})
+  C(drawers=(1, 2), lr=1.0)
+  """
+  fields = {f.name: f for f in dataclasses.fields(config_cls)}
+  unknown = sorted(set(saved) - set(fields))
+  if unknown:
+    raise ValueError(f"config.json holds fields this version of siamjax does not know "
+                     f"({', '.join(unknown)}): it was written by another version")
+  return config_cls(**{k: tuple(v) if _kind(fields[k]).startswith("tuple") and
+                       isinstance(v, list) else v for k, v in saved.items()})
 
 
 def _trained(workdir: Path) -> bool:

@@ -29,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import encoders, losses, models, parallel, sampling, train
+from siamjax import encoders, inference, losses, models, parallel, sampling, train
 from siamjax.data import folders, splits
 from siamjax.evaluation import oneshot, verification
+from siamjax.recipes import cli
 
 __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "load_images", "fit_and_evaluate",
-           "train_and_evaluate", "summary"]
+           "train_and_evaluate", "summary", "load_model"]
 
 NAME = "image_folder"
 RESUMABLE = frozenset({"epochs"})  # how long it trains, not what it computes up to a step
@@ -216,3 +217,48 @@ def summary(results: dict) -> str:
                          results["test_one_shot_accuracy"], 4),
                      "auc": round(results["test_verification"]["auc"], 4),
                      "wall_time_s": round(results.get("wall_time_s") or 0.0, 1)})
+
+
+@inference.register_loader(NAME)
+def load_model(config: dict, workdir, *, which: str = "best",
+               variant: str | None = None) -> inference.Model:
+  """The Siamese SmallCNN of an ``image_folder`` work directory.
+
+  Inputs are images of any size and Pillow mode (files, or uint8 arrays ``[H, W]`` /
+  ``[H, W, C]``), converted and resized as the recipe read its folder
+  (:func:`siamjax.data.folders.image_array`); the comparison is the pair head's
+  probability of "same".
+  """
+  from PIL import Image
+  cfg = cli.config_from_dict(Config, config)
+  if variant:
+    raise ValueError(f"{NAME} trains one model per work directory: pass no variant")
+  params, _, step, kind = train.restore_variables(workdir, which=which)
+  net = models.SiameseNet(encoder=encoders.SmallCNN())
+  channels = 1 if cfg.grayscale else 3
+  shape = (cfg.size, cfg.size, channels)
+
+  def apply(variables, images_u8):
+    return net.apply(variables, images_u8.astype(jnp.float32) / 255.0, method=net.embed)
+
+  def decode(im, where):
+    return folders.image_array(im, size=(cfg.size, cfg.size), grayscale=cfg.grayscale,
+                               where=where)
+
+  def from_array(a, where):
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+      raise ValueError(f"{where}: an array of shape {a.shape} {a.dtype}; pass uint8 images "
+                       f"[H, W] or [H, W, C] with C = 1, 3 or 4, or image files")
+    return decode(Image.fromarray(a[..., 0] if a.ndim == 3 and a.shape[2] == 1 else a), where)
+
+  describe = {"input": "an image of any size and Pillow mode",
+              "array": f"[N, {cfg.size}, {cfg.size}, {channels}] uint8",
+              "network_input": f"{'greyscale' if cfg.grayscale else 'RGB'} (Pillow's "
+                               f"conversion, alpha dropped, 16-bit scaled), resized to "
+                               f"{cfg.size}x{cfg.size} (bilinear), scaled to [0, 1]"}
+  return inference.Model(
+      recipe=NAME, workdir=workdir, step=step, checkpoint=kind, variables={"params": params},
+      apply=apply, metric=inference.head_metric(params),
+      inputs=inference.Inputs("image", shape, "uint8", describe),
+      prepare=functools.partial(inference.image_batch, shape=shape, decode=decode,
+                                from_array=from_array))

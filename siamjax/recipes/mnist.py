@@ -36,14 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import distances, encoders, losses, parallel, sampling, train
+from siamjax import distances, encoders, inference, losses, parallel, sampling, train
 from siamjax.data import mnist as mnist_data, splits
 from siamjax.evaluation import verification
+from siamjax.index import Metric
+from siamjax.recipes import cli
 
 __all__ = ["contrastive", "triplet", "ContrastiveConfig", "TripletConfig", "MnistData",
            "load_data", "example_pairs", "embed", "pair_distances", "init_state",
            "optimizer", "contrastive_loss_fn", "contrastive_prepare", "triplet_loss_fn",
-           "TOWER", "MINING", "MINING_PRESETS", "PAIRINGS"]
+           "TOWER", "MINING", "MINING_PRESETS", "PAIRINGS", "load_model"]
 
 #: The Keras example's tower: dense 128-128-128, ReLU, dropout 0.1 after the first two.
 TOWER = encoders.MLP(features=(128, 128, 128), dropout_rate=0.1)
@@ -418,3 +420,62 @@ triplet = types.SimpleNamespace(
              "smoke": lambda: TripletConfig(preset="smoke", train_images=2000, test_images=1000,
                                             epochs=2, steps_per_epoch=10, contrastive_results="")},
     Config=TripletConfig, train_and_evaluate=_triplet_train_and_evaluate, summary=_summary)
+
+
+def _digit(im, where: str) -> np.ndarray:
+  """One digit image file as MNIST's ``[28, 28]`` uint8 (white digit on black)."""
+  if im.mode not in ("L", "1"):
+    raise ValueError(f"{where}: a mode {im.mode} image; the model reads greyscale digits "
+                     f"(mode L), white on black, as MNIST's are")
+  if im.size != (28, 28):
+    raise ValueError(f"{where}: {im.size[0]}x{im.size[1]} pixels; the model reads 28x28 "
+                     f"digits (MNIST's size): resize it first")
+  return np.asarray(im.convert("L"), np.uint8)
+
+
+def load_model(config: dict, workdir, *, which: str = "best",
+               variant: str | None = None, recipe=None) -> inference.Model:
+  """The tower of an ``mnist_contrastive`` or ``mnist_triplet`` work directory.
+
+  Inputs are ``28x28`` greyscale digits, white on black (PNG files, or MNIST's own
+  ``[28, 28]`` uint8 arrays); the comparison is the Euclidean distance of the
+  embeddings (unit-length for the rules that train on them). ``mnist_triplet`` trains one
+  tower per mining rule: ``variant`` names it (default: the rule its results chose).
+  Both recipes score their final parameters, so ``which="best"`` reads the latest
+  checkpoint, as ``"latest"`` does.
+  """
+  if which not in ("best", "latest"):
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  workdir = Path(workdir)
+  if recipe is contrastive:
+    if variant:
+      raise ValueError(f"{contrastive.NAME} trains one model per work directory: pass no "
+                       f"variant")
+    cfg, folder, normalize = cli.config_from_dict(ContrastiveConfig, config), workdir, False
+  else:
+    cfg = cli.config_from_dict(TripletConfig, config)
+    rules = (cfg.rules,) if isinstance(cfg.rules, str) else tuple(cfg.rules)
+    if variant is None:
+      done = json.loads((workdir / "results.json").read_text()) if (
+          workdir / "results.json").is_file() else {}
+      variant = done.get("best_mining") or rules[0]
+    if variant not in rules:
+      raise ValueError(f"variant must be one of the run's rules {list(rules)}, got {variant!r}")
+    folder, normalize = workdir / variant, MINING_PRESETS[variant][1]
+  # Both recipes score their final parameters: "best" is the latest checkpoint here.
+  params, _, step, kind = train.restore_variables(folder, which="latest")
+  name = recipe.NAME
+  describe = {"input": "28x28 greyscale digit, white on black (PNG mode L)",
+              "array": "[N, 28, 28] uint8", "network_input": "scaled to [0, 1]"
+              + (", embedding scaled to unit length" if normalize else "")}
+  return inference.Model(
+      recipe=name, variant=None if recipe is contrastive else variant, workdir=workdir,
+      step=step, checkpoint=kind, variables=params,
+      apply=functools.partial(embed, normalize=normalize), metric=Metric("euclidean"),
+      inputs=inference.Inputs("image", (28, 28), "uint8", describe),
+      prepare=functools.partial(inference.image_batch, shape=(28, 28), decode=_digit),
+      batch_size=4096, info={"normalize": normalize})
+
+
+inference.register_loader(contrastive.NAME)(functools.partial(load_model, recipe=contrastive))
+inference.register_loader(triplet.NAME)(functools.partial(load_model, recipe=triplet))

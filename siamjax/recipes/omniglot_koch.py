@@ -27,6 +27,7 @@ network: the benchmark measures the function this recipe trains with.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -36,16 +37,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import losses, parallel, train
+from siamjax import inference, losses, parallel, train
 from siamjax.data import omniglot
 from siamjax.encoders import ConvNet4
 from siamjax.evaluation import oneshot
+from siamjax.index import Metric
 from siamjax.models import SiameseNet, koch_siamese
+from siamjax.recipes import cli
 from siamjax.sampling import augment, grid_table, index_table, resize_images
 from siamjax.sampling import sample_groups, sample_pairs
 
 __all__ = ["Config", "Model", "make_loss_fn", "training_data", "optimizer", "learning_rate",
-           "train_and_evaluate", "pixel_baseline", "summary", "NAME", "RESUMABLE"]
+           "train_and_evaluate", "pixel_baseline", "summary", "load_model", "NAME",
+           "RESUMABLE"]
 
 NAME = "omniglot_koch"
 # Config fields that may change between runs of one work directory: how long it trains
@@ -281,17 +285,8 @@ def init_state(model: Model, cfg: Config) -> dict:
                           model_state=model_state)
 
 
-def _lake_alphabets(evaluation: omniglot.OmniglotSplit, runs: omniglot.LakeRuns) -> set[int]:
-  """Alphabet ids of the evaluation set used by Lake's runs (found by pixel matching)."""
-  index = {np.packbits(img > 0).tobytes(): a for imgs, a in
-           zip(evaluation.images, evaluation.alphabet_ids) for img in imgs}
-  found = {index.get(np.packbits(img > 0).tobytes()) for img in runs.support.reshape(
-      (-1,) + runs.support.shape[2:])}
-  return {int(a) for a in found if a is not None}
-
-
 def _val_tasks(cfg: Config, evaluation, runs):
-  lake = _lake_alphabets(evaluation, runs)
+  lake = omniglot.lake_alphabets(evaluation, runs)
   keep = ~np.isin(evaluation.alphabet_ids, sorted(lake))
   counts = np.bincount(evaluation.alphabet_ids[keep])
   big = np.flatnonzero(counts >= 20)
@@ -452,7 +447,8 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
   nway = verification = None
   if cfg.extra_evals:
     nway = _random_nway(model, variables, evaluation, cfg.seed)
-    in_lake = np.isin(evaluation.alphabet_ids, sorted(_lake_alphabets(evaluation, runs)))
+    lake = sorted(omniglot.lake_alphabets(evaluation, runs))
+    in_lake = np.isin(evaluation.alphabet_ids, lake)
     verification = _pair_verification(model, variables, evaluation.images[~in_lake],
                                       evaluation.images[in_lake], cfg.seed)
   scoring = ("nearest neighbour, squared L2 on the embedding" if cfg.loss == "softmax"
@@ -508,3 +504,49 @@ def summary(results: dict) -> str:
                      "lake_20way_accuracy": results["lake_20way_accuracy"],
                      "ci95": [round(lo, 4), round(hi, 4)], "lake_trials": results["lake_trials"],
                      "wall_time_s": round(results.get("wall_time_s") or 0.0, 1)})
+
+
+def _drawing(im, where: str) -> np.ndarray:
+  """One drawing file as the dataset's ``[105, 105]`` uint8 (ink 255)."""
+  size = omniglot.IMAGE_SIZE
+  if im.mode not in ("1", "L"):
+    raise ValueError(f"{where}: a mode {im.mode} image; the model reads black-on-white "
+                     f"greyscale drawings (mode 1 or L), as Omniglot's PNGs are")
+  if im.size != (size, size):
+    raise ValueError(f"{where}: {im.size[0]}x{im.size[1]} pixels; the model reads "
+                     f"{size}x{size} drawings (Omniglot's size): crop or pad it first")
+  return omniglot.ink_mask(im).astype(np.uint8) * np.uint8(255)
+
+
+@inference.register_loader(NAME)
+def load_model(config: dict, workdir, *, which: str = "best",
+               variant: str | None = None) -> inference.Model:
+  """The trained network of an ``omniglot_koch`` work directory (:func:`siamjax.inference.load`).
+
+  Inputs are drawings: ``105x105`` PNG files (black ink on white, mode 1 or L) or arrays
+  in the dataset's own form (``[105, 105]`` uint8, ink 255); the network embeds them as
+  evaluation does (:meth:`Model.embed`: resized to ``image_size``, scaled to [0, 1]).
+  The comparison is the one Lake's trials are scored with: squared L2 for the softmax
+  loss, the weighted-L1 head's probability for pair BCE.
+  """
+  cfg = cli.config_from_dict(Config, config)
+  if cfg.baseline:
+    raise ValueError(f"workdir {workdir} holds the {cfg.baseline} baseline: no trained model")
+  if variant:
+    raise ValueError(f"{NAME} trains one model per work directory: pass no variant")
+  params, model_state, step, kind = train.restore_variables(workdir, which=which)
+  model = Model(cfg)
+  metric = (inference.head_metric(params) if cfg.loss == "pair_bce"
+            else Metric("squared_euclidean"))
+  size = omniglot.IMAGE_SIZE
+  describe = {"input": f"{size}x{size} drawing, black ink on white (PNG mode 1 or L; dark = "
+                       f"grey < 128 is ink)",
+              "array": f"[N, {size}, {size}] uint8, ink 255, background 0",
+              "network_input": f"resized to {cfg.image_size}x{cfg.image_size} (antialiased "
+                               f"linear), scaled to [0, 1], one channel"}
+  return inference.Model(
+      recipe=NAME, workdir=workdir, step=step, checkpoint=kind,
+      variables={"params": params, **model_state}, apply=model.embed, metric=metric,
+      inputs=inference.Inputs("image", (size, size), "uint8", describe),
+      prepare=functools.partial(inference.image_batch, shape=(size, size), decode=_drawing),
+      info={"model": cfg.model, "loss": cfg.loss, "preset": cfg.preset})

@@ -28,15 +28,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import distances, encoders, fewshot, losses, parallel, sampling, train
+from siamjax import distances, encoders, fewshot, inference, losses, parallel, sampling, train
+from siamjax import results as results_lib
 from siamjax.data import thucnews
+from siamjax.index import Metric
+from siamjax.recipes import cli
 
 __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "VARIANTS", "pair_loss_fn",
            "pair_prepare", "split_view_loss_fn", "in_batch_loss_fn", "steps_per_call_for",
-           "tfidf_lr", "summarize", "save_confusion_png", "train_and_evaluate", "summary"]
+           "tfidf_lr", "summarize", "save_confusion_png", "train_and_evaluate", "summary",
+           "load_model", "VOCAB_FILE", "MODELS"]
 
 NAME = "thucnews_fewshot"
 RESUMABLE = frozenset({"num_draws", "checkpoint_every"})  # may change when a run resumes
+
+#: Each draw's folder keeps its vocabularies here (n-gram and character ids).
+VOCAB_FILE = "vocab.json"
+#: The embedding models each draw trains (sub-runs ``seed<k>/<model>/``).
+MODELS = ("splitview_finetune", "splitview", "bag_scratch", "seed_baseline")
 
 VARIANTS = ("tfidf_lr", "seed_baseline_sum", "seed_baseline_mean", "bag_scratch",
             "splitview", "splitview_finetune", "splitview_finetune+tfidf_lr")
@@ -284,6 +293,9 @@ def _draw(cfg: Config, seed: int, titles, labels, where: Path, out: dict, **kw):
   chars = [thucnews.encode(text[p], cvocab, max_len=cfg.seed_len, chars_only=True)
            for p in ("train", "test", "val")]
   vocab = thucnews.build_vocab(text["nontest"], min_count=cfg.min_count)
+  if jax.process_index() == 0:  # what a loaded model encodes new titles with
+    results_lib.write_json(where / VOCAB_FILE, {"bags": vocab.ids, "chars": cvocab.ids},
+                           indent=0)
   bags = [thucnews.encode(text[p], vocab, max_len=cfg.max_len)
           for p in ("train", "test", "val", "nontest")]
   net, params = encoders.TextCNN(vocab_size=cvocab.size), None
@@ -399,3 +411,64 @@ def summary(results: dict) -> str:
   line = {k: round(results[k], 4) if isinstance(results[k], float) else results[k] for k in keys}
   return json.dumps({"preset": results.get("preset"), **line, "draws": len(results["draws"]),
                      "wall_time_s": round(results.get("wall_time_s") or 0.0, 1)})
+
+
+@inference.register_loader(NAME)
+def load_model(config: dict, workdir, *, which: str = "best",
+               variant: str | None = None) -> inference.Model:
+  """One embedding model of a ``thucnews_fewshot`` work directory.
+
+  ``variant`` is one of :data:`MODELS`, optionally as ``seed<k>/<model>`` for draw
+  ``k`` (default: ``splitview_finetune`` of the first draw). Inputs are titles
+  (strings), encoded with the draw's saved vocabulary as in training: character and
+  bigram ids for the bags (compared by cosine similarity, as the prototypes are), the
+  characters only for the seed's TextCNN (Euclidean distance).
+  """
+  cfg = cli.config_from_dict(Config, config)
+  if which not in ("best", "latest"):
+    raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+  draw, _, name = (variant or "splitview_finetune").rpartition("/")
+  draw = draw or f"seed{cfg.seed}"
+  draws = [f"seed{s}" for s in range(cfg.seed, cfg.seed + cfg.num_draws)]
+  if name not in MODELS or draw not in draws:
+    raise ValueError(f"variant must be a model of {list(MODELS)}, optionally as "
+                     f"'<draw>/<model>' with a draw of {draws}; got {variant!r}")
+  workdir = Path(workdir)
+  folder = workdir / draw
+  params, _, step, kind = train.restore_variables(folder / name, which="latest")
+  if not (folder / VOCAB_FILE).is_file():
+    raise train.RunError(f"{folder} has no {VOCAB_FILE} (a run of an older siamjax): re-run "
+                         f"its command with --eval-only to write it")
+  vocabs = json.loads((folder / VOCAB_FILE).read_text(encoding="utf-8"))
+  cnn = name == "seed_baseline"
+  vocab = thucnews.Vocab(vocabs["chars" if cnn else "bags"])
+  length = cfg.seed_len if cnn else cfg.max_len
+  net = encoders.TextCNN(vocab_size=vocab.size)
+
+  def apply(variables, tokens):
+    return (net.apply(variables, tokens) if cnn
+            else fewshot.bag_embed(variables["params"], tokens))
+
+  def prepare(raw):
+    texts = [raw] if isinstance(raw, str) else list(raw)
+    for i, t in enumerate(texts):
+      if not isinstance(t, str) or not t.strip():
+        raise ValueError(f"text {i}: {t!r} is not a non-empty string")
+    tokens = thucnews.encode(texts, vocab, max_len=length, chars_only=cnn)
+    empty = np.flatnonzero(~tokens.any(axis=1))
+    if empty.size:
+      raise ValueError(f"text {int(empty[0])}: none of {texts[empty[0]]!r}'s characters is in "
+                       f"the model's vocabulary, so it has no embedding")
+    return tokens
+
+  describe = {"input": "a title (a string)", "array": f"[N, {length}] int32 token ids, 0 = pad",
+              "network_input": ("its first characters' ids" if cnn else
+                                "its characters' then its bigrams' ids") +
+                               f" in the vocabulary (out-of-vocabulary dropped), the first "
+                               f"{length} kept", "vocabulary": vocab.ids}
+  return inference.Model(
+      recipe=NAME, variant=f"{draw}/{name}", workdir=workdir, step=step, checkpoint=kind,
+      variables={"params": params}, apply=apply,
+      metric=Metric("euclidean" if cnn else "cosine"),
+      inputs=inference.Inputs("text", (length,), "int32", describe), prepare=prepare,
+      batch_size=2048)

@@ -31,16 +31,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import distances, encoders, losses, models, parallel, sampling, train
+from siamjax import distances, encoders, inference, losses, models, parallel, sampling, train
+from siamjax import results as results_lib
 from siamjax.data import folders, splits
 from siamjax.evaluation import verification
+from siamjax.index import Metric
+from siamjax.recipes import cli
 
 __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "HEADS", "load_pairs", "train_head",
-           "train_and_evaluate", "summary"]
+           "train_and_evaluate", "summary", "load_model", "STANDARDIZE_FILE"]
 
 NAME = "vector_pairs"
 RESUMABLE = frozenset({"epochs", "checkpoint_every"})  # how long it trains, how often it saves
 HEADS = ("contrastive", "bce")
+#: Each head's folder keeps the training rows' feature means and deviations here.
+STANDARDIZE_FILE = "standardize.json"
 
 
 @dataclasses.dataclass
@@ -144,6 +149,9 @@ def train_head(left, right, similar, cfg: Config, head: str, workdir, *,
                      f"by devices={cfg.devices}, got {cfg.batch_size}")
   both = np.concatenate([left[tr], right[tr]])
   mean, std = both.mean(0), both.std(0) + 1e-6
+  if jax.process_index() == 0:  # what a loaded model standardises new vectors with
+    results_lib.write_json(Path(workdir) / STANDARDIZE_FILE,
+                           {"mean": mean.tolist(), "std": std.tolist()})
   z = {"a": (left - mean) / std, "b": (right - mean) / std, "similar": similar.astype(np.float32)}
   data, val, test = ({k: v[rows] for k, v in z.items()} for rows in (tr, va, te))
   val, test = jax.device_put((val, test))
@@ -237,3 +245,69 @@ def summary(results: dict) -> str:
            for h, r in results["heads"].items()}
   return json.dumps({"preset": results.get("preset"), "heads": heads,
                      "wall_time_s": round(results.get("wall_time_s") or 0.0, 1)})
+
+
+@inference.register_loader(NAME)
+def load_model(config: dict, workdir, *, which: str = "best",
+               variant: str | None = None) -> inference.Model:
+  """One head's network of a ``vector_pairs`` work directory (``variant``: ``"bce"`` or
+  ``"contrastive"``; default: the one with the better validation accuracy in the run's
+  results, else the one trained).
+
+  Inputs are feature vectors ``[N, D]`` (one side of a pair), standardised with the
+  training rows' means and deviations as in training; :meth:`Model.read_pairs` splits a
+  CSV of pairs into its two sides with the run's column layout. The comparison is the
+  Euclidean distance (``"contrastive"``) or the pair head's probability (``"bce"``).
+  """
+  cfg = cli.config_from_dict(Config, config)
+  workdir = Path(workdir)
+  trained = HEADS if cfg.head == "both" else (cfg.head,)
+  if variant is None:
+    done = results_lib.read_results(workdir) or {}
+    heads = {h: r.get("val_best_accuracy", -1.0) for h, r in done.get("heads", {}).items()}
+    variant = max(heads, key=heads.get) if heads else trained[-1]
+  if variant not in trained:
+    raise ValueError(f"variant must be one of the run's heads {list(trained)}, got {variant!r}")
+  folder = workdir / variant
+  params, _, step, kind = train.restore_variables(folder, which=which)
+  stats_path = folder / STANDARDIZE_FILE
+  if not stats_path.is_file():
+    raise train.RunError(f"{folder} has no {STANDARDIZE_FILE} (a run of an older siamjax): "
+                         f"re-run its command with --eval-only to write it")
+  stats = json.loads(stats_path.read_text())
+  mean, std = (np.asarray(stats[k], np.float32) for k in ("mean", "std"))
+  width = mean.shape[0]
+  encoder = encoders.MLP(features=tuple(cfg.hidden), dropout_rate=cfg.dropout_rate)
+  bce = variant == "bce"
+  net = models.SiameseNet(encoder=encoder) if bce else encoder
+
+  def apply(variables, z):
+    return net.apply(variables, z, method=net.embed) if bce else net.apply(variables, z)
+
+  def prepare(raw):
+    x = np.asarray(raw, np.float32)
+    x = x[None] if x.ndim == 1 else x
+    if x.ndim != 2 or x.shape[1] != width:
+      raise ValueError(f"vectors must be [N, {width}] (one side of a pair, as in training), "
+                       f"got shape {np.shape(raw)}")
+    if not np.all(np.isfinite(x)):
+      raise ValueError("vectors must be finite (found NaN or inf)")
+    return (x - mean) / std
+
+  def read_pairs(path):
+    left, right, similar = folders.load_vector_pairs_csv(
+        path, left_columns=cfg.left_columns, right_columns=cfg.right_columns or None,
+        label_column=cfg.label_column, header=cfg.header)
+    return prepare(left), prepare(right), np.asarray(similar)
+
+  describe = {"input": f"a vector of {width} numbers (one side of a pair)",
+              "array": f"[N, {width}] float32",
+              "network_input": "standardised: (x - mean) / std with the training rows' "
+                               "statistics (left and right sides together)",
+              "mean": mean.tolist(), "std": std.tolist()}
+  return inference.Model(
+      recipe=NAME, variant=variant, workdir=workdir, step=step, checkpoint=kind,
+      variables={"params": params}, apply=apply,
+      metric=inference.head_metric(params) if bce else Metric("euclidean"),
+      inputs=inference.Inputs("vectors", (width,), "float32", describe), prepare=prepare,
+      read_pairs=read_pairs, batch_size=4096)
