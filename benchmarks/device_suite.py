@@ -110,7 +110,7 @@ OPTIONAL_MODULES = (("torch", "torch"), ("triton", "triton"), ("pillow", "PIL"),
 DRY_BENCH = ["--smoke", "--batches", "2", "--modes", "train", "infer", "lake"]
 DRY_PAPER_FAST = ["--batch-pairs", "4", "--num-steps", "4", "--steps-per-call", "2",
                   "--warmup-steps", "1", "--val-tasks", "2"]
-REAL_BENCH = ["--batches", "128", "512", "--modes", "train", "infer", "lake",
+REAL_BENCH = ["--batches", "512", "128", "--modes", "train", "infer", "lake",
               "--dtypes", "float32", "bfloat16", "--repeats", "5", "--steps", "10"]
 
 
@@ -454,7 +454,7 @@ def _watch_paper_fast(suite: Suite, work: Path, every_s: float):
   """Copies paper_fast's metrics (and its results, once written) into ``--out`` as it runs,
   and prints its progress."""
   def watch(stop: threading.Event):
-    size = -1
+    shown = None
     while True:
       stopping = stop.wait(every_s)
       for src, dst in (("metrics.jsonl", "paper_fast_metrics.jsonl"),
@@ -464,15 +464,14 @@ def _watch_paper_fast(suite: Suite, work: Path, every_s: float):
         text = (work / "metrics.jsonl").read_text()
       except OSError:
         text = ""
-      if len(text) != size:
-        size = len(text)
-        train = _train_records(text)
-        if train:
-          r = train[-1]
-          rate, loss = r.get("pairs_per_s"), r.get("loss")
-          suite.say(f"paper_fast: step {r.get('step')}"
-                    + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
-                    + (f", {rate:.0f} pairs/s" if isinstance(rate, (int, float)) else ""))
+      train = _train_records(text)
+      if train and train[-1].get("step") != shown:
+        r = train[-1]
+        shown = r.get("step")
+        rate, loss = r.get("pairs_per_s"), r.get("loss")
+        suite.say(f"paper_fast: step {r.get('step')}"
+                  + (f", loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                  + (f", {rate:.0f} pairs/s" if isinstance(rate, (int, float)) else ""))
       if stopping:
         return
   return watch
