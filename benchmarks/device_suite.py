@@ -1,75 +1,95 @@
 """Every GPU figure the README needs, in one command, into one folder (issue 14).
 
-On a lent GPU machine (one H200 or H100), from the checkout's root, with the Omniglot
-zips prepared beforehand in ``device_data/`` (``--prepare-data``, below)::
+On a lent GPU machine (one H200 or H100), from the checkout's root, with Omniglot
+prepared beforehand in ``device_data/`` (``--prepare-data``, below)::
 
     PYTHONPATH=$PWD python3 benchmarks/device_suite.py --out $OUT --commit SHA
 
-On this project's CPU machines and in CI, the same code paths at tiny sizes (< 2 min)::
+On this project's CPU machines and in CI, the same code paths at tiny sizes (~70 s)::
 
     python benchmarks/device_suite.py --dry-run --out /tmp/suite
 
 One process tree; the parent imports no JAX (so it holds no GPU memory) and runs each
 stage as a child process with its own time limit, killed with its process group when
 the limit passes. Every stage's output is streamed into ``--out/suite.log`` and printed
-(``PYTHONUNBUFFERED=1``), one ``figure:`` line per figure as soon as it exists, and
-``summary.json`` is rewritten after every stage, so a timeout keeps what was measured.
+(``PYTHONUNBUFFERED=1``), one ``figure:`` line per figure as soon as it exists.
+``summary.json`` is rewritten (atomically) when each stage starts and ends, naming the
+stages ``finished`` and the one ``running``, so a kill at any moment leaves it valid.
+Real runs set ``JAX_PLATFORMS=cuda`` for every stage: a failed CUDA start is an error,
+never a run on the CPU.
 
-Stages:
+Stages, the most valuable figure first:
 
-0. ``preflight`` (<= 15 s): the versions of jax (and its CUDA plugin), flax, optax,
-   orbax-checkpoint, chex, torch (CUDA, cuDNN), triton, and ``nvidia-smi``; aborts on a
-   failed import or a non-GPU JAX backend (``--dry-run`` allows both and says so).
-1. ``bench``: ``benchmarks/pairs_per_sec.py`` through its command line: siamjax against
-   PyTorch eager and ``torch.compile``, float32 and bf16, training / inference / Lake's
-   400 trials, batches 128 and 512 (no Keras: the device image lacks it).
-2. ``paper_fast``: ``experiments/omniglot_koch.py --preset paper_fast`` (Koch's network
-   trained for its 5-minute budget, then Lake's 400 trials), with its work directory
-   (~0.5 GB of checkpoints) in a temporary folder; only its ``results.json`` and
-   ``metrics.jsonl`` are copied into ``--out``.
+0. ``preflight`` (<= 90 s; past it, a warning and the suite goes on): JAX starts first
+   (``jax.devices()``; torch's cuDNN loaded before it can make JAX fall back to the CPU),
+   then the versions of jaxlib and its CUDA plugin, flax, optax, orbax-checkpoint, chex;
+   then torch (CUDA, cuDNN) and the optional packages (triton, Pillow, matplotlib, tqdm),
+   reported present or absent; ``nvidia-smi``. ``preflight.json`` is rewritten after each
+   part. Aborts only when a package ``paper_fast`` needs fails to import or JAX's backend
+   is not the GPU (``--dry-run`` allows both and says so).
+1. ``paper_fast``: ``experiments/omniglot_koch.py --preset paper_fast`` (Koch's network
+   trained for its 5-minute budget, then Lake's 400 trials). Its stage limit is the time
+   left less ``BENCH_RESERVE_S``, its training limit ``min(300, limit - 90)``; it
+   checkpoints at the end only (what Lake's score restores). Its work directory (~1 GB
+   of checkpoints) is a temporary folder; ``metrics.jsonl`` and ``results.json`` are
+   copied into ``--out`` while it runs.
+2. ``bench``: ``benchmarks/pairs_per_sec.py`` through its command line, in whatever time
+   is left: siamjax, then PyTorch eager, then ``torch.compile`` (last: its graphs compile
+   slowest), float32 and bf16, batch 512 then 128, training / inference / Lake's 400
+   trials, 5 repeats of 10 steps (no Keras: the device image lacks it). No new block
+   starts in its last ``BENCH_TAIL_S``; rows stream into ``bench.json`` and the plot is
+   redrawn after each block, so a cut keeps both.
 
 ``--out`` receives at most these 7 files (the ``run`` tool brings back 8 at most, each
 < 16 MiB, at most two folders down; the suite checks that at the end):
-``suite.log``, ``preflight.json``, ``bench.json``, ``bench.png``, ``paper_fast.json``,
-``paper_fast_metrics.jsonl``, ``summary.json``.
+``suite.log``, ``preflight.json``, ``paper_fast.json``, ``paper_fast_metrics.jsonl``,
+``bench.json``, ``bench.png``, ``summary.json``.
 
-Plan (one H200; FLOPs counted from the layer shapes: 1.82 GFLOP per 105x105 forward, a
-training pair ~10.9 GFLOP; the bf16 matmul peak seen on these machines ~790 TFLOP/s, so
-73k training pairs/s at 100%; we plan at 30% of peak, ~22k pairs/s in bf16 and half
-that in float32, whose convolutions run as TF32 at about half the bf16 rate, with
-PyTorch eager at half siamjax's rate):
+Plan (one H200), compiles counted. Compile times are the CPU dry run's, measured on the
+2-core AMD EPYC (siamjax's batch-2 train step 3.3 s, inference 0.4 s, Lake 0.7 s; the
+paper_fast step 7 s), scaled by 8 for cuDNN autotuning at batches 128-512 on the GPU and
+rounded up: ~25 s per train program, ~5 s per inference or Lake program; a
+``torch.compile`` graph ~20-40 s (inductor's autotuning, training graphs forward and
+backward). Timed work from counted FLOPs (a training pair ~10.9 GFLOP) at 30% of the
+~790 TFLOP/s bf16 matmul peak: ~22k training pairs/s in bf16, half in float32, PyTorch
+eager at half siamjax's rate:
 
 =============  ===========  ==========================================================
 stage          limit (s)    what fills it
 =============  ===========  ==========================================================
-preflight      30           imports (~5 s), backend start (~3 s), nvidia-smi
-bench          170          timed work ~50 s: a batch-512 training row is 110 steps
-                            (warm-up + 10 x 10) x 512 pairs x 10.9 GFLOP = 0.61 PFLOP
-                            -> 2.6 s in bf16, 5.2 s in float32; batch 128 a quarter;
-                            x 3 implementations (eager twice as slow) ~39 s; inference
-                            a third of that, Lake's trials < 1 s. The rest is
-                            compilation (XLA ~10 programs, torch.compile 4-8 shapes):
-                            the rows are written as they come, so a cut keeps them
-paper_fast     400          start + data decode ~20 s, compile ~30 s inside the
-                            300 s training limit, final validation + Lake + the last
-                            checkpoint ~15 s, results ~10 s: ~345 s (the total cap
-                            leaves it 540 - preflight - bench >= 340 s)
+preflight      <= 90        imports and JAX's start ~10 s, torch's CUDA start ~5 s,
+                            nvidia-smi; typical ~20 s
+paper_fast     left - 110   start ~10 s (prepared arrays, no PNG; 212 MB to the
+               (<= 420)     device); training 300 s, its ~30 s compile inside; after
+                            it ~35 s: final validation (1 program), two ~470 MB saves
+                            and a restore, Lake's evaluation (2 programs): ~345 s
+bench          left - 10    the matmul peak and the FLOP count (4 XLA programs, ~10 s);
+                            per dtype, siamjax's 5 XLA programs (2 train, 2 inference,
+                            Lake: ~65 s) and ~5 s timed (a batch-512 training row is 60
+                            steps = 0.33 PFLOP: 1.4 s in bf16, 2.8 s in float32);
+                            torch eager ~10 s per dtype; then torch.compile's 10
+                            graphs (~300 s: what time is left of them)
 =============  ===========  ==========================================================
+
+In all the bench compiles 14 XLA programs and 10 torch.compile graphs
+(:func:`planned_compiles`). With ~20 s of preflight, paper_fast ends near 365 s and the
+bench has ~165 s: siamjax's two dtypes (~150 s) and most of torch eager's rows, rarely
+any ``torch.compile`` row. Total ``--total-limit-s 540`` (a stage never runs past it);
+the ``run`` tool's command limit is 600 s.
 
 XLA's GPU flags are left at their defaults (autotune level 4, Triton GEMM and command
 buffers on in jax 0.11): XLA aborts at start on a flag it does not know, and a blind run
 on a machine lent for 15 minutes cannot afford that; the Koch network's time is in
 cuDNN convolutions, which the autotuner already picks per shape.
 
-Total planned ~8.7 minutes (10 + 170 + 345 s; ``--total-limit-s 540`` caps it: a stage
-never runs past the total). The ``run`` tool's command limit is 10 minutes.
-
-Data: the device copy has no ``../shared`` and no network. ``--prepare-data`` copies the
-three zips (14.8 MB) from ``$SIAMJAX_DATA_DIR/omniglot`` (or ``--source-data-dir``) into
-``device_data/omniglot/`` (copies: symbolic links do not travel) and adds
-``/device_data/`` to ``.git/info/exclude``; name ``device_data`` in the ``run`` tool's
-``carry``. The suite reads that folder with downloads off. Provenance: the device copy
-has no ``.git``, so pass ``--commit`` (recorded in every JSON, the benchmark's too).
+Data: the device copy has no ``../shared`` and no network. ``--prepare-data`` writes
+Omniglot as prepared arrays (:func:`siamjax.data.omniglot.prepare_arrays`: bit-packed
+``.npz``, 5.5 MB) from ``$SIAMJAX_DATA_DIR/omniglot`` (or ``--source-data-dir``) into
+``device_data/omniglot/`` and adds ``/device_data/`` to ``.git/info/exclude``; name
+``device_data`` in the ``run`` tool's ``carry``. The stages read that folder with
+downloads off and decode no PNG (Pillow is not needed on the device). Provenance: the
+device copy has no ``.git``, so pass ``--commit``, which wins over any repository
+around the copy (recorded in every JSON).
 """
 
 from __future__ import annotations
