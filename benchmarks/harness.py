@@ -362,11 +362,22 @@ def torch_settings(on_gpu: bool) -> list[Setting]:
 
 def _torch_cuda_setup(torch) -> dict:
   """cuDNN autotuning on, and TF32 as JAX's default precision has it (float32 convolutions
-  and matmuls on TF32 tensor cores). Returns the settings for the JSON."""
+  and matmuls on TF32 tensor cores). Returns the settings for the JSON.
+
+  Uses ``fp32_precision`` where torch has it (2.9 and later): newer ``torch.compile``
+  rejects a process that mixes it with the legacy ``allow_tf32`` flags.
+  """
   import warnings
 
   torch.backends.cudnn.benchmark = True
-  with warnings.catch_warnings():  # newer torch prefers fp32_precision; same effect
+  matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+  if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+    matmul.fp32_precision = "tf32"
+    conv.fp32_precision = "tf32"
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "matmul_fp32_precision": matmul.fp32_precision,
+            "cudnn_conv_fp32_precision": conv.fp32_precision}
+  with warnings.catch_warnings():  # torch before 2.9: the legacy flags, same effect
     warnings.simplefilter("ignore")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -618,8 +629,8 @@ def matmul_peak(n: int, repeats: int, products: int = 1) -> dict[str, float]:
       sync = (lambda _: torch.cuda.synchronize()) if dev == "cuda" else (lambda _: None)
       t = _clock(chain, sync, repeats)
       out[name] = flops / t.median / 1e12
-  except ImportError:
-    pass
+  except Exception as e:  # noqa: BLE001 - no torch, or torch's CUDA failing: JAX's peak stands
+    print(f"torch matmul peak not measured: {type(e).__name__}: {e}"[:300], flush=True)
   return out
 
 
@@ -865,11 +876,13 @@ def software() -> dict:
                 torch_interop_threads=torch.get_num_interop_threads(),
                 torch_cuda=torch.cuda.is_available())
     if torch.cuda.is_available():
-      info.update(torch_cuda_version=torch.version.cuda,
-                  cudnn_version=torch.backends.cudnn.version(),
-                  torch_gpu=torch.cuda.get_device_name(0), **_torch_cuda_setup(torch))
+      info.update(torch_cuda_version=torch.version.cuda, torch_gpu=torch.cuda.get_device_name(0),
+                  **_torch_cuda_setup(torch))
+      info["cudnn_version"] = torch.backends.cudnn.version()  # raises if JAX's cuDNN is older
   except ImportError:
     info["torch"] = None
+  except Exception as e:  # noqa: BLE001 - a probe never costs the rows; torch's rows say more
+    info["torch_error"] = f"{type(e).__name__}: {e}"[:300]
   if jax.default_backend() == "gpu" or info.get("torch_cuda"):
     try:
       smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
@@ -1011,8 +1024,10 @@ def run(cfg: Config, out: str, png: str | None, command: str,
   """Runs every implementation, prints the tables, writes the JSON (and PNG).
 
   The JSON is rewritten (atomically) after every row, with ``complete: false`` until the
-  end, so a run cut short keeps what it measured; each rewrite re-derives the bf16 checks,
-  the ratios and the best-against-best list from the rows so far. ``commit`` is recorded
+  end, and the PNG after every implementation x dtype block, so a run cut short keeps what
+  it measured; a failing torch block (a failed CUDA start, ``torch.compile`` without a
+  toolchain) becomes a ``skipped`` row and the run goes on. Each rewrite re-derives the
+  bf16 checks, the ratios and the best-against-best list from the rows so far. ``commit`` is recorded
   as ``git_commit`` (for copies without ``.git``). Returns the final record.
   """
   t_start = time.time()
@@ -1059,6 +1074,19 @@ def run(cfg: Config, out: str, png: str | None, command: str,
     _log_row(r)
     write()
 
+  def draw() -> bool:
+    """Redraws the PNG from the rows so far (after each block: a cut run keeps its plot)."""
+    if not png or state.get("no_plot"):
+      return False
+    try:
+      plot([r for r in rows if not r.get("skipped")], png,
+           f"Koch Siamese net, {dev.device_kind} / {cpu_model()}")
+      return True
+    except ImportError:
+      print("matplotlib not installed (pip install '.[bench]'): no PNG written", flush=True)
+      state["no_plot"] = True
+      return False
+
   state["peak"] = matmul_peak(cfg.matmul_n, cfg.repeats, cfg.matmul_products)
   print("matmul peak TFLOP/s: " + ", ".join(f"{k} {v:.3f}" for k, v in state["peak"].items()),
         flush=True)
@@ -1079,16 +1107,22 @@ def run(cfg: Config, out: str, png: str | None, command: str,
   for dt in cfg.dtypes:
     if not out_of_time("siamjax", "jit", dt):
       params[f"siamjax_{dt}"] = bench_siamjax(cfg, dt, rows, log)
+      draw()
     auto_conv = models.koch_siamese(dtype=jnp.dtype(dt)).encoder.conv_impl()
     if (cfg.compare_direct and auto_conv != "direct"
         and not out_of_time("siamjax", "jit-direct", dt)):
       params[f"siamjax_direct_{dt}"] = bench_siamjax(cfg, dt, rows, log, conv="direct")
+      draw()
   try:
     import torch  # noqa: F401
   except ImportError:
     torch = None
+    why = "torch not installed (pip install '.[bench]')"
+  except Exception as e:  # noqa: BLE001 - a broken torch costs its rows only
+    torch = None
+    why = f"torch failed to import: {type(e).__name__}: {e}"[:300]
   if torch is None:
-    rows.append({"impl": "torch", "skipped": "torch not installed (pip install '.[bench]')"})
+    rows.append({"impl": "torch", "skipped": why})
     log(rows[-1])
   else:
     chosen: dict = {}  # eager's setting per (mode, batch, dtype), reused by torch.compile
@@ -1096,15 +1130,15 @@ def run(cfg: Config, out: str, png: str | None, command: str,
       for dt in cfg.dtypes:
         if out_of_time("torch", "compile" if compiled else "eager", dt):
           continue
+        variant = "compile" if compiled else "eager"
         try:
-          params[f"torch_{'compile' if compiled else 'eager'}_{dt}"] = bench_torch(
-              cfg, dt, compiled, rows, log, chosen)
-        except Exception as e:  # torch.compile needs a C++ toolchain on the CPU
-          if not compiled:
-            raise
-          rows.append({"impl": "torch", "variant": "compile", "dtype": dt,
-                       "skipped": f"torch.compile failed: {type(e).__name__}: {e}"[:300]})
+          params[f"torch_{variant}_{dt}"] = bench_torch(cfg, dt, compiled, rows, log, chosen)
+        except Exception as e:  # noqa: BLE001 - e.g. torch.compile without a C++ toolchain,
+          # or torch's CUDA start failing beside JAX's: its rows say so, the others stay
+          rows.append({"impl": "torch", "variant": variant, "dtype": dt,
+                       "skipped": f"torch {variant} failed: {type(e).__name__}: {e}"[:300]})
           log(rows[-1])
+        draw()
   if cfg.keras:
     keras_koch, reason = import_keras_koch()
     if keras_koch is None:
@@ -1127,14 +1161,8 @@ def run(cfg: Config, out: str, png: str | None, command: str,
   print(f"parameter check: {params} -> {'ok' if not bad else 'MISMATCH'}")
   if bad:
     raise RuntimeError(f"parameter count differs from {KOCH_PARAMS}: {bad}")
-  if png:
-    try:
-      plot([r for r in rows if not r.get("skipped")], png,
-           f"Koch Siamese net, {dev.device_kind} / {cpu_model()}")
-    except ImportError:
-      print("matplotlib not installed (pip install '.[bench]'): no PNG written")
-      png = None
-  print(f"wrote {out}" + (f" and {png}" if png else "") + f" in {record['wall_s']:.0f}s")
+  drawn = draw()
+  print(f"wrote {out}" + (f" and {png}" if drawn else "") + f" in {record['wall_s']:.0f}s")
   return record
 
 

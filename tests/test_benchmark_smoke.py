@@ -480,3 +480,65 @@ def test_run_starts_no_block_past_its_time_limit(tmp_path, monkeypatch):
   assert rec["complete"] is True and json.loads(out.read_text())["complete"] is True
   timed_out = [r for r in rec["rows"] if "time limit" in r.get("skipped", "")]
   assert {r["impl"] for r in timed_out} >= {"siamjax"} and rec["best_vs_best"] == []
+
+
+def test_a_failing_torch_block_is_a_skipped_row_and_the_plot_follows_each_block(
+    tmp_path, monkeypatch):
+  def fake_siamjax(cfg, dtype, rows, log, conv="auto"):
+    rows.append(_fake_row("siamjax", "jit", dtype, "train", 2, 1.0, loss=0.7, train_steps=2,
+                          tflops=0.1, steps_per_repeat=1, compile_and_first_s=1.0,
+                          pairs_per_s_spread=[1.0, 2.0], step_s_all=[1.0]))
+    log(rows[-1])
+    return harness.KOCH_PARAMS
+
+  def failing_torch(*args, **kwargs):
+    raise RuntimeError("cuDNN version incompatibility")  # torch's CUDA start beside JAX's
+
+  drawn = []
+  monkeypatch.setattr(harness, "bench_siamjax", fake_siamjax)
+  monkeypatch.setattr(harness, "bench_torch", failing_torch)
+  monkeypatch.setattr(harness, "_flops_record", lambda: {"stub": True})
+  monkeypatch.setattr(harness, "plot", lambda rows, path, title: drawn.append(len(rows)))
+  cfg = harness.Config(batches=(2,), repeats=1, dtypes=("float32",), matmul_n=32,
+                       keras=False, compare_direct=False)
+  rec = harness.run(cfg, str(tmp_path / "b.json"), str(tmp_path / "b.png"), "pytest")
+  assert rec["complete"] is True and rec["rows"][0]["impl"] == "siamjax"
+  skipped = [r["skipped"] for r in rec["rows"] if r["impl"] == "torch"]
+  assert skipped == ["torch eager failed: RuntimeError: cuDNN version incompatibility",
+                     "torch compile failed: RuntimeError: cuDNN version incompatibility"]
+  assert drawn[0] == 1 and len(drawn) >= 3  # after siamjax's block, each torch block, the end
+
+
+def test_software_survives_torch_probes_that_raise(monkeypatch):
+  import torch
+
+  monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+  monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "fake GPU")
+  monkeypatch.setattr(harness, "_torch_cuda_setup", lambda t: {})
+
+  def cudnn_version():
+    raise RuntimeError("cuDNN version incompatibility: PyTorch was compiled against 9.10")
+
+  monkeypatch.setattr(torch.backends.cudnn, "version", cudnn_version)
+  monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+  info = harness.software()
+  assert info["torch_gpu"] == "fake GPU" and "cuDNN version" in info["torch_error"]
+
+
+def test_tf32_uses_the_new_api_where_torch_has_it():
+  import types
+
+  legacy = types.SimpleNamespace(allow_tf32=False)
+  new = types.SimpleNamespace(fp32_precision="ieee")
+  fake = types.SimpleNamespace(backends=types.SimpleNamespace(
+      cuda=types.SimpleNamespace(matmul=new),
+      cudnn=types.SimpleNamespace(benchmark=False, allow_tf32=False,
+                                  conv=types.SimpleNamespace(fp32_precision="ieee"))))
+  got = harness._torch_cuda_setup(fake)
+  assert got == {"cudnn_benchmark": True, "matmul_fp32_precision": "tf32",
+                 "cudnn_conv_fp32_precision": "tf32"}
+  assert fake.backends.cudnn.allow_tf32 is False  # the legacy flags stay untouched
+  old = types.SimpleNamespace(backends=types.SimpleNamespace(
+      cuda=types.SimpleNamespace(matmul=legacy),
+      cudnn=types.SimpleNamespace(benchmark=False, allow_tf32=False)))
+  assert harness._torch_cuda_setup(old)["matmul_allow_tf32"] is True

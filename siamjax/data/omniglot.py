@@ -16,6 +16,9 @@ with SHA-256 verification when ``download=True`` and missing, or tensorflow-data
 (rebuilt zips hold the same images with different zip metadata). Decoded arrays are
 cached as ``.npz`` under ``cache_dir`` (default ``~/.cache/siamjax``), keyed by the zip's
 size and modification time, so a second load takes well under a second.
+:func:`prepare_arrays` writes the same bit-packed arrays into a data folder
+(``<data_dir>/omniglot/<zip stem>.npz``); a data folder holding them is read without
+the zips and without Pillow (a machine that only runs the experiment needs neither).
 
 References:
   B. M. Lake, R. Salakhutdinov, J. B. Tenenbaum, "Human-level concept learning through
@@ -40,8 +43,8 @@ import numpy as np
 
 __all__ = [
     "OmniglotSplit", "LakeRuns", "OmniglotDataError", "load_omniglot", "load_lake_runs",
-    "resolve_data_dir", "URLS", "SHA256", "SPLIT_FILES", "IMAGE_SIZE", "DRAWERS", "ink_mask",
-    "lake_alphabets",
+    "resolve_data_dir", "prepare_arrays", "URLS", "SHA256", "SPLIT_FILES", "IMAGE_SIZE",
+    "DRAWERS", "ink_mask", "lake_alphabets",
 ]
 
 IMAGE_SIZE = 105
@@ -294,25 +297,23 @@ def _cache_path(path: Path, cache_dir) -> Path:
       f"{path.stem}-v{_CACHE_VERSION}-{st.st_size}-{st.st_mtime_ns}.npz")
 
 
-def _cached(path: Path, cache_dir, decode, names):
-  """Decodes ``path`` with ``decode`` once, then reads the bit-packed ``.npz`` cache."""
-  cache = _cache_path(path, cache_dir)
-  if cache.is_file():
-    try:
-      with np.load(cache) as z:
-        fields = {}
-        for n in names:
-          v = z[n]
-          if n + "__shape" in z:
-            v = np.unpackbits(v, count=int(np.prod(z[n + "__shape"])))
-            v = v.reshape(z[n + "__shape"]) * np.uint8(255)
-          elif v.dtype.kind == "U":
-            v = tuple(v.tolist())
-          fields[n] = v
-      return fields
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-      pass  # A broken cache is rebuilt below.
-  value = decode(path)._asdict()
+def _read_packed(path: Path, names) -> dict:
+  """The fields ``names`` of a bit-packed ``.npz`` (:func:`_write_packed`'s format)."""
+  with np.load(path) as z:
+    fields = {}
+    for n in names:
+      v = z[n]
+      if n + "__shape" in z:
+        v = np.unpackbits(v, count=int(np.prod(z[n + "__shape"])))
+        v = v.reshape(z[n + "__shape"]) * np.uint8(255)
+      elif v.dtype.kind == "U":
+        v = tuple(v.tolist())
+      fields[n] = v
+  return fields
+
+
+def _write_packed(path: Path, value: dict, names, *, compress: bool = False) -> None:
+  """Writes ``value``'s fields to ``path`` atomically: uint8 images as one bit each."""
   arrays = {}
   for n in names:
     v = value[n]
@@ -323,15 +324,85 @@ def _cached(path: Path, cache_dir, decode, names):
       arrays[n + "__shape"] = np.array(v.shape)
     else:
       arrays[n] = v
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
   try:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.part")
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, cache)
+      (np.savez_compressed if compress else np.savez)(f, **arrays)
+    os.replace(tmp, path)
+  finally:
+    Path(tmp).unlink(missing_ok=True)
+
+
+def _cached(path: Path, cache_dir, decode, names):
+  """Decodes ``path`` with ``decode`` once, then reads the bit-packed ``.npz`` cache."""
+  cache = _cache_path(path, cache_dir)
+  if cache.is_file():
+    try:
+      return _read_packed(cache, names)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+      pass  # A broken cache is rebuilt below.
+  value = decode(path)._asdict()
+  try:
+    _write_packed(cache, value, names)
   except OSError:
     pass  # A read-only cache directory only costs speed.
   return value
+
+
+def _prepared(name: str, data_dir, names) -> dict | None:
+  """The fields of ``<data_dir>/omniglot/<stem>.npz`` (:func:`prepare_arrays`), if present."""
+  root = resolve_data_dir(data_dir)
+  path = None if root is None else root / "omniglot" / (Path(name).stem + ".npz")
+  if path is None or not path.is_file():
+    return None
+  try:
+    return _read_packed(path, names)
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+    raise OmniglotDataError(f"{path} is not readable prepared Omniglot arrays ({e}); delete "
+                            f"it and run prepare_arrays again") from None
+
+
+def _check_split(f: dict, split: str, where) -> None:
+  expected = _COUNTS.get(split)
+  shape = tuple(f["images"].shape)
+  if shape[1:] != (DRAWERS, IMAGE_SIZE, IMAGE_SIZE) or (
+      expected is not None and expected != (len(f["alphabets"]), shape[0])):
+    raise OmniglotDataError(f"{where}: images {shape} over {len(f['alphabets'])} alphabets, "
+                            f"expected {expected} (alphabets, characters) of "
+                            f"[{DRAWERS}, {IMAGE_SIZE}, {IMAGE_SIZE}]; delete it and prepare "
+                            f"it again")
+
+
+def prepare_arrays(dest, *, data_dir=None, cache_dir=None, download: bool = False,
+                   splits=("background", "evaluation")) -> list[Path]:
+  """Writes Omniglot as prepared arrays that load without decoding a PNG (no Pillow).
+
+  Each split and Lake's runs become ``<dest>/omniglot/<zip stem>.npz`` (one bit per pixel,
+  compressed: 5.5 MB for the three files the Omniglot recipe reads, against 46 MB
+  unpacked);
+  :func:`load_omniglot` and :func:`load_lake_runs` read them from a ``data_dir`` that holds
+  them, before any zip.
+
+  Args:
+    dest: the data folder to fill.
+    data_dir, cache_dir, download: where the zips are, as in :func:`load_omniglot`.
+    splits: the splits to write, besides Lake's runs.
+
+  Returns:
+    The files written.
+  """
+  out = Path(dest).expanduser() / "omniglot"
+  load = dict(data_dir=data_dir, cache_dir=cache_dir, download=download)
+  written = []
+  for split in splits:
+    path = out / (Path(SPLIT_FILES[split]).stem + ".npz")
+    _write_packed(path, load_omniglot(split, **load)._asdict(), OmniglotSplit._fields,
+                  compress=True)
+    written.append(path)
+  path = out / "all_runs.npz"
+  _write_packed(path, load_lake_runs(**load)._asdict(), LakeRuns._fields, compress=True)
+  return written + [path]
 
 
 def load_omniglot(split: str = "background", *, data_dir=None, cache_dir=None,
@@ -362,8 +433,12 @@ def load_omniglot(split: str = "background", *, data_dir=None, cache_dir=None,
     return _load_tfds(split)
   if source != "zip":
     raise ValueError(f"source must be 'zip' or 'tfds', got {source!r}")
-  path = _locate(SPLIT_FILES[split], data_dir, download, cache_dir)
-  f = _cached(path, cache_dir, lambda p: _decode_split(p, split), OmniglotSplit._fields)
+  f = _prepared(SPLIT_FILES[split], data_dir, OmniglotSplit._fields)
+  if f is not None:
+    _check_split(f, split, resolve_data_dir(data_dir) / "omniglot")
+  else:
+    path = _locate(SPLIT_FILES[split], data_dir, download, cache_dir)
+    f = _cached(path, cache_dir, lambda p: _decode_split(p, split), OmniglotSplit._fields)
   return OmniglotSplit(f["images"], np.asarray(f["alphabet_ids"], np.int32),
                        tuple(f["alphabets"]), tuple(f["characters"]))
 
@@ -389,8 +464,16 @@ def load_lake_runs(*, data_dir=None, cache_dir=None, download: bool = False) -> 
     :class:`LakeRuns` with ``support``/``query`` ``[20, 20, 105, 105]`` uint8 (ink 255)
     and ``answers [20, 20]``.
   """
-  path = _locate("all_runs.zip", data_dir, download, cache_dir)
-  f = _cached(path, cache_dir, _decode_runs, LakeRuns._fields)
+  f = _prepared("all_runs.zip", data_dir, LakeRuns._fields)
+  if f is None:
+    path = _locate("all_runs.zip", data_dir, download, cache_dir)
+    f = _cached(path, cache_dir, _decode_runs, LakeRuns._fields)
+  elif f["support"].shape != (20, 20, IMAGE_SIZE, IMAGE_SIZE) or f["query"].shape != \
+      f["support"].shape or f["answers"].shape != (20, 20):
+    raise OmniglotDataError(f"{resolve_data_dir(data_dir)}/omniglot/all_runs.npz: shapes "
+                            f"{f['support'].shape}, {f['query'].shape}, {f['answers'].shape}, "
+                            f"expected [20, 20, {IMAGE_SIZE}, {IMAGE_SIZE}] twice and [20, 20]; "
+                            f"delete it and prepare it again")
   return LakeRuns(f["support"], f["query"], np.asarray(f["answers"], np.int32))
 
 
