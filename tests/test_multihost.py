@@ -121,3 +121,45 @@ def test_omniglot_smoke_on_two_processes_matches_one(tmp_path):
   assert b["machine"]["jax_processes"] == 2 and len(b["machine"]["jax_devices"]) == 4
   np.testing.assert_allclose(b["final_loss"], a["final_loss"], rtol=1e-5)
   assert b["lake_20way_accuracy"] == pytest.approx(a["lake_20way_accuracy"], abs=0.01)
+
+
+_SEARCH = textwrap.dedent("""
+    import json, sys
+    from siamjax import parallel
+    parallel.initialize_distributed()
+    import jax, numpy as np
+    from siamjax import index as ix
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((1001, 8)).astype(np.float32)
+    q = rng.standard_normal((70, 8)).astype(np.float32)
+    index = ix.Index.build(g, np.arange(1001) % 3, metric=ix.Metric("squared_euclidean"))
+    r = index.search(q, 7)
+    index.save(sys.argv[1] + "/index")
+    back = ix.Index.load(sys.argv[1] + "/index").search(q, 7)
+    assert (back.indices == r.indices).all()
+    if jax.process_index() == 0:
+      with open(sys.argv[1] + "/out.json", "w") as f:
+        json.dump({"indices": r.indices.tolist(), "scores": r.scores.tolist(),
+                   "devices": jax.device_count(), "processes": jax.process_count(),
+                   "shards": len(index.embeddings.sharding.device_set)}, f)
+""")
+
+
+@pytest.mark.slow
+def test_search_on_two_processes_matches_one_device(tmp_path):
+  """An index split over 2 processes x 2 devices finds the one-device neighbours."""
+  script = tmp_path / "search.py"
+  script.write_text(_SEARCH)
+  (tmp_path / "one").mkdir()
+  (tmp_path / "two").mkdir()
+  one = subprocess.run([sys.executable, str(script), str(tmp_path / "one")],
+                       capture_output=True, text=True, timeout=300, env=_env(
+                           XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+  assert one.returncode == 0, one.stderr[-3000:]
+  _two_processes([sys.executable, str(script), str(tmp_path / "two")])
+  a = json.loads((tmp_path / "one" / "out.json").read_text())
+  b = json.loads((tmp_path / "two" / "out.json").read_text())
+  assert (a["processes"], a["shards"]) == (1, 1)
+  assert (b["processes"], b["devices"], b["shards"]) == (2, 4, 4)
+  assert b["indices"] == a["indices"]
+  np.testing.assert_allclose(b["scores"], a["scores"], rtol=1e-5)
