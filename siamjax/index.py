@@ -329,6 +329,35 @@ def _stats(metric, emb, *, mesh, n):
                        out_specs=P(_AXIS, None))(emb)
 
 
+def _place(embeddings, mesh: Mesh) -> jax.Array:
+  """The gallery as float32 rows split over ``mesh``, padded with zero rows to a multiple
+  of its size. A float32 array already on the one device of ``mesh`` is used in place
+  (a gallery of many GB is not copied)."""
+  n = embeddings.shape[0]
+  rows = -(-n // mesh.size) * mesh.size
+  sharding = NamedSharding(mesh, P(_AXIS, None))
+  if isinstance(embeddings, jax.Array) and embeddings.is_fully_addressable:
+    e = embeddings.astype(jnp.float32)
+    if rows != n:
+      e = jnp.pad(e, ((0, rows - n), (0, 0)))
+    e = jax.device_put(e, sharding)
+    finite = bool(_all_finite(e))
+  else:
+    e = np.asarray(embeddings, np.float32)
+    finite = bool(np.isfinite(e).all())
+    if rows != n:
+      e = np.concatenate([e, np.zeros((rows - n, e.shape[1]), np.float32)])
+    e = _global_rows(mesh, e)
+  if not finite:
+    raise ValueError("embeddings hold NaN or infinite values")
+  return e
+
+
+@jax.jit
+def _all_finite(x):
+  return jnp.isfinite(x).all()
+
+
 def _local(x: jax.Array) -> np.ndarray:
   """A replicated array's value on this process."""
   return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
@@ -443,30 +472,25 @@ class Index:
     Raises:
       ValueError: empty gallery, mismatched lengths, duplicate ids, bad options.
     """
-    emb = np.asarray(embeddings)
-    if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
-      raise ValueError(f"embeddings must be a non-empty [N, D] array, got shape {emb.shape}")
-    if not np.issubdtype(emb.dtype, np.floating):
-      raise ValueError(f"embeddings must be floating point, got {emb.dtype}")
-    if not np.all(np.isfinite(emb)):
-      raise ValueError("embeddings hold NaN or infinite values")
+    shape = tuple(np.shape(embeddings))
+    if len(shape) != 2 or 0 in shape:
+      raise ValueError(f"embeddings must be a non-empty [N, D] array, got shape {shape}")
+    if not jnp.issubdtype(embeddings.dtype if hasattr(embeddings, "dtype")
+                          else np.asarray(embeddings).dtype, jnp.floating):
+      raise ValueError(f"embeddings must be floating point, got {np.asarray(embeddings).dtype}")
     labels = _strings(labels, "labels")
-    ids = [str(i) for i in range(emb.shape[0])] if ids is None else _strings(ids, "ids")
+    ids = [str(i) for i in range(shape[0])] if ids is None else _strings(ids, "ids")
     for name, v in (("labels", labels), ("ids", ids)):
-      if len(v) != emb.shape[0]:
-        raise ValueError(f"{len(v)} {name} for {emb.shape[0]} embeddings")
+      if len(v) != shape[0]:
+        raise ValueError(f"{len(v)} {name} for {shape[0]} embeddings")
     _check_unique(ids)
     if backend not in BACKENDS:
       raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    names, codes = np.unique(labels, return_inverse=True)
+    names, codes = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
     mesh = default_mesh() if mesh is None else mesh
     if mesh.axis_names != (_AXIS,):
       mesh = Mesh(mesh.devices.reshape(-1), (_AXIS,))
-    rows = -(-emb.shape[0] // mesh.size) * mesh.size
-    if rows != emb.shape[0]:
-      emb = np.concatenate([emb, np.zeros((rows - emb.shape[0], emb.shape[1]), emb.dtype)])
-    dev_emb = _global_rows(mesh, np.asarray(emb, np.float32) if emb.dtype == np.float64
-                           else emb)
+    dev_emb = _place(embeddings, mesh)
     stats = _stats(metric, dev_emb, mesh=mesh, n=len(labels))
     out = cls(dev_emb, stats, codes.astype(np.int32).reshape(-1), names.tolist(),
               np.asarray(ids, dtype=object), metric, fingerprint, mesh, backend,
