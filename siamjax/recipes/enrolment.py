@@ -149,7 +149,7 @@ def _plot(path: Path, curves: dict, marks: list, title: str) -> None:
   ax.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1), xlabel="false-accept rate (strangers "
          "accepted)", ylabel="detection and identification rate", title=title)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
+  ax.legend(fontsize=8, loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=90)
   plt.close(fig)
