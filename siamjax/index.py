@@ -672,8 +672,15 @@ def _sync(name: str) -> None:
 
 
 def _strings(values, name: str) -> list[str]:
-  arr = np.asarray(values, dtype=object).reshape(-1) if not isinstance(values, list) else values
-  return [str(v) for v in (arr.tolist() if isinstance(arr, np.ndarray) else arr)]
+  """``values`` (a sequence or a 1-D array) as strings."""
+  if isinstance(values, (str, bytes)):
+    raise ValueError(f"{name} must be a sequence of values, not one string")
+  if hasattr(values, "__array__"):
+    values = np.asarray(values)
+    if values.ndim != 1:
+      raise ValueError(f"{name} must be one-dimensional, got shape {values.shape}")
+    values = values.tolist()
+  return [str(v) for v in values]
 
 
 def _check_unique(ids: list[str]) -> None:
