@@ -80,13 +80,17 @@ def _data(n: int, d: int, q: int, seed: int = 0):
 def child(args) -> dict:
   """One framework on one (N, D) cell, in its own process (see ``main``)."""
   import numpy as np
-  base_rss = _proc_status("VmRSS")
-  g, q = _data(args.n, args.d, args.queries)
-  rows = []
   if args.framework == "siamjax":
     import jax
     import jax.numpy as jnp
     from siamjax import index as ix
+    jax.devices()  # the runtime's own memory is not the search's
+  else:
+    import faiss
+  base_rss = _proc_status("VmRSS")
+  g, q = _data(args.n, args.d, args.queries)
+  rows = []
+  if args.framework == "siamjax":
     gal = jax.device_put(g)
     jax.block_until_ready(gal)
     del g  # the device copy is now the only one
@@ -115,7 +119,6 @@ def child(args) -> dict:
     rates = {"matmul_flops_per_s": 2 * 2048 ** 3 / t_mm,
              "read_bytes_per_s": gal.size * 4 / t_rd}
   else:
-    import faiss
     rates = {}
     for kind, cls in (("squared_euclidean", faiss.IndexFlatL2),
                       ("dot", faiss.IndexFlatIP)):
@@ -160,7 +163,12 @@ def approximate(args) -> list[dict]:
     build_s = time.perf_counter() - t
     for v in values:
       ix._faiss_configure(index._faiss, backend, {knob: v})
-      found = index.search(q, K).indices
+      try:
+        found = index.search(q, K).indices
+      except ValueError as e:  # too few probed: fewer than k found for some queries
+        out.append({"backend": backend, "options": {**opts, knob: v}, "build_s": build_s,
+                    "recall_at_10": None, "times_s": [], "error": str(e)})
+        continue
       recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found, exact)]))
       times = _clock(lambda: index.search(q, K), args.repeats, args.min_total_s)
       out.append({"backend": backend, "options": {**opts, knob: v}, "build_s": build_s,
@@ -207,7 +215,8 @@ def _plot(cells: list[dict], approx: list[dict], path: str, title: str) -> None:
   ax.legend(fontsize=7)
   ax = axes[1]
   for backend in ("faiss_ivf", "faiss_hnsw", "exact"):
-    pts = [(a["queries_per_s"], a["recall_at_10"]) for a in approx if a["backend"] == backend]
+    pts = [(a["queries_per_s"], a["recall_at_10"]) for a in approx
+           if a["backend"] == backend and not a.get("error")]
     if pts:
       xs, ys = zip(*pts)
       ax.plot(xs, ys, "-o" if backend != "exact" else "*", label=backend, markersize=8)
@@ -312,8 +321,12 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     out = _spawn(["--child", "approx", "--n", str(approx_size), "--d", str(dims[0]), *common])
     for a in out["approx"]:
-      a.update(_summary(a["times_s"], args.queries), n=approx_size, d=dims[0])
+      a.update(n=approx_size, d=dims[0])
       approx.append(a)
+      if a.get("error"):
+        print(f"{a['backend']:10s} {json.dumps(a['options']):40s} {a['error']}")
+        continue
+      a.update(_summary(a["times_s"], args.queries))
       print(f"{a['backend']:10s} {json.dumps(a['options']):40s} recall@10 "
             f"{a['recall_at_10']:.3f} {a['queries_per_s']:10.0f} q/s", flush=True)
     print(f"[approximate rows: {time.perf_counter() - t:.0f} s]")

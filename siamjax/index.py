@@ -49,7 +49,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-#: Gallery rows scored per step of the search (one ``[queries, GALLERY_BLOCK]`` block).
+#: Gallery rows scored per step of the search for D <= 256 (one ``[queries, rows]`` block
+#: of scores); wider embeddings take proportionally fewer rows, so that a block of the
+#: gallery stays about 8 MB.
 GALLERY_BLOCK = 8192
 #: Most queries searched per call of the compiled search; fewer are padded to a bucket.
 QUERY_BLOCK = 512
@@ -267,7 +269,8 @@ def _block_top_k(r, cols, k):
 def _block_rows(metric: Metric, q_rows: int, dim: int) -> int:
   if metric.kind == "weighted_l1":
     return max(8, min(GALLERY_BLOCK, _L1_BLOCK_ELEMENTS // max(1, q_rows * dim)))
-  return GALLERY_BLOCK
+  rows = min(GALLERY_BLOCK, GALLERY_BLOCK * 256 // max(dim, 1))
+  return max(GROUP * 64, rows // GROUP * GROUP)
 
 
 def _local_top_k(metric, emb, stats, q, k):
