@@ -141,7 +141,7 @@ def _check_table(name: str, t) -> None:
 def _host(x):
   """``x`` as a NumPy array when it is concrete, else ``None`` (value checks run outside
   ``jit`` only)."""
-  return np.asarray(x) if _checks._is_concrete(x) else None
+  return np.asarray(x) if _checks.is_concrete(x) else None
 
 
 def _concrete_min(counts):
