@@ -34,7 +34,7 @@ def test_koch_affine_is_the_papers_distortion():
   assert dict(harness.KOCH_AFFINE) == {"rotation": 10.0, "shear": 0.3, "scale": (0.8, 1.2),
                                        "translation": 2.0, "prob": 0.5}
   rec = harness.augmentation_record(harness.recipe_config(2))
-  assert rec["prob"] == 0.5 and rec["function"] == "siamjax.sampling.augment"
+  assert rec["prob"] == 0.5 and rec["function"] == "siamjax.augment.augment"
   assert "make_train_step" in rec["where"] and "drawn uniformly" in rec["components"]
   assert harness.augmentation_record(harness.recipe_config(2, augment=False)) is None
 

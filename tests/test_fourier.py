@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from siamjax import encoders, fourier, models
+from siamjax import _pooling, encoders, fourier, models
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -140,7 +140,7 @@ def test_flop_counts_koch_layers():
 
 def test_max_pool2_equals_flax_max_pool():
   x = jax.random.normal(jax.random.key(6), (2, 8, 6, 3))
-  np.testing.assert_array_equal(encoders._max_pool2(x),
+  np.testing.assert_array_equal(_pooling.max_pool2(x),
                                 nn.max_pool(x, (2, 2), strides=(2, 2)))
 
 

@@ -44,8 +44,8 @@ from siamjax.evaluation import oneshot
 from siamjax.index import Metric
 from siamjax.models import SiameseNet, koch_siamese
 from siamjax.recipes import cli
-from siamjax.sampling import augment, grid_table, index_table, resize_images
-from siamjax.sampling import sample_groups, sample_pairs
+from siamjax.augment import augment, resize_images
+from siamjax.sampling import grid_table, index_table, sample_groups, sample_pairs
 
 __all__ = ["Config", "Model", "make_loss_fn", "training_data", "optimizer", "learning_rate",
            "train_and_evaluate", "pixel_baseline", "summary", "load_model", "NAME",
