@@ -56,7 +56,8 @@ import optax
 
 __all__ = ["init_state", "make_train_step", "fit", "run", "FitResult", "restore", "restore_best",
            "restore_variables", "per_layer_sgd", "lock_workdir", "RunError", "WorkdirLocked",
-           "CheckpointMismatch", "Interrupted", "checkpoint_steps"]
+           "CheckpointMismatch", "Interrupted", "checkpoint_steps", "read_metrics",
+           "METRICS_FILE"]
 
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict]]]
 
@@ -427,18 +428,47 @@ def restore_variables(workdir, *, which: str = "best") -> tuple[dict, dict, int,
           "best" if name == "checkpoints_best" else "latest")
 
 
+METRICS_FILE = "metrics.jsonl"
+"""The file in a work directory where :func:`fit` appends one JSON record per line."""
+
+
+def read_metrics(path: str | os.PathLike, *, kind: str | None = None) -> list[dict]:
+  """The records of a run's ``metrics.jsonl``, in the order written.
+
+  Tolerant of an interrupted run: blank lines and a line cut short by a kill are
+  skipped, and a missing file reads as no records.
+
+  Args:
+    path: a work directory (its :data:`METRICS_FILE`) or the file itself.
+    kind: keep only the records of this kind (``"train"`` or ``"eval"``).
+
+  Returns:
+    A list of dicts, each with ``"kind"`` and ``"step"``.
+  """
+  path = Path(path)
+  if path.is_dir():
+    path = path / METRICS_FILE
+  if not path.is_file():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      r = json.loads(line)
+    except json.JSONDecodeError:  # blank, or cut by a kill
+      continue
+    if isinstance(r, dict) and (kind is None or r.get("kind") == kind):
+      records.append(r)
+  return records
+
+
 def _trim_log(path: Path, step: int) -> None:
   """Keeps the records up to ``step``, the last one of each (kind, step) (process 0)."""
   if not path.is_file():
     return
   records = {}
-  for line in path.read_text().splitlines():
-    try:
-      r = json.loads(line)
-    except json.JSONDecodeError:  # a line cut by a kill
-      continue
+  for r in read_metrics(path):
     if r.get("step", 0) <= step:
-      records[(r.get("kind"), r.get("step"))] = line
+      records[(r.get("kind"), r.get("step"))] = json.dumps(r)
   tmp = path.with_suffix(".jsonl.tmp")
   tmp.write_text("".join(line + "\n" for line in records.values()))
   os.replace(tmp, path)
@@ -572,7 +602,7 @@ def _fit(state, step_fn, data, workdir, kw):
   resumed_from = None
   if workdir is not None:
     latest, best_mgr = _managers(workdir, with_best=eval_fn is not None)
-    log = workdir / "metrics.jsonl" if chief else None
+    log = workdir / METRICS_FILE if chief else None
     last = latest.latest_step()
     if last is not None:
       resumed_from = int(last)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import encoders, inference, losses, models, parallel, sampling, train
+from siamjax import encoders, inference, losses, models, parallel, plotting, sampling, train
 from siamjax.data import folders, splits
 from siamjax.evaluation import oneshot, verification
 from siamjax.recipes import cli
@@ -171,14 +171,13 @@ def fit_and_evaluate(images, labels, cfg: Config, workdir, *, class_names=None,
   worst = verification.hardest_mistakes(pairs, logits, similar)
   shown = 0
   if jax.process_index() == 0:
-    verification.save_roc_png(workdir / "roc.png", {"held-out pairs (test)": (-logits, similar)},
+    plotting.save_roc_png(workdir / "roc.png", {"held-out pairs (test)": (-logits, similar)},
                               title="image folder, held-out pairs")
-    shown = verification.contact_sheet(
+    shown = plotting.contact_sheet(
         workdir / "mistakes.png", images, pairs[worst], similar[worst],
         1.0 / (1.0 + np.exp(-logits[worst].astype(np.float64))),
         class_names=class_names, labels=labels)
-  log = workdir / "metrics.jsonl"
-  records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+  records = train.read_metrics(workdir)
   return {
       "test_pair_accuracy": verification.accuracy_at(logits, similar, 0.0), "n_way": n_way,
       "test_one_shot_accuracy": int(correct) / int(te.size), "test_one_shot_trials": int(te.size),

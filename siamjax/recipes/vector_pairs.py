@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import distances, encoders, inference, losses, models, parallel, sampling, train
+from siamjax import (distances, encoders, inference, losses, models, parallel, plotting,
+                     sampling, train)
 from siamjax import results as results_lib
 from siamjax.data import folders, splits
 from siamjax.evaluation import verification
@@ -232,7 +233,7 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
   plots = []
   with contextlib.suppress(ImportError):  # no matplotlib: no plot
     if jax.process_index() == 0:
-      verification.save_roc_png(workdir / "roc.png", curves, title="vector pairs, test")
+      plotting.save_roc_png(workdir / "roc.png", curves, title="vector pairs, test")
       plots.append("roc.png")
   return {"csv": path.name, "synthetic": bool(cfg.generate), "pairs": int(len(similar)),
           "heads": per_head, "plots": plots}
