@@ -302,7 +302,7 @@ class TextCNN(nn.Module):
 
   References:
     Y. Kim, "Convolutional Neural Networks for Sentence Classification", EMNLP 2014;
-    the Siamese Conv1D title classifier on THUCNews that issue 7 reproduces.
+    the Siamese Conv1D title classifier on THUCNews (``experiments/thucnews_fewshot.py``).
 
   >>> import jax, jax.numpy as jnp
   >>> enc = TextCNN(vocab_size=100); tokens = jnp.ones((2, 30), jnp.int32)

@@ -111,7 +111,7 @@ def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None,
       and channel first (its mean's convolution is added back exactly), so that the
       large mean of post-ReLU inputs does not set the rounding error of every output.
       Relative output error about 5e-3 (rms, against 2.3e-3 with float32 transforms);
-      Koch's conv2 trains about 20% faster on a 2-core Zen 4
+      Koch's conv2 trains faster this way on CPUs with bf16 matrix units
       (``benchmarks/results/cpu-amd-epyc-2core-profile.md``).
 
   Returns:

@@ -152,8 +152,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       ``batches[i]``. For epoch-wise shuffles (:func:`siamjax.sampling.epoch_batches`).
     unroll: ``lax.scan``'s ``unroll``. Default: fully unrolled on the CPU when the step
       contains a convolution (XLA:CPU runs convolutions inside a while loop several
-      times slower: 45 vs 340 images/s measured for a small conv net, 0.23 s vs 11 ms
-      per step for the TextCNN), else 1.
+      times slower), else 1.
     mesh: a data-parallel mesh (:func:`siamjax.parallel.make_mesh`) to run the step on
       several devices: state and data replicated, and every batch that ``loss_fn``
       passes through :func:`siamjax.parallel.shard_batch` split across the devices,

@@ -145,9 +145,8 @@ def retrieval_metrics(
   ``N = 100,000``, ``chunk_size = 256``, whether ``R`` is 16 or 1,024). For 1M x 1M
   pass ``chunk_size=256`` (about 4.5 GiB besides the embeddings; the default 1024 needs
   about 18 GiB). Time is ``O(Q N D)`` for the distances plus the ``top_k``, which
-  dominates on a CPU: self-retrieval of 20,000 embeddings (D = 128) took 6 s with
-  ``R`` near 100 and 23 s with ``R`` near 2,000 on 2 cores (a full sort of each row, the
-  alternative, is 6x slower than a ``top_k`` of 2,048 there).
+  dominates on a CPU and grows with ``R`` (a full sort of each row, the alternative,
+  is slower than a ``top_k`` of ``R`` up to a few thousand).
 
   Ties: items at equal distance rank by their index in the reference set (lower first),
   the order of a stable sort (and of ``lax.top_k``); pytorch-metric-learning's

@@ -164,9 +164,8 @@ _MAX_POSITIVES_ARG = """\
       direct work with :data:`POSITIVE_SLOTS` slots when no anchor has more positives,
       else the sort. With concrete labels the choice is made once when tracing; under
       ``jit`` each chunk of anchors chooses with ``lax.switch`` on its largest positive
-      count, which compiles every branch (2-3x the compile time, and 10-30% slower at
-      ``B = 4096`` than the one branch it picks; under ``vmap`` over the labels every
-      branch runs). Pass ``max_positives`` to compile one.
+      count, which compiles every branch (several times the compile time, and slower
+      than the one branch it picks; under ``vmap`` over the labels every branch runs). Pass ``max_positives`` to compile one.
 """
 
 
@@ -292,8 +291,8 @@ def first_row_index(mask_CxR, x_CxR, kind: str) -> jax.Array:
   """Each row's first column holding its masked max (or min), int32 ``[C]`` (private).
 
   Two plain reductions instead of ``argmax``'s variadic one: inside the chunked loss
-  reductions XLA:CPU runs these faster (batch-hard loss and gradient at ``B = 4096``,
-  ``D = 512``: 85 ms against 140 ms with ``argmax``). A row with nothing masked gets ``R``.
+  reductions XLA:CPU runs these faster (``benchmarks/losses_per_sec.py`` times the
+  losses). A row with nothing masked gets ``R``.
   """
   fill = -jnp.inf if kind == "max" else jnp.inf
   x_CxR = jnp.where(mask_CxR, x_CxR, fill)

@@ -102,9 +102,9 @@ POSITIVE_SLOTS = (4, 16)
 """Slot counts the mining losses choose from when ``max_positives`` is None.
 
 Batch-all and semi-hard mining do ``O(P * B)`` direct work per anchor with ``P`` slots for
-its positives, or sort its negatives when it has more than the largest. At ``B = 4096``,
-``D = 512`` (batch-all's loss and gradient, one run on a 2-core AMD EPYC) 4 slots take
-0.29 s, 16 take 0.59 s and the sort 1.83 s.
+its positives, or sort its negatives when it has more than the largest; the direct work
+costs less than the sort for few positives, and four slots less than sixteen
+(``benchmarks/losses_per_sec.py`` times them).
 """
 
 
