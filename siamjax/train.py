@@ -91,6 +91,7 @@ class Interrupted(KeyboardInterrupt):
 
   @property
   def exit_code(self) -> int:
+    """The process exit status for this signal, ``128 + signum``."""
     return 128 + self.signum
 
 

@@ -47,9 +47,10 @@ __all__ = ["contrastive", "triplet", "ContrastiveConfig", "TripletConfig", "Mnis
            "optimizer", "contrastive_loss_fn", "contrastive_prepare", "triplet_loss_fn",
            "TOWER", "MINING", "MINING_PRESETS", "PAIRINGS", "load_model"]
 
-#: The Keras example's tower: dense 128-128-128, ReLU, dropout 0.1 after the first two.
+#: The Keras example's tower (dense 128-128-128, ReLU, dropout 0.1 after the first two).
 TOWER = encoders.MLP(features=(128, 128, 128), dropout_rate=0.1)
 
+#: The triplet-mining rules, each its in-batch loss.
 MINING = {rule: getattr(losses, f"{rule}_triplet_loss")
           for rule in ("batch_all", "batch_hard", "semi_hard")}
 
@@ -59,7 +60,7 @@ MINING = {rule: getattr(losses, f"{rule}_triplet_loss")
 MINING_PRESETS = {"batch_all": (1.0, False), "batch_hard": (0.2, True), "semi_hard": (1.0, False)}
 
 #: ``keras``: the example's pairs, made once; ``keras_fresh``: fresh negative partners every
-#: epoch; ``random``: as many fresh balanced pairs (:func:`sampling.sample_pairs`) each epoch.
+#: epoch; ``random``: as many fresh balanced pairs (:func:`siamjax.sampling.sample_pairs`) each epoch.
 PAIRINGS = ("keras", "keras_fresh", "random")
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +147,7 @@ def load_data(cfg) -> MnistData:
 
 
 def example_pairs(key: jax.Array, labels) -> tuple[jax.Array, jax.Array]:
-  """The Keras example's alternating pairs over ``labels`` (:func:`sampling.keras_pairs`,
+  """The Keras example's alternating pairs over ``labels`` (:func:`siamjax.sampling.keras_pairs`,
   ``n`` = the smallest digit's count minus one): ``(pairs [P, 2], similar [P])``."""
   classes = sampling.index_table(np.asarray(labels), name="labels")
   if int(classes.counts.min()) < 2:

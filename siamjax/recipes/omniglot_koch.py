@@ -123,6 +123,7 @@ class Config:
   source: str = "zip"
 
   def replace(self, **kw) -> "Config":
+    """A copy with the fields in ``kw`` changed."""
     return dataclasses.replace(self, **kw)
 
 
@@ -312,15 +313,18 @@ class Model:
     return (images_uint8.astype(jnp.float32) / 255.0)[..., None]
 
   def embed(self, variables, images_uint8):
+    """``[N, H, W]`` uint8 images -> ``[N, D]`` embeddings (evaluation mode)."""
     return self.net.apply(variables, self.prepare(images_uint8), method=self.net.embed,
                           **self.eval_kw)
 
   def score(self, variables, h_q, h_s):
+    """Scores of query against support embeddings, higher = more alike."""
     if self.cfg.loss == "softmax":
       return oneshot.neg_squared_euclidean(variables, h_q, h_s)
     return self.net.apply(variables, h_q, h_s, method=self.net.head)
 
   def train_apply(self, params, model_state, x, **kw):
+    """The network in training mode: ``(output, new model state)``."""
     variables = {"params": params, **model_state}
     if _has_bn(self.cfg):
       out, upd = self.net.apply(variables, x, **kw, **self.train_kw, mutable=["batch_stats"])
@@ -607,7 +611,7 @@ def load_model(config: dict, workdir, *, which: str = "best",
 
   Inputs are drawings: ``105x105`` PNG files (black ink on white, mode 1 or L) or arrays
   in the dataset's own form (``[105, 105]`` uint8, ink 255); the network embeds them as
-  evaluation does (:meth:`Model.embed`: resized to ``image_size``, scaled to [0, 1]).
+  evaluation does (:meth:`siamjax.inference.Model.embed`: resized to ``image_size``, scaled to [0, 1]).
   The comparison is the one Lake's trials are scored with: squared L2 for the softmax
   loss, the weighted-L1 head's probability for pair BCE.
   """

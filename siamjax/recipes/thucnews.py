@@ -48,6 +48,7 @@ VOCAB_FILE = "vocab.json"
 #: The embedding models each draw trains (sub-runs ``seed<k>/<model>/``).
 MODELS = ("splitview_finetune", "splitview", "bag_scratch", "seed_baseline")
 
+#: The models compared on every draw.
 VARIANTS = ("tfidf_lr", "seed_baseline_sum", "seed_baseline_mean", "bag_scratch",
             "splitview", "splitview_finetune", "splitview_finetune+tfidf_lr")
 
