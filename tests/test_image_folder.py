@@ -81,7 +81,7 @@ def test_config_errors_name_the_argument(tmp_path, folder):
 @pytest.mark.slow
 def test_image_folder_learns_and_draws_mistakes(folder, tmp_path):
   x, y, names, _ = folders.load_image_folder(folder, size=(20, 20))
-  cfg = imf.Config(epochs=2, steps_per_epoch=20, steps_per_call=2, batch_pairs=16, n_way=4,
+  cfg = imf.Config(epochs=2, steps_per_epoch=40, steps_per_call=2, batch_pairs=16, n_way=4,
                    eval_pairs=200)
   results = imf.fit_and_evaluate(x, y, cfg, tmp_path, class_names=names, progress=False)
   assert results["images"] == {"train": 24, "test": 8, "classes": 4}
