@@ -165,7 +165,8 @@ _MAX_POSITIVES_ARG = """\
       else the sort. With concrete labels the choice is made once when tracing; under
       ``jit`` each chunk of anchors chooses with ``lax.switch`` on its largest positive
       count, which compiles every branch (several times the compile time, and slower
-      than the one branch it picks; under ``vmap`` over the labels every branch runs). Pass ``max_positives`` to compile one.
+      than the one branch it picks; under ``vmap`` over the labels every branch runs).
+      Pass ``max_positives`` to compile one.
 """
 
 

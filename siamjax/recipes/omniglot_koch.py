@@ -611,7 +611,8 @@ def load_model(config: dict, workdir, *, which: str = "best",
 
   Inputs are drawings: ``105x105`` PNG files (black ink on white, mode 1 or L) or arrays
   in the dataset's own form (``[105, 105]`` uint8, ink 255); the network embeds them as
-  evaluation does (:meth:`siamjax.inference.Model.embed`: resized to ``image_size``, scaled to [0, 1]).
+  evaluation does (:meth:`siamjax.inference.Model.embed`: resized to ``image_size``,
+  scaled to [0, 1]).
   The comparison is the one Lake's trials are scored with: squared L2 for the softmax
   loss, the weighted-L1 head's probability for pair BCE.
   """

@@ -256,8 +256,8 @@ def load_model(config: dict, workdir, *, which: str = "best",
   results, else the one trained).
 
   Inputs are feature vectors ``[N, D]`` (one side of a pair), standardised with the
-  training rows' means and deviations as in training; :meth:`siamjax.inference.Model.read_pairs` splits a
-  CSV of pairs into its two sides with the run's column layout. The comparison is the
+  training rows' means and deviations as in training;
+  :meth:`siamjax.inference.Model.read_pairs` splits a CSV of pairs into its two sides with the run's column layout. The comparison is the
   Euclidean distance (``"contrastive"``) or the pair head's probability (``"bce"``).
   """
   cfg = cli.config_from_dict(Config, config)
