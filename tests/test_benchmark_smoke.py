@@ -52,6 +52,7 @@ def _bench_step(batch, mesh=None, **kw):
   return rc, model, step, state, data
 
 
+@pytest.mark.slow
 def test_benchmark_times_the_recipes_own_train_step():
   """The benchmark's siamjax row is train.make_train_step over the Omniglot recipe's loss:
   the same loss and update as a step built directly from the library."""
@@ -256,6 +257,7 @@ def test_keras_reference_is_the_koch_net():
     keras_koch.koch_siamese("float16")
 
 
+@pytest.mark.slow
 def test_siamjax_lake_finds_the_identical_image():
   net = koch_siamese()
   x = jnp.zeros((1, 105, 105, 1))
@@ -269,6 +271,7 @@ def test_siamjax_lake_finds_the_identical_image():
   assert not bool(jnp.any(harness.siamjax_lake(net)(params, test, shuffled)))
 
 
+@pytest.mark.slow
 def test_data_parallel_train_step_matches_one_device():
   """`--devices 2`: the benchmark's sharded step gives the one-device loss and update."""
   from siamjax import parallel

@@ -84,6 +84,7 @@ IN_BATCH = [
 IDS = ["batch_all", "batch_hard", "semi_hard", "all_pairs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn,naive", IN_BATCH, ids=IDS)
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 256])
@@ -94,6 +95,7 @@ def test_in_batch_matches_naive(fn, naive, distance, chunk_size):
   np.testing.assert_allclose(out, naive(emb, labels, 0.8, distance), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn,naive", IN_BATCH, ids=IDS)
 def test_in_batch_gradient_matches_naive(fn, naive):
   emb, labels = _emb(12, 4), _labels(12, 3)
@@ -112,6 +114,7 @@ def test_in_batch_check_grads(fn, naive):
                 modes=("rev",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn,naive", IN_BATCH + [(L.ntxent_loss, None),
                                                  (L.in_batch_softmax_loss, None)],
                          ids=IDS + ["ntxent", "softmax"])
@@ -162,6 +165,7 @@ def test_in_batch_jit_vmap_and_no_retrace(fn):
   np.testing.assert_allclose(vm[1], fn(stacked[1], labels, chunk_size=4), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [None, 0], ids=["default", "chunked"])
 @pytest.mark.parametrize("fn", [L.batch_all_triplet_loss, L.batch_hard_triplet_loss,
                                 L.semi_hard_triplet_loss])
@@ -210,6 +214,7 @@ ALL_IN_BATCH = [L.batch_all_triplet_loss, L.batch_hard_triplet_loss, L.semi_hard
                 L.all_pairs_contrastive_loss, L.ntxent_loss, L.in_batch_softmax_loss]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ALL_IN_BATCH, ids=lambda f: f.__name__)
 def test_valid_mask_equals_dropping_the_rows(fn):
   emb, labels = _emb(11, 4), jnp.asarray(RNG.integers(0, 3, size=11), jnp.int32)
@@ -247,6 +252,7 @@ def _naive_ref_exclude_loss(fn, emb, labels, ref, ref_labels, ref_valid, ref_exc
          ref_valid=ref_valid & (idx != ref_exclude[i]))[0] for i in range(emb.shape[0])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ALL_IN_BATCH + [L.multi_similarity_loss, L.circle_loss,
                                                L.lifted_structure_loss],
                          ids=lambda f: f.__name__)
@@ -336,6 +342,7 @@ ALL_WITH_NEW = ALL_IN_BATCH + [L.multi_similarity_loss, L.circle_loss, L.lifted_
 ON_DISTANCE = [f for f in ALL_WITH_NEW if f not in (L.ntxent_loss, L.circle_loss)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
 def test_every_loss_is_finite_in_float16_up_to_1e4(fn):
   emb = jnp.asarray(RNG.uniform(-1e4, 1e4, size=(12, 4)), jnp.float16)
@@ -362,6 +369,7 @@ def test_batch_hard_is_accurate_with_a_large_shared_offset():
   np.testing.assert_allclose(out, want, atol=1e-3)  # was off by 0.04
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
 def test_anchor_indices_out_of_range_raise(fn):
   emb, labels = _emb(6, 3), _labels(6, 2)

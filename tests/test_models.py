@@ -77,6 +77,7 @@ def test_koch_forward_is_symmetric_and_equivariant(koch_params):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_koch_bf16_compute_keeps_float32_params(koch_params):
   net16 = models.koch_siamese(dtype=jnp.bfloat16)
   x1, x2 = _images(2, 3), _images(2, 4)
@@ -174,6 +175,7 @@ def test_dropout_needs_rng_only_in_training():
   assert not np.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_other_encoders_shapes():
   cnn = encoders.SmallCNN()
   imgs = jnp.ones((2, 40, 40, 3))
