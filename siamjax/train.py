@@ -656,7 +656,9 @@ def _fit(state, step_fn, data, workdir, kw):
   bar = None
   if kw["progress"] and chief:
     from tqdm.auto import tqdm
-    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True,
+    # disable=None: no bar when the output is not a terminal (a log file, CI), whose
+    # carriage-return frames would fill it.
+    bar = tqdm(total=num_steps, initial=step, unit="step", dynamic_ncols=True, disable=None,
                desc=kw["desc"], bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
                "[{elapsed}{postfix}]")
   first = True

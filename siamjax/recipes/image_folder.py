@@ -112,8 +112,12 @@ def fit_and_evaluate(images, labels, cfg: Config, workdir, *, class_names=None,
   images, labels = np.asarray(images), np.asarray(labels, np.int32)
   if images.ndim != 4 or images.shape[0] != labels.shape[0]:
     raise ValueError(f"images must be [N, H, W, C], labels [N]; got {images.shape}, {labels.shape}")
-  if cfg.steps_per_call < 1 or cfg.steps_per_epoch % cfg.steps_per_call:  # before the init
-    raise ValueError(f"steps_per_call={cfg.steps_per_call} must divide steps_per_epoch")
+  if cfg.steps_per_call < 1 or cfg.steps_per_epoch < 1:  # before the init
+    raise ValueError(f"steps_per_call={cfg.steps_per_call} and steps_per_epoch="
+                     f"{cfg.steps_per_epoch} must be >= 1")
+  # Updates per call: the largest divisor of an epoch's steps up to cfg.steps_per_call, so
+  # any --steps-per-epoch works (the checkpoints fall on epoch ends).
+  steps_per_call = max(d for d in range(1, cfg.steps_per_call + 1) if cfg.steps_per_epoch % d == 0)
   if cfg.batch_pairs < 2 or cfg.batch_pairs % 2 or cfg.batch_pairs % cfg.devices:
     raise ValueError(f"batch_pairs={cfg.batch_pairs} must be even and divisible by devices")
   if cfg.eval_pairs < 2 or cfg.eval_pairs % 2 or cfg.n_way < 2:  # else: known after training
@@ -147,7 +151,7 @@ def fit_and_evaluate(images, labels, cfg: Config, workdir, *, class_names=None,
   state, fit = train.run(
       loss_fn, optimizer, train.init_state(params, optimizer, key=k_run),
       {"images": images, "classes": train_table}, num_steps=cfg.epochs * cfg.steps_per_epoch,
-      steps_per_call=cfg.steps_per_call, devices=cfg.devices,
+      steps_per_call=steps_per_call, devices=cfg.devices,
       checkpoint_every=cfg.steps_per_epoch, workdir=workdir, examples_per_step=cfg.batch_pairs,
       progress=progress, hooks=hooks, unit="pairs", restore_only=eval_only)
   session_time = time.perf_counter() - t0
