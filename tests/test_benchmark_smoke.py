@@ -239,6 +239,7 @@ def test_harness_records_keras_skipped_when_keras_is_missing(tmp_path):
   assert [r for r in rows if r["impl"] == "siamjax" and r["mode"] == "infer"]
 
 
+@pytest.mark.slow
 def test_keras_reference_is_the_koch_net():
   if importlib.util.find_spec("keras") is None:
     pytest.skip("keras not installed (pip install keras)")
@@ -287,6 +288,7 @@ def test_data_parallel_train_step_matches_one_device():
   np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_train_step_contains_the_distortion():
   """The default step warps its images (a bilinear gather that augment=False lacks)."""
   texts = []

@@ -68,7 +68,7 @@ def test_config_errors_name_the_argument(tmp_path, folder):
   with pytest.raises(ValueError, match="data_dir"):
     imf.load_images(imf.Config(), tmp_path)
   x, y, _, _ = folders.load_image_folder(folder, size=(8, 8))
-  for bad, name in [(dict(steps_per_call=3), "steps_per_call"), (dict(batch_pairs=7),
+  for bad, name in [(dict(steps_per_call=0), "steps_per_call"), (dict(batch_pairs=7),
                                                                   "batch_pairs"),
                     (dict(eval_pairs=3), "eval_pairs"), (dict(n_way=1), "n_way")]:
     with pytest.raises(ValueError, match=name):

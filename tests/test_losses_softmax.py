@@ -57,6 +57,7 @@ def naive_ntxent(emb, labels, temperature=0.07):
   return jnp.where(n > 0, jnp.sum(jnp.where(pos, per, 0.0), axis=1) / jnp.maximum(n, 1), 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 def test_in_batch_softmax_matches_naive_with_grads(distance):
   emb, labels = _emb(11, 4), jnp.asarray(RNG.integers(0, 3, size=11), jnp.int32)

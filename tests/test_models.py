@@ -57,6 +57,7 @@ def test_koch_paper_initialisation(koch_params):
   assert np.asarray(p["head"]["kernel"]).std() == pytest.approx(0.2, rel=0.1)
 
 
+@pytest.mark.slow
 def test_koch_forward_is_symmetric_and_equivariant(koch_params):
   net = models.koch_siamese()
   x1, x2 = _images(3, 1), _images(3, 2)
