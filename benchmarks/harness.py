@@ -8,7 +8,7 @@ parameters, checked) on one device, side by side in one process:
   on :func:`siamjax.models.koch_siamese`, float32 and bf16 compute (float32 parameters).
   It samples the pairs on the device from a uint8 image bank (gather + cast) AND applies
   Koch et al.'s affine distortions to every image (:data:`KOCH_AFFINE` through
-  :func:`siamjax.sampling.augment`: rotation in [-10, 10] degrees, shear_x and shear_y in
+  :func:`siamjax.augment.augment`: rotation in [-10, 10] degrees, shear_x and shear_y in
   [-0.3, 0.3], scale_x and scale_y in [0.8, 1.2], shift_x and shift_y in [-2, 2] pixels,
   each of the 7 components drawn uniformly and applied independently with probability
   0.5, bilinear warp, zero fill), all inside the one jitted, donated step with keys from
@@ -196,7 +196,7 @@ def synthetic_bank(key: jax.Array, classes: int, drawers: int) -> jax.Array:
 
 
 # Koch et al. (2015), section 4.3: rotation, shears, scales and translations, each drawn
-# uniformly and applied independently with probability 0.5 (siamjax.sampling.sample_affine).
+# uniformly and applied independently with probability 0.5 (siamjax.augment.sample_affine).
 KOCH_AFFINE = types.MappingProxyType(
     {"rotation": 10.0, "shear": 0.3, "scale": (0.8, 1.2), "translation": 2.0, "prob": 0.5})
 
@@ -241,7 +241,7 @@ def augmentation_record(rc: omniglot_koch.Config) -> dict | None:
     return None
   affine = {"rotation": rc.rotation, "shear": rc.shear, "scale": list(rc.scale),
             "translation": rc.translation, "prob": rc.augment_prob}
-  return {**affine, "function": "siamjax.sampling.augment",
+  return {**affine, "function": "siamjax.augment.augment",
           "where": "on the device, inside the jitted train step: "
                    "siamjax.recipes.omniglot_koch.make_loss_fn run by "
                    "siamjax.train.make_train_step (after sampling the pairs)",
@@ -845,7 +845,7 @@ def _fairness_notes(cfg) -> list[str]:
              "step: gather + cast from a synthetic uint8 bank, then Koch et al.'s affine "
              "distortion of every image (rotation +-10 deg, shear +-0.3, scale 0.8-1.2, "
              "translation +-2 px, each of the 7 components applied independently with "
-             "probability 0.5; siamjax.sampling.augment, bilinear). See each siamjax train "
+             "probability 0.5; siamjax.augment.augment, bilinear). See each siamjax train "
              "row's 'augmentation'.")
   else:
     first = ("--no-augment: siamjax samples pairs on the device inside its jitted train step "

@@ -13,33 +13,17 @@ paper_fast preset).
 
 Data: --data-dir, else $SIAMJAX_DATA_DIR (a folder with omniglot/*.zip); a missing zip is
 downloaded from Lake's repository into it (or into ~/.cache/siamjax) with SHA-256
-verification (--no-download to refuse). Presets live in experiments/configs/. The
+verification (--no-download to refuse). The presets are siamjax.recipes.omniglot_koch.PRESETS
+(docs/omniglot-presets.md). The
 flags, the work directory and the exit codes are those of every script
 (siamjax.recipes.cli): re-running a command resumes it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 from siamjax.recipes import cli, learning_curves, omniglot_koch
-
-CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def _preset(name: str):
-  def load():
-    path = CONFIGS / f"omniglot_koch_{name}.py"
-    spec = importlib.util.spec_from_file_location(f"omniglot_koch_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
-  return load
-
-
-PRESETS = {name: _preset(name) for name in ("smoke", "quick", "paper", "paper_fast")}
 
 
 def _by_device() -> str:
@@ -54,13 +38,14 @@ def main(argv=None, hooks=()) -> int:
       print("error: --learning-curve OUT.json WORKDIR [WORKDIR ...]", file=sys.stderr)
       return 2
     try:
-      path = learning_curves.collect(args[1], args[2:], paper_fast=PRESETS["paper_fast"]())
+      paper_fast = omniglot_koch.PRESETS["paper_fast"]()
+      path = learning_curves.collect(args[1], args[2:], paper_fast=paper_fast)
       print(f"-> {path}")
     except (ValueError, OSError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
     return 0
-  return cli.main(omniglot_koch, argv, presets=PRESETS, default_preset=_by_device,
+  return cli.main(omniglot_koch, argv, default_preset=_by_device,
                   hooks=hooks, description=__doc__)
 
 

@@ -10,7 +10,8 @@ Modules (one concept each):
 * :mod:`siamjax.fourier`: 'valid' convolutions as DFT matrix products (Koch's fast CPU path).
 * :mod:`siamjax.models`: Siamese networks built from an encoder and a pair head.
 * :mod:`siamjax.parallel`: data-parallel meshes, shardings and cross-device losses.
-* :mod:`siamjax.sampling`: on-device pair/group sampling and Koch's affine distortions.
+* :mod:`siamjax.sampling`: on-device pair, group and one-shot trial sampling.
+* :mod:`siamjax.augment`: Koch's random affine distortions and image resizing.
 * :mod:`siamjax.train`: the fused, jitted train step and the resumable training loop.
 * :mod:`siamjax.evaluation`: one-shot tasks and verification metrics.
 * :mod:`siamjax.data`, :mod:`siamjax.recipes`, :mod:`siamjax.fewshot`: datasets,
@@ -18,7 +19,7 @@ Modules (one concept each):
   import them explicitly.
 """
 
-from siamjax import (distances, encoders, evaluation, fourier, losses, memory, models,
+from siamjax import (augment, distances, encoders, evaluation, fourier, losses, memory, models,
                      parallel, sampling, train)
 from siamjax.distances import (
     cosine_distance,
@@ -55,7 +56,7 @@ from siamjax.models import SiameseNet, koch_siamese
 __version__ = "0.1.0"
 
 __all__ = [
-    "distances", "encoders", "evaluation", "fourier", "losses", "memory", "models",
+    "augment", "distances", "encoders", "evaluation", "fourier", "losses", "memory", "models",
     "parallel", "sampling", "train",
     "l1", "euclidean", "squared_euclidean", "cosine_similarity", "cosine_distance",
     "inverse_distance_similarity", "exp_similarity", "pairwise_distances",

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_concrete(x) -> bool:
+def is_concrete(x) -> bool:
+  """Whether ``x`` has a value now (not a tracer inside ``jit``)."""
   return not isinstance(x, jax.core.Tracer)
 
 
@@ -71,7 +72,7 @@ def binary_labels(name: str, y, like: jax.Array) -> jax.Array:
     raise ValueError(f"{name} must be bool or numeric 0/1 labels, got dtype {y.dtype}")
   if jnp.issubdtype(y.dtype, jnp.complexfloating):
     raise ValueError(f"{name} must be real 0/1 labels, got dtype {y.dtype}")
-  if _is_concrete(y) and y.size:
+  if is_concrete(y) and y.size:
     values = np.unique(np.asarray(y))
     bad = values[(values != 0) & (values != 1)]
     if bad.size:
@@ -92,8 +93,39 @@ def class_labels(name: str, labels, batch: int) -> jax.Array:
 
 def positive_scalar(name: str, value, *, allow_zero: bool = False) -> None:
   """Checks a Python/NumPy hyper-parameter that must be positive (skipped for tracers)."""
-  if _is_concrete(value):
+  if is_concrete(value):
     v = float(np.asarray(value))
     if not (v > 0 or (allow_zero and v == 0)) or not np.isfinite(v):
       bound = ">= 0" if allow_zero else "> 0"
       raise ValueError(f"{name} must be finite and {bound}, got {v}")
+
+
+def row_mask(name: str, mask, n: int) -> jax.Array:
+  """Checks an optional ``[n]`` bool row mask; all True when ``None``."""
+  if mask is None:
+    return jnp.ones((n,), dtype=bool)
+  mask = as_array(name, mask)
+  if mask.dtype != jnp.bool_:
+    raise ValueError(f"{name} must be a bool mask, got dtype {mask.dtype}")
+  rank(name, mask, 1, f"[{n}] bool, one per row")
+  if mask.shape[0] != n:
+    raise ValueError(f"{name} has {mask.shape[0]} entries but there are {n} rows")
+  return mask
+
+
+def anchor_rows(anchor_indices, b: int) -> jax.Array:
+  """Checks ``anchor_indices`` (``[A]`` rows of ``[0, b)``; range checked when concrete)."""
+  if anchor_indices is None:
+    return jnp.arange(b)
+  rows_A = as_array("anchor_indices", anchor_indices)
+  if not jnp.issubdtype(rows_A.dtype, jnp.integer):
+    raise ValueError(f"anchor_indices must be integer rows, got dtype {rows_A.dtype}")
+  rank("anchor_indices", rows_A, 1, "[A] rows of embeddings")
+  nonempty("anchor_indices", rows_A)
+  if is_concrete(rows_A):
+    r = np.asarray(rows_A)
+    bad = r[(r < 0) | (r >= b)]
+    if bad.size:
+      raise ValueError(
+          f"anchor_indices must be rows in [0, {b}) of embeddings, found {bad[:5].tolist()}")
+  return rows_A

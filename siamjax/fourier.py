@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from siamjax import cpu_kernels
+from siamjax import _checks, cpu_kernels
 
 __all__ = ["dft_conv2d", "conv_general_dilated", "dft_conv2d_flops", "direct_conv2d_flops"]
 
@@ -111,7 +111,7 @@ def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None,
       and channel first (its mean's convolution is added back exactly), so that the
       large mean of post-ReLU inputs does not set the rounding error of every output.
       Relative output error about 5e-3 (rms, against 2.3e-3 with float32 transforms);
-      Koch's conv2 trains about 20% faster on a 2-core Zen 4
+      Koch's conv2 trains faster this way on CPUs with bf16 matrix units
       (``benchmarks/results/cpu-amd-epyc-2core-profile.md``).
 
   Returns:
@@ -121,9 +121,7 @@ def dft_conv2d(x: jax.Array, w: jax.Array, *, precision=None,
     ValueError: non-floating inputs, wrong ranks, mismatched channels or a kernel larger
       than the input.
   """
-  x, w = jnp.asarray(x), jnp.asarray(w)
-  if not (jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(w.dtype, jnp.floating)):
-    raise ValueError(f"x and w must be floating, got {x.dtype} and {w.dtype}")
+  x, w = _checks.floating("x", x), _checks.floating("w", w)
   if x.ndim != 4 or w.ndim != 4:
     raise ValueError(f"x must be [B, H, W, C] and w [kh, kw, C, O], got shapes {x.shape} "
                      f"and {w.shape}")

@@ -218,6 +218,7 @@ class Metric:
     return r
 
   def to_json(self) -> dict:
+    """The metric as a JSON-ready dict (:meth:`from_json` reads it back)."""
     out = {"kind": self.kind}
     if self.kind == "weighted_l1":
       out.update(weights=np.asarray(self.weights, np.float32).tolist(), bias=float(self.bias))
@@ -225,6 +226,7 @@ class Metric:
 
   @classmethod
   def from_json(cls, d: dict) -> "Metric":
+    """The metric that :meth:`to_json` wrote."""
     if d["kind"] == "weighted_l1":
       return cls("weighted_l1", weights=np.asarray(d["weights"], np.float32),
                  bias=float(d["bias"]))

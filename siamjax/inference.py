@@ -26,7 +26,7 @@ Decisions follow TF Similarity's flow (index -> lookup -> calibrate -> match):
   gallery label, or ``"unknown"`` when the nearest match is beyond the threshold.
 
 :mod:`siamjax.export` writes a model as a ``jax.export`` artefact that runs without
-siamjax; ``python -m siamjax`` (:mod:`siamjax.__main__`) does all of this from a shell.
+siamjax; ``python -m siamjax`` (its commands: ``python -m siamjax --help``) does all of this from a shell.
 """
 
 from __future__ import annotations
@@ -259,7 +259,8 @@ class Model:
   """A trained network ready to use (see the module docstring); built by :func:`load`.
 
   Attributes:
-    recipe, variant: which experiment wrote it, and which of its models this is.
+    recipe: which experiment wrote it.
+    variant: which of its models this is.
     workdir: its work directory; ``step`` and ``checkpoint`` (``"best"`` or ``"latest"``):
       the checkpoint read.
     variables: the parameters (and batch statistics) pytree.
@@ -376,14 +377,14 @@ class Model:
     return x
 
   def _bucket(self, m: int) -> int:
-    """The padded batch for ``m`` rows: ``devices * 2^j``, at most :attr:`batch_size`."""
+    """The padded batch for ``m`` rows: ``devices * 2^j``, at most ``batch_size``."""
     per = -(-m // self._n_dev)
     return min(self._n_dev * (1 << max(0, math.ceil(math.log2(per)))), self.batch_size)
 
   def embed(self, x, *, progress: bool = False) -> jax.Array:
     """``[N, *inputs.shape] -> [N, D]`` float32 embeddings.
 
-    Runs in batches of at most :attr:`batch_size`, each padded to a power-of-two bucket
+    Runs in batches of at most ``batch_size``, each padded to a power-of-two bucket
     (so a new ``N`` compiles at most ``log2(batch_size)`` programs once) and split over
     the local devices.
 
@@ -446,7 +447,7 @@ class Model:
     return np.asarray(self.metric.to_units(verify_scores(self, a, b)))
 
   def enroll(self, x, labels, ids=None, *, progress: bool = False, **index_kwargs):
-    """A gallery (:class:`siamjax.index.Index`) of ``x``'s embeddings under :attr:`metric`,
+    """A gallery (:class:`siamjax.index.Index`) of ``x``'s embeddings under its ``metric``,
     fingerprinted with these parameters (``index_kwargs`` go to ``Index.build``)."""
     emb = self.embed(x, progress=progress)
     return _index.Index.build(emb, labels, ids, metric=self.metric,

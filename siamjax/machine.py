@@ -7,9 +7,10 @@ import platform
 
 import jax
 
-__all__ = ["cpu_model", "cpu_isa", "machine_info"]
+__all__ = ["cpu_model", "cpu_isa", "machine_info", "ISA_FLAGS"]
 
 # The instruction-set extensions that decide which matrix kernels a CPU can run.
+#: The CPU instruction-set flags a machine record lists when present.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
              "amx_bf16", "amx_int8")
 

@@ -53,7 +53,6 @@ import jax
 import jax.numpy as jnp
 
 from siamjax import _checks
-from siamjax import losses as _losses
 
 __all__ = ["Memory", "init", "push", "reference", "last_slots", "cross_batch_loss"]
 
@@ -291,9 +290,9 @@ def cross_batch_loss(
     raise ValueError(f"embeddings has {b} rows, more than the memory's {mem.size} slots")
   own = last_slots(mem, b)
   if valid is not None:
-    valid = _losses._mask("valid", valid, b)
+    valid = _checks.row_mask("valid", valid, b)
   if anchor_indices is not None:
-    rows = _losses._anchor_rows(anchor_indices, b)
+    rows = _checks.anchor_rows(anchor_indices, b)
     # the anchors are independent given the memory: evaluate only theirs
     emb, labels, own = emb[rows], labels[rows], own[rows]
     valid = None if valid is None else valid[rows]

@@ -31,7 +31,8 @@ class SiameseNet(nn.Module):
   Attributes:
     encoder: any module mapping ``[B, ...] -> [B, D]`` (e.g. :class:`siamjax.encoders.Koch`).
     shared: one parameter tree for both inputs (Siamese) or two (pseudo-Siamese).
-    head_kernel_init, head_bias_init: initialisers of the head's ``alpha`` and ``b``.
+    head_kernel_init: initialiser of the head's ``alpha``.
+    head_bias_init: initialiser of the head's ``b``.
 
   ``__call__(x1, x2, **kwargs)`` returns ``[B]`` float32 logits; ``kwargs`` (e.g.
   ``train=True``) go to the encoder. ``embed(x, tower=1)`` returns the encoder's

@@ -1,4 +1,4 @@
-"""On-device sampling: pairs, P x K groups, epoch shuffles, and Koch's affine distortions.
+"""On-device sampling: pairs, P x K groups, one-shot trials and epoch shuffles.
 
 Every sampler here is a pure function of a ``jax.random`` key and arrays that already
 live on the device, so a jitted train step can fuse sampling, augmentation, encoding and
@@ -24,13 +24,8 @@ as ``groups``.
   (a ``prepare`` for :func:`siamjax.train.make_train_step`).
 * :func:`sample_rows`: i.i.d. uniform rows of an unlabelled pool, drawn afresh each step.
 * :func:`exhaustive_pairs`: every same-class pair plus as many sampled negatives (host).
-* :func:`sample_affine` / :func:`affine_warp` / :func:`augment`: Koch et al.'s random
-  affine distortions, warped with ``jax.scipy.ndimage.map_coordinates`` (bilinear).
-* :func:`resize_images`: antialiased downsampling of uint8 images.
 
-References:
-  G. Koch, R. Zemel, R. Salakhutdinov, "Siamese Neural Networks for One-shot Image
-  Recognition", ICML DL Workshop 2015, section 4.3 (affine distortions).
+The images' random distortions and resizing live in :mod:`siamjax.augment`.
 """
 
 from __future__ import annotations
@@ -47,8 +42,7 @@ __all__ = [
     "IndexTable", "index_table", "grid_table", "sample_pairs", "sample_groups",
     "sample_oneshot_trials", "sample_oneshot_tasks", "keras_pairs", "epoch_batches",
     "sample_rows",
-    "exhaustive_pairs", "AffineParams",
-    "sample_affine", "affine_warp", "augment", "resize_images",
+    "exhaustive_pairs",
 ]
 
 
@@ -141,7 +135,7 @@ def _check_table(name: str, t) -> None:
 def _host(x):
   """``x`` as a NumPy array when it is concrete, else ``None`` (value checks run outside
   ``jit`` only)."""
-  return np.asarray(x) if _checks._is_concrete(x) else None
+  return np.asarray(x) if _checks.is_concrete(x) else None
 
 
 def _concrete_min(counts):
@@ -593,93 +587,3 @@ def exhaustive_pairs(key: jax.Array, labels) -> tuple[jax.Array, jax.Array]:
   pairs = np.concatenate([pos_Px2, np.stack([pos_Px2[:, 0], neg], axis=1)])
   similar = np.concatenate([np.ones(len(pos_Px2)), np.zeros(len(pos_Px2))]).astype(np.float32)
   return jnp.asarray(pairs), jnp.asarray(similar)
-
-
-class AffineParams(NamedTuple):
-  """Per-image affine distortion ``[B]`` each: angle (degrees), shears, scales, shifts (px)."""
-
-  theta: jax.Array
-  shear_x: jax.Array
-  shear_y: jax.Array
-  scale_x: jax.Array
-  scale_y: jax.Array
-  shift_x: jax.Array
-  shift_y: jax.Array
-
-
-def sample_affine(key: jax.Array, batch: int, *, rotation: float = 10.0, shear: float = 0.3,
-                  scale: tuple[float, float] = (0.8, 1.2), translation: float = 2.0,
-                  prob: float = 0.5) -> AffineParams:
-  """Koch et al.'s random affine distortion parameters.
-
-  Each component (rotation in ``[-rotation, rotation]`` degrees, shears in
-  ``[-shear, shear]``, scales in ``scale``, translations in ``[-translation,
-  translation]`` pixels) is drawn uniformly and applied independently with probability
-  ``prob`` (identity otherwise).
-
-  Returns:
-    :class:`AffineParams` of ``[batch]`` float32 arrays.
-  """
-  keys = jax.random.split(key, 14)
-
-  def comp(i, lo, hi, identity):
-    v = jax.random.uniform(keys[2 * i], (batch,), jnp.float32, lo, hi)
-    on = jax.random.bernoulli(keys[2 * i + 1], prob, (batch,))
-    return jnp.where(on, v, identity)
-
-  return AffineParams(
-      comp(0, -rotation, rotation, 0.0), comp(1, -shear, shear, 0.0),
-      comp(2, -shear, shear, 0.0), comp(3, scale[0], scale[1], 1.0),
-      comp(4, scale[0], scale[1], 1.0), comp(5, -translation, translation, 0.0),
-      comp(6, -translation, translation, 0.0))
-
-
-def affine_warp(images: jax.Array, params: AffineParams) -> jax.Array:
-  """Applies ``params`` to ``[B, H, W]`` float images about their centre (bilinear, 0 fill).
-
-  The forward map is ``p' = R(theta) Sh(shear) S(scale) (p - c) + c + t``; each output
-  pixel samples the input at the inverse image of its coordinates.
-
-  >>> import jax.numpy as jnp
-  >>> x = jnp.zeros((1, 5, 5)).at[0, 2, 2].set(1.0)
-  >>> p = AffineParams(*([jnp.zeros(1)] * 3 + [jnp.ones(1)] * 2 + [jnp.ones(1), jnp.zeros(1)]))
-  >>> [int(v) for v in jnp.argwhere(affine_warp(x, p)[0] > 0.5)[0]]  # shifted right by 1
-  [2, 3]
-  """
-  h, w = images.shape[-2:]
-  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-  ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                        indexing="ij")
-
-  def one(img, p):
-    t = jnp.deg2rad(p.theta)
-    rot = jnp.array([[jnp.cos(t), -jnp.sin(t)], [jnp.sin(t), jnp.cos(t)]])
-    sh = jnp.array([[1.0, p.shear_x], [p.shear_y, 1.0]])
-    sc = jnp.diag(jnp.stack([p.scale_x, p.scale_y]))
-    inv = jnp.linalg.inv(rot @ sh @ sc)  # acts on (x, y)
-    ox, oy = xs - cx - p.shift_x, ys - cy - p.shift_y
-    src_x = inv[0, 0] * ox + inv[0, 1] * oy + cx
-    src_y = inv[1, 0] * ox + inv[1, 1] * oy + cy
-    return jax.scipy.ndimage.map_coordinates(img, [src_y, src_x], order=1, mode="constant",
-                                             cval=0.0)
-
-  return jax.vmap(one)(images, params)
-
-
-def augment(key: jax.Array, images: jax.Array, **affine_kwargs) -> jax.Array:
-  """Random Koch distortions of ``[B, H, W]`` float images (see :func:`sample_affine`)."""
-  return affine_warp(images, sample_affine(key, images.shape[0], **affine_kwargs))
-
-
-def resize_images(images: jax.Array, size: int) -> jax.Array:
-  """Area-like (antialiased linear) downsampling of ``[..., H, W]`` uint8 images to ``size``.
-
-  >>> import jax.numpy as jnp
-  >>> resize_images(jnp.full((2, 105, 105), 255, jnp.uint8), 28).shape
-  (2, 28, 28)
-  """
-  lead = images.shape[:-2]
-  x = images.reshape((-1,) + images.shape[-2:]).astype(jnp.float32)
-  x = jax.image.resize(x, (x.shape[0], size, size), method="linear", antialias=True)
-  x = jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
-  return x.reshape(lead + (size, size))

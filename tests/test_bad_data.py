@@ -241,6 +241,7 @@ def test_image_folder_script_prints_layout_errors_as_one_line(tmp_path, monkeypa
   assert f"--data-dir {tmp_path / 'd' / 'train'}" in lines[0]
 
 
+@pytest.mark.slow
 def test_small_cnn_names_the_smallest_image():
   with pytest.raises(ValueError, match=r"SmallCNN needs images of at least 16x16 pixels, "
                                        r"got 15x20"):  # was a ZeroDivisionError

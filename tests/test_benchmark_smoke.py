@@ -34,7 +34,7 @@ def test_koch_affine_is_the_papers_distortion():
   assert dict(harness.KOCH_AFFINE) == {"rotation": 10.0, "shear": 0.3, "scale": (0.8, 1.2),
                                        "translation": 2.0, "prob": 0.5}
   rec = harness.augmentation_record(harness.recipe_config(2))
-  assert rec["prob"] == 0.5 and rec["function"] == "siamjax.sampling.augment"
+  assert rec["prob"] == 0.5 and rec["function"] == "siamjax.augment.augment"
   assert "make_train_step" in rec["where"] and "drawn uniformly" in rec["components"]
   assert harness.augmentation_record(harness.recipe_config(2, augment=False)) is None
 
@@ -52,6 +52,7 @@ def _bench_step(batch, mesh=None, **kw):
   return rc, model, step, state, data
 
 
+@pytest.mark.slow
 def test_benchmark_times_the_recipes_own_train_step():
   """The benchmark's siamjax row is train.make_train_step over the Omniglot recipe's loss:
   the same loss and update as a step built directly from the library."""
@@ -238,6 +239,7 @@ def test_harness_records_keras_skipped_when_keras_is_missing(tmp_path):
   assert [r for r in rows if r["impl"] == "siamjax" and r["mode"] == "infer"]
 
 
+@pytest.mark.slow
 def test_keras_reference_is_the_koch_net():
   if importlib.util.find_spec("keras") is None:
     pytest.skip("keras not installed (pip install keras)")
@@ -256,6 +258,7 @@ def test_keras_reference_is_the_koch_net():
     keras_koch.koch_siamese("float16")
 
 
+@pytest.mark.slow
 def test_siamjax_lake_finds_the_identical_image():
   net = koch_siamese()
   x = jnp.zeros((1, 105, 105, 1))
@@ -269,6 +272,7 @@ def test_siamjax_lake_finds_the_identical_image():
   assert not bool(jnp.any(harness.siamjax_lake(net)(params, test, shuffled)))
 
 
+@pytest.mark.slow
 def test_data_parallel_train_step_matches_one_device():
   """`--devices 2`: the benchmark's sharded step gives the one-device loss and update."""
   from siamjax import parallel
@@ -284,6 +288,7 @@ def test_data_parallel_train_step_matches_one_device():
   np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_train_step_contains_the_distortion():
   """The default step warps its images (a bilinear gather that augment=False lacks)."""
   texts = []

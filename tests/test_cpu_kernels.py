@@ -103,6 +103,7 @@ def test_dense_dot_general_matches_dot():
                                 jax.lax.dot_general(x32, y, bdims))
 
 
+@pytest.mark.slow
 def test_dft_conv2d_bf16_products_match_float32():
   x = jax.random.uniform(jax.random.key(0), (2, 14, 12, 8))
   w = 0.1 * jax.random.normal(jax.random.key(1), (4, 3, 8, 6))
@@ -149,6 +150,7 @@ def test_bf16_conv2d_matches_rounded_reference(c):
   assert float(np.abs(out - ref).max()) > 0  # the output is rounded to bf16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c", [1, 2])  # 1: the widened one-channel primitive
 def test_bf16_conv2d_grads_match_float32_grads(c):
   x = jax.random.normal(jax.random.key(0), (2, 12, 10, c))
@@ -246,6 +248,7 @@ def test_dense_rounds_float32_weights_inside_the_call_only_when_not_differentiat
   assert "siamjax_onednn_matmul_bf16" in hlo
 
 
+@pytest.mark.slow
 def test_koch_bf16_parameters_are_the_float32_nets():
   x = jnp.zeros((1, 105, 105, 1))
   got = Koch(dtype=jnp.bfloat16).init(jax.random.key(1), x)
@@ -281,6 +284,7 @@ def test_bf16_transform_matches_reference_and_has_no_matrix_gradient():
     cpu_kernels.bf16_transform(jnp.ones((6, 5)), b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,mean", [((2, 14, 12, 8, 4, 3, 6), 0.0),
                                         ((3, 9, 9, 4, 4, 4, 5), 0.0),
                                         ((2, 14, 12, 8, 4, 3, 6), 20.0)])
@@ -338,6 +342,7 @@ def test_onednn_route_runs_the_custom_call():
   assert Koch(dtype=jnp.bfloat16).route() == "dft+onednn-bf16"
 
 
+@pytest.mark.slow
 def test_koch_bf16_route_and_float32_agreement():
   net = Koch(dtype=jnp.bfloat16)
   assert net.route() == ("dft+onednn-bf16" if ROUTE == "onednn-bf16" else "direct")

@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
-from siamjax import encoders, fourier, models
+from siamjax import _pooling, encoders, fourier, models
 
 DN = ("NHWC", "HWIO", "NHWC")
 
@@ -62,6 +62,7 @@ def test_float32_koch_conv2_shape_matches_lax():
   assert float(jnp.max(jnp.abs(y - ref))) < 1e-5 * scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_gradients_check_grads_and_equal_lax(shape):
   b, h, w, c, kh, kw, o = shape
@@ -80,6 +81,7 @@ def test_gradients_check_grads_and_equal_lax(shape):
       np.testing.assert_allclose(a, r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_jit_vmap_consistent():
   x = jax.random.normal(jax.random.key(2), (3, 2, 8, 8, 2))
   w = jax.random.normal(jax.random.key(3), (3, 3, 2, 4))
@@ -140,7 +142,7 @@ def test_flop_counts_koch_layers():
 
 def test_max_pool2_equals_flax_max_pool():
   x = jax.random.normal(jax.random.key(6), (2, 8, 6, 3))
-  np.testing.assert_array_equal(encoders._max_pool2(x),
+  np.testing.assert_array_equal(_pooling.max_pool2(x),
                                 nn.max_pool(x, (2, 2), strides=(2, 2)))
 
 
@@ -156,6 +158,7 @@ def test_koch_conv_auto_resolves_by_backend_and_dtype():
     encoders.Koch(conv="fft").conv_impl()
 
 
+@pytest.mark.slow
 def test_koch_siamese_dft_equals_direct_values_and_gradients():
   key = jax.random.key(7)
   x1 = jax.random.uniform(jax.random.fold_in(key, 1), (2, 105, 105, 1))

@@ -68,7 +68,7 @@ def test_config_errors_name_the_argument(tmp_path, folder):
   with pytest.raises(ValueError, match="data_dir"):
     imf.load_images(imf.Config(), tmp_path)
   x, y, _, _ = folders.load_image_folder(folder, size=(8, 8))
-  for bad, name in [(dict(steps_per_call=3), "steps_per_call"), (dict(batch_pairs=7),
+  for bad, name in [(dict(steps_per_call=0), "steps_per_call"), (dict(batch_pairs=7),
                                                                   "batch_pairs"),
                     (dict(eval_pairs=3), "eval_pairs"), (dict(n_way=1), "n_way")]:
     with pytest.raises(ValueError, match=name):
@@ -81,7 +81,7 @@ def test_config_errors_name_the_argument(tmp_path, folder):
 @pytest.mark.slow
 def test_image_folder_learns_and_draws_mistakes(folder, tmp_path):
   x, y, names, _ = folders.load_image_folder(folder, size=(20, 20))
-  cfg = imf.Config(epochs=2, steps_per_epoch=20, steps_per_call=2, batch_pairs=16, n_way=4,
+  cfg = imf.Config(epochs=2, steps_per_epoch=40, steps_per_call=2, batch_pairs=16, n_way=4,
                    eval_pairs=200)
   results = imf.fit_and_evaluate(x, y, cfg, tmp_path, class_names=names, progress=False)
   assert results["images"] == {"train": 24, "test": 8, "classes": 4}

@@ -57,6 +57,7 @@ def test_koch_paper_initialisation(koch_params):
   assert np.asarray(p["head"]["kernel"]).std() == pytest.approx(0.2, rel=0.1)
 
 
+@pytest.mark.slow
 def test_koch_forward_is_symmetric_and_equivariant(koch_params):
   net = models.koch_siamese()
   x1, x2 = _images(3, 1), _images(3, 2)
@@ -77,6 +78,7 @@ def test_koch_forward_is_symmetric_and_equivariant(koch_params):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_koch_bf16_compute_keeps_float32_params(koch_params):
   net16 = models.koch_siamese(dtype=jnp.bfloat16)
   x1, x2 = _images(2, 3), _images(2, 4)
@@ -174,6 +176,7 @@ def test_dropout_needs_rng_only_in_training():
   assert not np.allclose(a, b)
 
 
+@pytest.mark.slow
 def test_other_encoders_shapes():
   cnn = encoders.SmallCNN()
   imgs = jnp.ones((2, 40, 40, 3))

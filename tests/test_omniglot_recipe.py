@@ -1,8 +1,5 @@
 """The Omniglot recipe's pieces: presets build, the in-batch loss, the paper optimiser."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,14 +9,8 @@ import pytest
 from siamjax import losses
 from siamjax.recipes import omniglot_koch as ok
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs"
-
-
 def _preset(name):  # the presets experiments/omniglot_koch.py offers
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"omniglot_koch_{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return ok.PRESETS[name]()
 
 
 @pytest.mark.parametrize("name", ["smoke", "quick", "paper", "paper_fast"])

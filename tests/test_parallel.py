@@ -32,6 +32,7 @@ def test_make_mesh_and_errors():
     parallel.make_mesh(0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", IN_BATCH, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("n_devices", [4, 8])
 def test_cross_device_loss_and_gradient_equal_single_device(fn, n_devices):
@@ -88,6 +89,7 @@ def test_cross_device_loss_gathers_valid(fn):
                   in_specs=(P("data"), P("data")), out_specs=P("data"))(emb, labels)
 
 
+@pytest.mark.slow
 def test_anchor_indices_select_rows():
   emb = jnp.asarray(RNG.normal(size=(10, 3)), jnp.float32)
   labels = jnp.asarray(np.arange(10) % 3, jnp.int32)

@@ -26,6 +26,7 @@ def _setup(loss):
   return model, ok.optimizer(cfg), ok.init_state(model, cfg), data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["softmax", "pair_bce"])
 def test_sharded_step_equals_single_device(loss):
   if jax.device_count() < 8:

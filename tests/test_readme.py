@@ -24,3 +24,12 @@ def test_readme_first_screen_has_setup_and_test_commands():
   assert len(commands) == 2, commands
   assert "pip install -e ." in commands[0] and "experiments/" in commands[0]
   assert "pip install -e '.[test]'" in commands[1] and "pytest" in commands[1]
+
+
+def test_readme_links_point_to_files_and_it_stays_short():
+  text = README.read_text()
+  links = [t for t in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in t]
+  assert links
+  missing = [t for t in links if not (README.parent / t).exists()]
+  assert not missing, missing
+  assert len(text.splitlines()) <= 260

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from siamjax.evaluation import retrieval_metrics
+from siamjax.evaluation import recall_at_1, retrieval_metrics
 
 METRICS = ("precision_at_1", "r_precision", "map_at_r", "mrr")
 
@@ -275,3 +275,32 @@ def test_memory_grows_with_the_chunk_not_the_query_count():
   if mem is None:
     pytest.skip("this backend gives no memory analysis")
   assert mem.temp_size_in_bytes < 32 * chunk * n + 4 * n * d  # measured: 19 B per entry
+
+
+def test_recall_at_1_against_brute_force():
+  rng = np.random.default_rng(8)
+  emb = rng.normal(size=(50, 3)).astype(np.float32)
+  labels = rng.integers(0, 4, 50)
+  d = ((emb[:, None] - emb[None]) ** 2).sum(-1)
+  np.fill_diagonal(d, np.inf)
+  expected = np.mean(labels[d.argmin(1)] == labels)
+  got = recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=7)
+  assert float(got) == pytest.approx(expected)
+
+
+def test_recall_at_1_counts_lone_queries_as_misses_unlike_retrieval_metrics():
+  rng = np.random.default_rng(9)
+  emb = rng.normal(size=(40, 4)).astype(np.float32) + 100.0  # a shared offset too
+  labels = np.concatenate([rng.integers(0, 5, 37), [7, 8, 9]])  # three lone labels
+  d = ((emb[:, None].astype(np.float64) - emb[None]) ** 2).sum(-1)
+  np.fill_diagonal(d, np.inf)
+  hits = labels[d.argmin(1)] == labels
+  got = float(recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=6))
+  assert got == pytest.approx(np.mean(hits))
+  m = retrieval_metrics(jnp.asarray(emb), jnp.asarray(labels))
+  assert m["n_lone_queries"] == 3
+  assert m["precision_at_1"] == pytest.approx(got * 40 / 37)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=0)
+  with pytest.raises(ValueError, match="labels has 3 entries"):
+    recall_at_1(jnp.asarray(emb), jnp.asarray(labels[:3]))

@@ -82,14 +82,6 @@ def test_bad_inputs_name_the_argument():
     v.roc_curve([np.nan, 0.2], [1, 0])
 
 
-def test_save_roc_png(tmp_path):
-  pytest.importorskip("matplotlib")
-  scores, similar = _random_pairs(7)
-  path = tmp_path / "roc.png"
-  v.save_roc_png(path, {"a": (-scores, similar)})
-  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_hardest_mistakes_worst_first_each_pair_once():
   rng = np.random.default_rng(9)
   pairs = rng.integers(0, 6, (300, 2))
@@ -106,45 +98,3 @@ def test_hardest_mistakes_worst_first_each_pair_once():
     v.hardest_mistakes(pairs[:3], scores, similar)
 
 
-def test_contact_sheet(tmp_path):
-  pytest.importorskip("PIL")
-  images = np.random.default_rng(0).integers(0, 255, (4, 10, 12, 1), dtype=np.uint8)
-  path = tmp_path / "sheet.png"
-  assert v.contact_sheet(path, images, [[0, 3], [1, 2]], [1, 0], [0.1, 0.8],
-                         class_names=["a", "b"], labels=np.array([0, 0, 1, 1])) == 2
-  assert path.read_bytes()[:4] == b"\x89PNG"
-  assert v.contact_sheet(path, images, np.zeros((0, 2), int), [], []) == 0
-  with pytest.raises(ValueError, match="same pairs"):
-    v.contact_sheet(path, images, [[0, 1]], [1, 0], [0.5])
-
-
-def test_recall_at_1_against_brute_force():
-  import jax.numpy as jnp
-  rng = np.random.default_rng(8)
-  emb = rng.normal(size=(50, 3)).astype(np.float32)
-  labels = rng.integers(0, 4, 50)
-  d = ((emb[:, None] - emb[None]) ** 2).sum(-1)
-  np.fill_diagonal(d, np.inf)
-  expected = np.mean(labels[d.argmin(1)] == labels)
-  got = v.recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=7)
-  assert float(got) == pytest.approx(expected)
-
-
-def test_recall_at_1_counts_lone_queries_as_misses_unlike_retrieval_metrics():
-  import jax.numpy as jnp
-  from siamjax.evaluation import retrieval_metrics
-  rng = np.random.default_rng(9)
-  emb = rng.normal(size=(40, 4)).astype(np.float32) + 100.0  # a shared offset too
-  labels = np.concatenate([rng.integers(0, 5, 37), [7, 8, 9]])  # three lone labels
-  d = ((emb[:, None].astype(np.float64) - emb[None]) ** 2).sum(-1)
-  np.fill_diagonal(d, np.inf)
-  hits = labels[d.argmin(1)] == labels
-  got = float(v.recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=6))
-  assert got == pytest.approx(np.mean(hits))
-  m = retrieval_metrics(jnp.asarray(emb), jnp.asarray(labels))
-  assert m["n_lone_queries"] == 3
-  assert m["precision_at_1"] == pytest.approx(got * 40 / 37)
-  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
-    v.recall_at_1(jnp.asarray(emb), jnp.asarray(labels), chunk_size=0)
-  with pytest.raises(ValueError, match="labels has 3 entries"):
-    v.recall_at_1(jnp.asarray(emb), jnp.asarray(labels[:3]))

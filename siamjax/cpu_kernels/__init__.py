@@ -434,7 +434,7 @@ def bf16_conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _conv_relu_pool_xla(x, w, b):  # what the training route computes
-  from siamjax.encoders import _max_pool2  # the encoders' pooling (they import this module)
+  from siamjax._pooling import max_pool2 as _max_pool2  # the encoders' pooling
 
   return _max_pool2(jax.nn.relu(bf16_conv2d(x, w) + b.astype(jnp.float32)[None, None, None]))
 

@@ -5,7 +5,7 @@
 // G may be 1 on either side (broadcast). C: f32[G, M, N], or bf16 (float32 sums rounded
 // once) for a result that the next product reads as bf16 anyway. oneDNN picks its kernel for
 // the CPU at hand (AMX, AVX512-BF16, or an upconverting fallback); `siamjax_onednn_isa`
-// reports which ISA it dispatches to. Built on demand by siamjax/cpu_kernels.py.
+// reports which ISA it dispatches to. Built on demand by siamjax.cpu_kernels (python -m siamjax.cpu_kernels build).
 //
 // Also a 'valid', stride-1 2-D convolution (NHWC input, HWIO kernel, NHWC output) with
 // bf16 operands and float32 accumulation: forward (bf16 result) and weight gradient

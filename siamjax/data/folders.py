@@ -22,6 +22,7 @@ __all__ = ["IMAGE_SUFFIXES", "CSVDataError", "ImageFolderError", "SPLIT_NAMES",
            "load_image_folder", "open_image", "image_array", "load_vector_pairs_csv",
            "write_synthetic_vector_pairs_csv", "write_synthetic_image_folder"]
 
+#: The file suffixes read as images (any case).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -83,7 +84,7 @@ def load_vector_pairs_csv(
     ``(left [P, L] float32, right [P, R] float32, similar [P] int32)``.
 
   Raises:
-    CSVDataError (a ``ValueError``): naming the file, line and column of a row with the
+    CSVDataError: a ``ValueError`` naming the file, line and column of a row with the
       wrong number of columns, a missing, non-numeric or non-finite cell, or a label other
       than 0 or 1; a file with no data rows, or whose rows all carry one label (a Siamese
       model needs same and different pairs).
@@ -297,7 +298,7 @@ def load_image_folder(
     ``(images [N, H, W, C] uint8, labels [N] int32, class_names [C], paths [N])``.
 
   Raises:
-    ImageFolderError (a ``ValueError``): naming the folder or file and what to pass.
+    ImageFolderError: a ``ValueError`` naming the folder or file and what to pass.
   """
   root = pathlib.Path(root)
   if not root.is_dir():
@@ -351,7 +352,7 @@ def open_image(path: str | os.PathLike, *, what: str = "cannot read image"):
   """Opens and decodes one image file (a Pillow image, fully loaded).
 
   Raises:
-    ImageFolderError (a ``ValueError``): the file is missing or does not decode, naming it.
+    ImageFolderError: a ``ValueError`` the file is missing or does not decode, naming it.
   """
   from PIL import Image
   try:

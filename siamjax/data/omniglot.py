@@ -424,8 +424,8 @@ def load_omniglot(split: str = "background", *, data_dir=None, cache_dir=None,
     An :class:`OmniglotSplit` with ``images [chars, 20, 105, 105]`` uint8.
 
   Raises:
-    OmniglotDataError (a ``ValueError``): missing, corrupt or malformed files, with the
-      file's name and how to get it.
+    OmniglotDataError: a ``ValueError`` for missing, corrupt or malformed files, with
+      the file's name and how to get it.
   """
   if split not in SPLIT_FILES:
     raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}")

@@ -39,6 +39,7 @@ __all__ = [
     "synthetic_titles",
 ]
 
+#: The 14 class names, in label order.
 CLASS_NAMES = ("财经", "彩票", "房产", "股票", "家居", "教育", "科技", "社会", "时尚", "时政",
                "体育", "星座", "游戏", "娱乐")
 

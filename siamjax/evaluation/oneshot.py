@@ -202,13 +202,13 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
     raise ValueError(f"answers must be integer support indices, got dtype {answers.dtype}")
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  if _checks._is_concrete(answers):
+  if _checks.is_concrete(answers):
     out = np.asarray(answers)
     bad = (out < 0) | (out >= n)
     if bad.any():
       raise ValueError(f"answers must be support indices in [0, {n}) for a {n}-way task; "
                        f"{int(bad.sum())} of {out.size} are not (e.g. {int(out[bad][0])})")
-  if _checks._is_concrete(support) and _checks._is_concrete(query):
+  if _checks.is_concrete(support) and _checks.is_concrete(query):
     _refuse_queries_in_support(support, query)
   pred, bad_emb, bad_scores = _predict(embed_fn, score_fn, variables, support, query,
                                        chunk_size=chunk_size)

@@ -37,7 +37,7 @@ import numpy as np
 from siamjax import _checks
 from siamjax import distances as _distances
 
-__all__ = ["retrieval_metrics"]
+__all__ = ["retrieval_metrics", "recall_at_1"]
 
 _DISTANCES = ("euclidean", "squared_euclidean", "cosine")
 
@@ -145,9 +145,8 @@ def retrieval_metrics(
   ``N = 100,000``, ``chunk_size = 256``, whether ``R`` is 16 or 1,024). For 1M x 1M
   pass ``chunk_size=256`` (about 4.5 GiB besides the embeddings; the default 1024 needs
   about 18 GiB). Time is ``O(Q N D)`` for the distances plus the ``top_k``, which
-  dominates on a CPU: self-retrieval of 20,000 embeddings (D = 128) took 6 s with
-  ``R`` near 100 and 23 s with ``R`` near 2,000 on 2 cores (a full sort of each row, the
-  alternative, is 6x slower than a ``top_k`` of 2,048 there).
+  dominates on a CPU and grows with ``R`` (a full sort of each row, the alternative,
+  is slower than a ``top_k`` of ``R`` up to a few thousand).
 
   Ties: items at equal distance rank by their index in the reference set (lower first),
   the order of a stable sort (and of ``lax.top_k``); pytorch-metric-learning's
@@ -246,3 +245,38 @@ def retrieval_metrics(
   out["mrr"] = float(np.mean(1.0 / first))
   out["n_lone_queries"] = n_lone
   return out
+
+
+def recall_at_1(embeddings: jax.Array, labels: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
+  """Fraction of embeddings whose nearest other embedding (Euclidean) has the same label.
+
+  Over **all** ``N`` embeddings: one whose label no other embedding has counts as a miss.
+  :func:`retrieval_metrics` (same neighbours, same tie rule: the lower
+  index first) leaves such lone queries out instead, so its ``precision_at_1`` equals
+  ``recall_at_1 * N / (N - n_lone_queries)``; use it for the other retrieval metrics.
+
+  Args:
+    embeddings: ``[N, D]`` floating embeddings, ``N >= 2``.
+    labels: ``[N]`` integer labels.
+    chunk_size: rows per distance block (memory ``O(chunk_size * N)``).
+
+  Returns:
+    A float32 scalar in ``[0, 1]``.
+
+  >>> import jax.numpy as jnp
+  >>> float(recall_at_1(jnp.array([[0.0], [0.1], [1.0], [5.0]]), jnp.array([0, 0, 1, 1])))
+  0.75
+  """
+  emb = _checks.floating("embeddings", embeddings)
+  _checks.rank("embeddings", emb, 2, "[N, D]")
+  if emb.shape[0] < 2:
+    raise ValueError(f"embeddings must be [N, D] with N >= 2, got shape {emb.shape}")
+  labels = _checks.class_labels("labels", labels, emb.shape[0])
+  chunk_size = _checks.positive_int("chunk_size", chunk_size)
+  emb = emb.astype(jnp.promote_types(emb.dtype, jnp.float32))
+  emb = emb - jnp.mean(emb, axis=0, keepdims=True)  # as retrieval_metrics: exact Gram form
+  n = emb.shape[0]
+  first, _, _ = _query_stats(
+      emb, labels, emb, labels, jnp.ones(n, jnp.int32), self_retrieval=True, top=1,
+      distance="squared_euclidean", chunk=min(chunk_size, n))
+  return jnp.mean((first == 1).astype(jnp.float32))

@@ -10,33 +10,26 @@ units ("same" when ``distance <= threshold``).
 * :func:`threshold_at_far`: the threshold for a target false-accept rate;
 * :func:`best_threshold_accuracy`: the threshold with the highest pair accuracy (choose
   it on validation pairs, then apply it to test pairs with :func:`accuracy_at`);
-* :func:`save_roc_png`: the ROC curve as a small PNG;
-* :func:`hardest_mistakes` and :func:`contact_sheet`: the worst-judged pairs, and a PNG
-  showing them side by side;
-* :func:`recall_at_1`: does each embedding's nearest neighbour share its label?
+* :func:`hardest_mistakes`: the worst-judged pairs (drawn by
+  :func:`siamjax.plotting.contact_sheet`).
 
-These run once after training, on the host in NumPy (the ROC needs one sort); only
-:func:`recall_at_1`, which needs all distances between embeddings, runs in JAX.
+These run once after training, on the host in NumPy (the ROC needs one sort). The
+retrieval metrics, :func:`siamjax.evaluation.retrieval.recall_at_1` among them, live in
+:mod:`siamjax.evaluation.retrieval`; the plots in :mod:`siamjax.plotting`.
 Labels: ``similar = 1`` for a same-class pair, 0 otherwise.
 """
 
 from __future__ import annotations
 
-import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from siamjax import _checks
-from siamjax.evaluation import retrieval as _retrieval
 
 __all__ = [
     "roc_curve", "auc", "equal_error_rate", "threshold_at_far", "best_threshold_accuracy",
     "accuracy_at", "operating_points", "operating_rates", "operating_curves",
     "choose_operating_point", "point_at",
-    "verification_report", "save_roc_png", "hardest_mistakes", "contact_sheet",
-    "recall_at_1",
+    "verification_report", "hardest_mistakes",
 ]
 
 
@@ -382,40 +375,6 @@ def verification_report(distance, similar, *, target_fars=(1e-1, 1e-2, 1e-3),
   return report
 
 
-def save_roc_png(path: str | os.PathLike, curves: dict, *, title: str = "ROC") -> None:
-  """Writes ROC curves to a small PNG (matplotlib, Agg backend).
-
-  Args:
-    path: the ``.png`` file to write.
-    curves: ``label -> (distance [P], similar [P])``; each curve's legend shows its AUC
-      and EER, and its EER point is marked.
-    title: the figure title.
-  """
-  import matplotlib  # optional: only needed for plots
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  if not curves:
-    raise ValueError("curves must name at least one (distance, similar) pair")
-  fig, ax = plt.subplots(figsize=(4.5, 4.0), dpi=90)
-  for label, (dist, similar) in curves.items():
-    far, tar, thresholds = roc_curve(-np.asarray(dist, np.float64), similar)
-    eer, _ = equal_error_rate(far, tar, thresholds)
-    ax.plot(far, tar, lw=1.5, label=f"{label} (AUC {auc(far, tar):.4f}, EER {eer:.3f})")
-    ax.plot([eer], [1.0 - eer], "o", ms=4, color=ax.lines[-1].get_color())
-  ax.plot([0, 1], [1, 0], ":", lw=0.8, color="grey")
-  ax.set_xlabel("false-accept rate")
-  ax.set_ylabel("true-accept rate")
-  ax.set_xlim(0, 1)
-  ax.set_ylim(0, 1.01)
-  ax.set_title(title)
-  ax.legend(loc="lower right", fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-
-
 def hardest_mistakes(pairs, scores, similar, *, threshold: float = 0.0) -> np.ndarray:
   """The rows of the wrongly judged pairs, worst first, each unordered pair once.
 
@@ -444,82 +403,3 @@ def hardest_mistakes(pairs, scores, similar, *, threshold: float = 0.0) -> np.nd
   worst = wrong[np.argsort(-np.abs(scores[wrong] - threshold), kind="stable")]
   _, first = np.unique(np.sort(pairs[worst], axis=1), axis=0, return_index=True)
   return worst[np.sort(first)]
-
-
-def contact_sheet(path: str | os.PathLike, images: np.ndarray, pairs, similar, p_same, *,
-                  class_names: list[str] | None = None, labels: np.ndarray | None = None,
-                  max_pairs: int = 12, cell: int = 64) -> int:
-  """Writes a PNG of pairs, one row each: the two images and a caption (Pillow).
-
-  Args:
-    path: the PNG to write.
-    images: ``[N, H, W, C]`` uint8 images (``C`` 1 or 3).
-    pairs: ``[K, 2]`` positions into ``images``, e.g. ``pairs[hardest_mistakes(...)]``.
-    similar: ``[K]`` 0/1 labels.
-    p_same: ``[K]`` the model's probability that each pair shows one class.
-    class_names, labels: caption each image with ``class_names[labels[position]]``.
-    max_pairs: rows drawn (the first ones).
-    cell: pixel size of each image on the sheet.
-
-  Returns:
-    The number of pairs drawn (a sheet without pairs says "no mistakes").
-  """
-  from PIL import Image, ImageDraw  # Pillow: optional, only needed for the sheet
-
-  pairs = np.asarray(pairs).reshape(-1, 2)[:max_pairs]
-  similar, p_same = np.asarray(similar)[:max_pairs], np.asarray(p_same)[:max_pairs]
-  if not similar.shape == p_same.shape == pairs.shape[:1]:
-    raise ValueError(f"pairs, similar and p_same must describe the same pairs, got "
-                     f"{pairs.shape}, {similar.shape} and {p_same.shape}")
-  named = class_names is not None and labels is not None
-  text_w = 190
-  sheet = Image.new("RGB", (2 * cell + text_w, max(1, len(pairs)) * cell), "white")
-  draw = ImageDraw.Draw(sheet)
-  if not len(pairs):
-    draw.text((4, 4), "no mistakes", fill="black")
-  for r, ((i, j), same, p) in enumerate(zip(pairs, similar, p_same)):  # <= max_pairs rows
-    for k, idx in enumerate((i, j)):
-      im = np.asarray(images[idx])
-      im = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).convert("RGB")
-      sheet.paste(im.resize((cell, cell)), (k * cell, r * cell))
-    names = (f"\n{class_names[labels[i]][:14]} | {class_names[labels[j]][:14]}" if named
-             else "")
-    draw.text((2 * cell + 6, r * cell + 6),
-              f"{'same' if same else 'different'}, p(same)={float(p):.2f}{names}", fill="black")
-  sheet.save(path)
-  return len(pairs)
-
-
-def recall_at_1(embeddings: jax.Array, labels: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
-  """Fraction of embeddings whose nearest other embedding (Euclidean) has the same label.
-
-  Over **all** ``N`` embeddings: one whose label no other embedding has counts as a miss.
-  :func:`siamjax.evaluation.retrieval_metrics` (same neighbours, same tie rule: the lower
-  index first) leaves such lone queries out instead, so its ``precision_at_1`` equals
-  ``recall_at_1 * N / (N - n_lone_queries)``; use it for the other retrieval metrics.
-
-  Args:
-    embeddings: ``[N, D]`` floating embeddings, ``N >= 2``.
-    labels: ``[N]`` integer labels.
-    chunk_size: rows per distance block (memory ``O(chunk_size * N)``).
-
-  Returns:
-    A float32 scalar in ``[0, 1]``.
-
-  >>> import jax.numpy as jnp
-  >>> float(recall_at_1(jnp.array([[0.0], [0.1], [1.0], [5.0]]), jnp.array([0, 0, 1, 1])))
-  0.75
-  """
-  emb = _checks.floating("embeddings", embeddings)
-  _checks.rank("embeddings", emb, 2, "[N, D]")
-  if emb.shape[0] < 2:
-    raise ValueError(f"embeddings must be [N, D] with N >= 2, got shape {emb.shape}")
-  labels = _checks.class_labels("labels", labels, emb.shape[0])
-  chunk_size = _checks.positive_int("chunk_size", chunk_size)
-  emb = emb.astype(jnp.promote_types(emb.dtype, jnp.float32))
-  emb = emb - jnp.mean(emb, axis=0, keepdims=True)  # as retrieval_metrics: exact Gram form
-  n = emb.shape[0]
-  first, _, _ = _retrieval._query_stats(
-      emb, labels, emb, labels, jnp.ones(n, jnp.int32), self_retrieval=True, top=1,
-      distance="squared_euclidean", chunk=min(chunk_size, n))
-  return jnp.mean((first == 1).astype(jnp.float32))

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import encoders, inference, losses, models, parallel, sampling, train
+from siamjax import encoders, inference, losses, models, parallel, plotting, sampling, train
 from siamjax.data import folders, splits
 from siamjax.evaluation import oneshot, verification
 from siamjax.recipes import cli
@@ -112,8 +112,12 @@ def fit_and_evaluate(images, labels, cfg: Config, workdir, *, class_names=None,
   images, labels = np.asarray(images), np.asarray(labels, np.int32)
   if images.ndim != 4 or images.shape[0] != labels.shape[0]:
     raise ValueError(f"images must be [N, H, W, C], labels [N]; got {images.shape}, {labels.shape}")
-  if cfg.steps_per_call < 1 or cfg.steps_per_epoch % cfg.steps_per_call:  # before the init
-    raise ValueError(f"steps_per_call={cfg.steps_per_call} must divide steps_per_epoch")
+  if cfg.steps_per_call < 1 or cfg.steps_per_epoch < 1:  # before the init
+    raise ValueError(f"steps_per_call={cfg.steps_per_call} and steps_per_epoch="
+                     f"{cfg.steps_per_epoch} must be >= 1")
+  # Updates per call: the largest divisor of an epoch's steps up to cfg.steps_per_call, so
+  # any --steps-per-epoch works (the checkpoints fall on epoch ends).
+  steps_per_call = max(d for d in range(1, cfg.steps_per_call + 1) if cfg.steps_per_epoch % d == 0)
   if cfg.batch_pairs < 2 or cfg.batch_pairs % 2 or cfg.batch_pairs % cfg.devices:
     raise ValueError(f"batch_pairs={cfg.batch_pairs} must be even and divisible by devices")
   if cfg.eval_pairs < 2 or cfg.eval_pairs % 2 or cfg.n_way < 2:  # else: known after training
@@ -147,7 +151,7 @@ def fit_and_evaluate(images, labels, cfg: Config, workdir, *, class_names=None,
   state, fit = train.run(
       loss_fn, optimizer, train.init_state(params, optimizer, key=k_run),
       {"images": images, "classes": train_table}, num_steps=cfg.epochs * cfg.steps_per_epoch,
-      steps_per_call=cfg.steps_per_call, devices=cfg.devices,
+      steps_per_call=steps_per_call, devices=cfg.devices,
       checkpoint_every=cfg.steps_per_epoch, workdir=workdir, examples_per_step=cfg.batch_pairs,
       progress=progress, hooks=hooks, unit="pairs", restore_only=eval_only)
   session_time = time.perf_counter() - t0
@@ -171,14 +175,13 @@ def fit_and_evaluate(images, labels, cfg: Config, workdir, *, class_names=None,
   worst = verification.hardest_mistakes(pairs, logits, similar)
   shown = 0
   if jax.process_index() == 0:
-    verification.save_roc_png(workdir / "roc.png", {"held-out pairs (test)": (-logits, similar)},
+    plotting.save_roc_png(workdir / "roc.png", {"held-out pairs (test)": (-logits, similar)},
                               title="image folder, held-out pairs")
-    shown = verification.contact_sheet(
+    shown = plotting.contact_sheet(
         workdir / "mistakes.png", images, pairs[worst], similar[worst],
         1.0 / (1.0 + np.exp(-logits[worst].astype(np.float64))),
         class_names=class_names, labels=labels)
-  log = workdir / "metrics.jsonl"
-  records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+  records = train.read_metrics(workdir)
   return {
       "test_pair_accuracy": verification.accuracy_at(logits, similar, 0.0), "n_way": n_way,
       "test_one_shot_accuracy": int(correct) / int(te.size), "test_one_shot_trials": int(te.size),

@@ -10,12 +10,12 @@ beside it, plus the GPU plan that the ``paper_fast`` preset is sized for.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from siamjax import plotting, train
 from siamjax import results as results_lib
 
-# What the paper_fast preset is sized for (see experiments/configs/omniglot_koch_paper_fast.py):
+# What the paper_fast preset is sized for (see siamjax.recipes.omniglot_koch.PRESETS):
 FLOPS_PER_TRAINING_PAIR = 10.9e9  # Koch net forward + backward, both images of the pair
 H200_BF16_FLOPS = 790e12          # dense bf16 matmul peak
 PLANNED_FRACTION = 0.30           # of that peak, for a conv net of this size
@@ -26,12 +26,11 @@ def _run(workdir: Path) -> dict:
   res = results_lib.read_results(workdir)
   if res is None:
     raise ValueError(f"workdirs: {workdir} holds no results.json (train it first)")
-  log = workdir / "metrics.jsonl"
-  if not log.is_file():
+  recs = train.read_metrics(workdir)
+  if not recs:
     raise ValueError(f"workdirs: {workdir} holds no metrics.jsonl")
   cfg = res["config"]
   per_step = cfg["batch_pairs"]
-  recs = [json.loads(l) for l in log.read_text().splitlines() if l.strip()]
   return {
       "name": workdir.name, "command": res["command"],
       "recipe": {k: cfg.get(k) for k in ("preset", "optimizer", "learning_rate",
@@ -90,25 +89,5 @@ def collect(out: str, workdirs: list[str], *, paper_fast) -> Path:
               "beside each run says how many other processes shared its 2 cores. The "
               "GPU plan below is what paper_fast is sized for (unmeasured).",
       "gpu_plan": plan, "runs": runs}, name=Path(out).name)
-  _plot(runs, path.with_suffix(".png"))
+  plotting.save_learning_curves_png(runs, path.with_suffix(".png"))
   return path
-
-
-def _plot(runs: list[dict], png: Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-  for r in runs:
-    ax[0].plot([v["pairs_seen"] for v in r["validation"]],
-               [v["val_accuracy"] for v in r["validation"]], "o-", label=r["name"])
-    ax[1].plot([v["pairs_seen"] for v in r["train_loss"]], [v["loss"] for v in r["train_loss"]],
-               label=r["name"])
-  ax[0].axhline(0.05, color="grey", lw=0.8, ls=":")
-  ax[0].set(xlabel="training pairs seen", ylabel="validation 20-way accuracy", ylim=(0, 1))
-  ax[1].set(xlabel="training pairs seen", ylabel="training pair BCE")
-  ax[0].legend(fontsize=7)
-  fig.suptitle("Koch net (38.9M parameters), 105x105, pair BCE, CPU; chance 0.05", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(png, dpi=90)
-  plt.close(fig)

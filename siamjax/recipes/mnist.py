@@ -36,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import distances, encoders, inference, losses, parallel, sampling, train
+from siamjax import distances, encoders, inference, losses, parallel, plotting, sampling, train
 from siamjax.data import mnist as mnist_data, splits
-from siamjax.evaluation import verification
+from siamjax.evaluation import retrieval, verification
 from siamjax.index import Metric
 from siamjax.recipes import cli
 
@@ -47,9 +47,10 @@ __all__ = ["contrastive", "triplet", "ContrastiveConfig", "TripletConfig", "Mnis
            "optimizer", "contrastive_loss_fn", "contrastive_prepare", "triplet_loss_fn",
            "TOWER", "MINING", "MINING_PRESETS", "PAIRINGS", "load_model"]
 
-#: The Keras example's tower: dense 128-128-128, ReLU, dropout 0.1 after the first two.
+#: The Keras example's tower (dense 128-128-128, ReLU, dropout 0.1 after the first two).
 TOWER = encoders.MLP(features=(128, 128, 128), dropout_rate=0.1)
 
+#: The triplet-mining rules, each its in-batch loss.
 MINING = {rule: getattr(losses, f"{rule}_triplet_loss")
           for rule in ("batch_all", "batch_hard", "semi_hard")}
 
@@ -59,7 +60,7 @@ MINING = {rule: getattr(losses, f"{rule}_triplet_loss")
 MINING_PRESETS = {"batch_all": (1.0, False), "batch_hard": (0.2, True), "semi_hard": (1.0, False)}
 
 #: ``keras``: the example's pairs, made once; ``keras_fresh``: fresh negative partners every
-#: epoch; ``random``: as many fresh balanced pairs (:func:`sampling.sample_pairs`) each epoch.
+#: epoch; ``random``: as many fresh balanced pairs (:func:`siamjax.sampling.sample_pairs`) each epoch.
 PAIRINGS = ("keras", "keras_fresh", "random")
 
 _ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +147,7 @@ def load_data(cfg) -> MnistData:
 
 
 def example_pairs(key: jax.Array, labels) -> tuple[jax.Array, jax.Array]:
-  """The Keras example's alternating pairs over ``labels`` (:func:`sampling.keras_pairs`,
+  """The Keras example's alternating pairs over ``labels`` (:func:`siamjax.sampling.keras_pairs`,
   ``n`` = the smallest digit's count minus one): ``(pairs [P, 2], similar [P])``."""
   classes = sampling.index_table(np.asarray(labels), name="labels")
   if int(classes.counts.min()) < 2:
@@ -173,7 +174,7 @@ def pair_distances(params, images_u8, pairs_Px2, *, normalize: bool = False) -> 
 
 @functools.partial(jax.jit, static_argnames="normalize")
 def _recall_at_1(params, images_u8, labels, *, normalize: bool = False):
-  return verification.recall_at_1(embed(params, images_u8, normalize=normalize), labels)
+  return retrieval.recall_at_1(embed(params, images_u8, normalize=normalize), labels)
 
 
 def optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -210,12 +211,11 @@ def _train(cfg, loss_fn, data, workdir: Path, per_epoch: int, eval_fn, unit: str
       num_steps=cfg.epochs * per_epoch, steps_per_call=cfg.steps_per_call or per_epoch,
       devices=cfg.devices, eval_fn=eval_fn, eval_every=per_epoch if eval_fn else 0,
       workdir=workdir, checkpoint_every=per_epoch, log_every=cfg.log_every, unit=unit, **kw)
-  evals, log = {r["step"]: r for r in fit["history"]}, workdir / "metrics.jsonl"
+  evals = {r["step"]: r for r in fit["history"]}
   history = [{"epoch": r["step"] // per_epoch, "step": r["step"],
               **{k: v for k, v in r.items() if k not in ("kind", "step") and "_per_s" not in k},
               **evals.get(r["step"], {})}
-             for r in map(json.loads, log.read_text().splitlines() if log.is_file() else [])
-             if r.get("kind") == "train" and r["step"] % per_epoch == 0]
+             for r in train.read_metrics(workdir, kind="train") if r["step"] % per_epoch == 0]
   return state["params"], {
       "epochs": fit["steps"] // per_epoch, "steps": fit["steps"],
       "train_time_s": fit["train_time_s"], "compile_time_s": fit["compile_time_s"],
@@ -228,7 +228,7 @@ def _finish(workdir: Path, t0: float, d: MnistData, curves: dict, title: str) ->
   plots = []
   if jax.process_index() == 0:
     with contextlib.suppress(ImportError):  # no matplotlib: no plot
-      verification.save_roc_png(workdir / "roc.png", curves, title=title)
+      plotting.save_roc_png(workdir / "roc.png", curves, title=title)
       plots = ["roc.png"]
   return {"images": {"train": len(d.y_train), "val": len(d.val_positions),
                      "test": len(d.y_test)}, "device": str(jax.devices()[0]),

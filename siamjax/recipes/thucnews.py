@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import distances, encoders, fewshot, inference, losses, parallel, sampling, train
+from siamjax import (distances, encoders, fewshot, inference, losses, parallel, plotting,
+                     sampling, train)
 from siamjax import results as results_lib
 from siamjax.data import thucnews
 from siamjax.index import Metric
@@ -36,7 +37,7 @@ from siamjax.recipes import cli
 
 __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "VARIANTS", "pair_loss_fn",
            "pair_prepare", "split_view_loss_fn", "in_batch_loss_fn", "steps_per_call_for",
-           "tfidf_lr", "summarize", "save_confusion_png", "train_and_evaluate", "summary",
+           "tfidf_lr", "summarize", "train_and_evaluate", "summary",
            "load_model", "VOCAB_FILE", "MODELS"]
 
 NAME = "thucnews_fewshot"
@@ -47,6 +48,7 @@ VOCAB_FILE = "vocab.json"
 #: The embedding models each draw trains (sub-runs ``seed<k>/<model>/``).
 MODELS = ("splitview_finetune", "splitview", "bag_scratch", "seed_baseline")
 
+#: The models compared on every draw.
 VARIANTS = ("tfidf_lr", "seed_baseline_sum", "seed_baseline_mean", "bag_scratch",
             "splitview", "splitview_finetune", "splitview_finetune+tfidf_lr")
 
@@ -236,28 +238,6 @@ def summarize(variants: dict) -> dict:
   return out
 
 
-def save_confusion_png(confusion, class_names, path, *, title: str = "") -> None:
-  """Writes a row-normalised confusion matrix (rows = true class) as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  confusion = np.asarray(confusion, np.float64)
-  rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1.0)
-  fig, ax = plt.subplots(figsize=(8, 7))
-  im = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
-  ax.set_xticks(np.arange(len(class_names)), class_names, rotation=60, ha="right")
-  ax.set_yticks(np.arange(len(class_names)), class_names)
-  for i, j in zip(*np.nonzero(rates >= 0.005)):
-    ax.text(j, i, f"{100 * rates[i, j]:.0f}", ha="center", va="center", fontsize=7,
-            color="white" if rates[i, j] > 0.5 else "black")
-  ax.set(xlabel="predicted class", ylabel="true class", title=title)
-  fig.colorbar(im, ax=ax, fraction=0.046)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def _draw(cfg: Config, seed: int, titles, labels, where: Path, out: dict, **kw):
   """One draw, appended to ``out``'s ``variants``, ``confusion``, ``draws``, ``training``."""
   num_classes = int(labels.max()) + 1
@@ -397,7 +377,7 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
              "class_names": names, "class_names_en": names_en, "training": out["training"],
              "device": str(jax.devices()[0]), "plots": []}
   if jax.process_index() == 0:
-    save_confusion_png(out["confusion"][best], names_en, workdir / "confusion_best.png",
+    plotting.save_confusion_png(out["confusion"][best], names_en, workdir / "confusion_best.png",
                        title=f"{best}: {figures['best_accuracy_mean']:.1%} over "
                              f"{len(out['draws'])} draw(s)")
     results["plots"] = ["confusion_best.png"]

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import distances, encoders, inference, losses, models, parallel, sampling, train
+from siamjax import (distances, encoders, inference, losses, models, parallel, plotting,
+                     sampling, train)
 from siamjax import results as results_lib
 from siamjax.data import folders, splits
 from siamjax.evaluation import verification
@@ -232,7 +233,7 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
   plots = []
   with contextlib.suppress(ImportError):  # no matplotlib: no plot
     if jax.process_index() == 0:
-      verification.save_roc_png(workdir / "roc.png", curves, title="vector pairs, test")
+      plotting.save_roc_png(workdir / "roc.png", curves, title="vector pairs, test")
       plots.append("roc.png")
   return {"csv": path.name, "synthetic": bool(cfg.generate), "pairs": int(len(similar)),
           "heads": per_head, "plots": plots}
@@ -255,8 +256,8 @@ def load_model(config: dict, workdir, *, which: str = "best",
   results, else the one trained).
 
   Inputs are feature vectors ``[N, D]`` (one side of a pair), standardised with the
-  training rows' means and deviations as in training; :meth:`Model.read_pairs` splits a
-  CSV of pairs into its two sides with the run's column layout. The comparison is the
+  training rows' means and deviations as in training;
+  :meth:`siamjax.inference.Model.read_pairs` splits a CSV of pairs into its two sides with the run's column layout. The comparison is the
   Euclidean distance (``"contrastive"``) or the pair head's probability (``"bce"``).
   """
   cfg = cli.config_from_dict(Config, config)

@@ -1,12 +1,11 @@
-"""Losses: constants, naive references, optax equality, jit/vmap, gradients, memory, errors."""
+"""The in-batch losses' shared contract: naive references, gradients, masks, reference
+sets, half precision, memory and errors, over every loss that runs on the chunked engine."""
 
-import functools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.test_util import check_grads
 
@@ -23,116 +22,6 @@ def _emb(b=12, d=5, dtype=np.float32):
 def _labels(b=12, classes=4):
   return jnp.asarray(np.arange(b) % classes, jnp.int32)
 
-
-# -------------------------------------------------------------------------------------
-# Pair and triplet losses
-# -------------------------------------------------------------------------------------
-
-
-def test_contrastive_hand_computed():
-  d = jnp.array([0.0, 2.0, 0.25, 1.5, 3.0])
-  y = jnp.array([1, 1, 0, 0, 1])
-  # 1/2 y d^2 + 1/2 (1 - y) max(1 - d, 0)^2
-  np.testing.assert_allclose(L.contrastive_loss(d, y), [0.0, 2.0, 0.28125, 0.0, 4.5])
-  np.testing.assert_allclose(L.contrastive_loss(d, y, margin=2.0), [0.0, 2.0, 1.53125, 0.125, 4.5])
-
-
-def _naive_contrastive(d, y, margin):
-  return np.array([0.5 * di**2 if yi == 1 else 0.5 * max(margin - di, 0.0) ** 2
-                   for di, yi in zip(d, y)])
-
-
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("label_dtype", [np.int32, np.bool_, np.float32])
-def test_contrastive_matches_naive(jit, label_dtype):
-  d = np.abs(RNG.normal(size=50)).astype(np.float32)
-  y = RNG.integers(0, 2, size=50)
-  f = jax.jit(functools.partial(L.contrastive_loss, margin=1.3)) if jit else functools.partial(
-      L.contrastive_loss, margin=1.3)
-  out = f(jnp.asarray(d), jnp.asarray(y.astype(label_dtype)))
-  assert out.shape == (50,)
-  np.testing.assert_allclose(out, _naive_contrastive(d, y, 1.3), rtol=1e-6)
-
-
-def test_contrastive_opposite_label_convention_is_one_minus():
-  d = jnp.array([0.3, 0.9])
-  paper_y = jnp.array([0, 1])  # Hadsell et al.'s notation: Y = 0 for similar
-  np.testing.assert_allclose(L.contrastive_loss(d, 1 - paper_y),
-                             [0.5 * 0.09, 0.5 * 0.01], rtol=1e-6)
-
-
-def test_contrastive_vmap_consistency():
-  d = jnp.abs(jnp.asarray(RNG.normal(size=(3, 8)), jnp.float32))
-  y = jnp.asarray(RNG.integers(0, 2, size=(3, 8)))
-  vm = jax.vmap(L.contrastive_loss)(d, y)
-  rows = jnp.stack([L.contrastive_loss(d[i], y[i]) for i in range(3)])
-  np.testing.assert_allclose(vm, rows, rtol=1e-6)
-
-
-def test_contrastive_grads_and_zero_distance():
-  with jax.enable_x64(True):
-    d = jnp.asarray(np.abs(RNG.normal(size=10)) + 0.05)
-    y = jnp.asarray(RNG.integers(0, 2, size=10))
-    check_grads(lambda d: L.contrastive_loss(d, y, margin=2.5), (d,), order=2, eps=1e-5)
-  # Through the Euclidean distance of identical embeddings: finite, zero gradients.
-  h = _emb(4, 3)
-  g = jax.grad(lambda h1: jnp.mean(L.contrastive_loss(D.euclidean(h1, h), jnp.ones(4))))(h)
-  assert np.all(np.isfinite(g))
-  g = jax.grad(lambda h1: jnp.mean(L.contrastive_loss(D.euclidean(h1, h), jnp.zeros(4))))(h)
-  assert np.all(np.isfinite(g))
-
-
-def test_pair_bce_matches_optax_and_is_stable():
-  x = jnp.asarray(np.concatenate([RNG.normal(size=20) * 5, [1e4, -1e4, 0.0, 88.0, -88.0]]),
-                  jnp.float32)
-  y = jnp.asarray(RNG.integers(0, 2, size=25))
-  out = L.pair_bce_loss(x, y)
-  np.testing.assert_allclose(out, optax.sigmoid_binary_cross_entropy(x, y.astype(jnp.float32)),
-                             rtol=1e-6, atol=1e-6)
-  extremes = L.pair_bce_loss(jnp.array([1e4, -1e4, 1e4, -1e4]), jnp.array([1, 1, 0, 0]))
-  np.testing.assert_allclose(extremes, [0.0, 1e4, 1e4, 0.0])
-  g = jax.grad(lambda x: jnp.sum(L.pair_bce_loss(x, jnp.array([1, 0, 1, 0]))))(
-      jnp.array([1e4, 1e4, -1e4, -1e4]))
-  np.testing.assert_allclose(g, [0.0, 1.0, -1.0, 0.0])
-  with jax.enable_x64(True):
-    check_grads(lambda x: L.pair_bce_loss(x, y), (jnp.asarray(RNG.normal(size=25)),), order=2)
-
-
-def test_pair_bce_jit_and_vmap():
-  x = jnp.asarray(RNG.normal(size=(4, 6)), jnp.float32)
-  y = jnp.asarray(RNG.integers(0, 2, size=(4, 6)))
-  np.testing.assert_allclose(jax.jit(jax.vmap(L.pair_bce_loss))(x, y),
-                             jnp.stack([L.pair_bce_loss(x[i], y[i]) for i in range(4)]), rtol=1e-6)
-
-
-def test_triplet_margin_matches_optax_and_naive():
-  a, p, n = _emb(16, 8), _emb(16, 8), _emb(16, 8)
-  out = L.triplet_margin_loss(a, p, n, margin=0.7)
-  np.testing.assert_allclose(out, optax.losses.triplet_margin_loss(a, p, n, margin=0.7, eps=0.0),
-                             rtol=1e-5, atol=1e-6)
-  na = np.asarray
-  naive = np.maximum(np.linalg.norm(na(a) - na(p), axis=1) - np.linalg.norm(na(a) - na(n), axis=1)
-                     + 0.7, 0)
-  np.testing.assert_allclose(out, naive, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(jax.jit(L.triplet_margin_loss)(a, p, n), L.triplet_margin_loss(a, p, n))
-  with jax.enable_x64(True):
-    a64, p64, n64 = (jnp.asarray(np.asarray(v), jnp.float64) * 3 for v in (a, p, n))
-    check_grads(lambda a, p, n: L.triplet_margin_loss(a, p, n, margin=10.0), (a64, p64, n64),
-                order=1, eps=1e-5)
-  g = jax.grad(lambda a: jnp.sum(L.triplet_margin_loss(a, a, n)))(a)  # anchor == positive
-  assert np.all(np.isfinite(g))
-
-
-def test_triplet_vmap_consistency():
-  a, p, n = (jnp.asarray(RNG.normal(size=(3, 5, 4)), jnp.float32) for _ in range(3))
-  vm = jax.vmap(L.triplet_margin_loss)(a, p, n)
-  np.testing.assert_allclose(vm, jnp.stack([L.triplet_margin_loss(a[i], p[i], n[i])
-                                            for i in range(3)]), rtol=1e-6)
-
-
-# -------------------------------------------------------------------------------------
-# In-batch losses: naive references built from every explicit pair/triplet.
-# -------------------------------------------------------------------------------------
 
 DIST = {"euclidean": D.euclidean, "squared_euclidean": D.squared_euclidean,
         "cosine": D.cosine_distance}
@@ -184,52 +73,18 @@ def naive_all_pairs(emb, labels, margin=1.0, distance="euclidean"):
   return jnp.sum(jnp.where(off, per, 0.0), axis=1) / max(b - 1, 1)
 
 
-def naive_softmax(emb, labels, temperature=1.0, distance="squared_euclidean"):
-  d, pos, _ = _naive_setup(emb, labels, distance)
-  b = emb.shape[0]
-  off = ~jnp.eye(b, dtype=bool)
-  logits = jnp.where(off, -d / temperature, -jnp.inf)
-  log_p = logits - jax.nn.logsumexp(logits, axis=1, keepdims=True)
-  n = jnp.sum(pos, axis=1)
-  return jnp.where(n > 0, -jnp.sum(jnp.where(pos, log_p, 0.0), axis=1) / jnp.maximum(n, 1), 0.0)
-
-
-def naive_ntxent(emb, labels, temperature=0.07):
-  s = D.cosine_similarity(emb[:, None, :], emb[None, :, :]) / temperature
-  b = emb.shape[0]
-  same = labels[:, None] == labels[None, :]
-  pos = same & ~jnp.eye(b, dtype=bool)
-  neg = ~same
-  neg_sum = jnp.sum(jnp.where(neg, jnp.exp(s), 0.0), axis=1, keepdims=True)
-  per = -s + jnp.log(jnp.exp(s) + neg_sum)
-  n = jnp.sum(pos, axis=1)
-  return jnp.where(n > 0, jnp.sum(jnp.where(pos, per, 0.0), axis=1) / jnp.maximum(n, 1), 0.0)
-
-
 IN_BATCH = [
     (L.batch_all_triplet_loss, naive_batch_all),
     (L.batch_hard_triplet_loss, naive_batch_hard),
     (L.semi_hard_triplet_loss, naive_semi_hard),
     (L.all_pairs_contrastive_loss, naive_all_pairs),
 ]
+
+
 IDS = ["batch_all", "batch_hard", "semi_hard", "all_pairs"]
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
-def test_in_batch_softmax_matches_naive_with_grads(distance):
-  emb, labels = _emb(11, 4), jnp.asarray(RNG.integers(0, 3, size=11), jnp.int32)
-  out = L.in_batch_softmax_loss(emb, labels, temperature=0.5, distance=distance, chunk_size=4)
-  np.testing.assert_allclose(out, naive_softmax(emb, labels, 0.5, distance), rtol=1e-4,
-                             atol=1e-6)
-  g = jax.grad(lambda e: jnp.mean(L.in_batch_softmax_loss(e, labels, distance=distance)))(emb)
-  g_ref = jax.grad(lambda e: jnp.mean(naive_softmax(e, labels, 1.0, distance)))(emb)
-  np.testing.assert_allclose(g, g_ref, rtol=1e-3, atol=1e-5)
-  with jax.enable_x64(True):
-    e64 = jnp.asarray(np.asarray(emb), jnp.float64)
-    check_grads(lambda e: L.in_batch_softmax_loss(e, labels, distance=distance), (e64,),
-                order=1, eps=1e-6, modes=("rev",))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("fn,naive", IN_BATCH, ids=IDS)
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 256])
@@ -240,6 +95,7 @@ def test_in_batch_matches_naive(fn, naive, distance, chunk_size):
   np.testing.assert_allclose(out, naive(emb, labels, 0.8, distance), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn,naive", IN_BATCH, ids=IDS)
 def test_in_batch_gradient_matches_naive(fn, naive):
   emb, labels = _emb(12, 4), _labels(12, 3)
@@ -258,6 +114,7 @@ def test_in_batch_check_grads(fn, naive):
                 modes=("rev",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn,naive", IN_BATCH + [(L.ntxent_loss, None),
                                                  (L.in_batch_softmax_loss, None)],
                          ids=IDS + ["ntxent", "softmax"])
@@ -289,21 +146,6 @@ def test_anchors_without_partner_get_zero_and_are_flagged():
   np.testing.assert_array_equal(L.batch_hard_triplet_loss(emb[:4], single_class), 0.0)
 
 
-@pytest.mark.parametrize("temperature", [0.07, 0.5, 1.0])
-def test_ntxent_matches_optax(temperature):
-  emb, labels = _emb(12, 6), _labels(12, 6)  # balanced: every anchor has one positive
-  ours = jnp.mean(L.ntxent_loss(emb, labels, temperature=temperature, chunk_size=5))
-  np.testing.assert_allclose(ours, optax.losses.ntxent(emb, labels, temperature=temperature),
-                             rtol=1e-5)
-  # A per-anchor loss near 0 is a difference of terms near 10: float32 rounds it to about
-  # 1e-6 absolute, so a relative bound alone fails on it (seen: 1.1253e-3 vs 1.1253e-3 + 4e-8).
-  np.testing.assert_allclose(L.ntxent_loss(emb, labels, temperature=temperature),
-                             naive_ntxent(emb, labels, temperature), rtol=1e-5, atol=1e-6)
-  g = jax.grad(lambda e: jnp.mean(L.ntxent_loss(e, labels, temperature=temperature)))(emb)
-  g_ref = jax.grad(lambda e: optax.losses.ntxent(e, labels, temperature=temperature))(emb)
-  np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.parametrize("fn", [f for f, _ in IN_BATCH] + [L.ntxent_loss, L.in_batch_softmax_loss],
                          ids=IDS + ["ntxent", "softmax"])
 def test_in_batch_jit_vmap_and_no_retrace(fn):
@@ -323,6 +165,7 @@ def test_in_batch_jit_vmap_and_no_retrace(fn):
   np.testing.assert_allclose(vm[1], fn(stacked[1], labels, chunk_size=4), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [None, 0], ids=["default", "chunked"])
 @pytest.mark.parametrize("fn", [L.batch_all_triplet_loss, L.batch_hard_triplet_loss,
                                 L.semi_hard_triplet_loss])
@@ -341,48 +184,6 @@ def test_in_batch_memory_is_linear_in_batch_for_b4096_d4096(fn, budget, monkeypa
     pytest.skip("this backend reports no memory analysis")
   total = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
   assert total < 0.5 * 2**30, f"{total / 2**30:.2f} GiB"
-
-
-# -------------------------------------------------------------------------------------
-# Errors
-# -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("fn", [L.contrastive_loss, L.pair_bce_loss])
-def test_pair_loss_bad_input(fn):
-  x = jnp.array([0.5, 0.2])
-  first = "distance" if fn is L.contrastive_loss else "logits"
-  with pytest.raises(ValueError, match="similar must hold only 0 and 1"):
-    fn(x, jnp.array([1, 2]))
-  with pytest.raises(ValueError, match="similar must hold only 0 and 1"):
-    fn(x, jnp.array([-1.0, 0.0]))
-  with pytest.raises(ValueError, match=f"{first} and similar must have the same shape"):
-    fn(x, jnp.array([1, 0, 1]))
-  with pytest.raises(ValueError, match=f"{first} must have rank 1"):
-    fn(x[None], jnp.array([[1, 0]]))
-  with pytest.raises(ValueError, match=f"{first} must have a floating dtype"):
-    fn(jnp.array([1, 2]), jnp.array([1, 0]))
-  with pytest.raises(ValueError, match=f"{first} is empty"):
-    fn(jnp.zeros((0,)), jnp.zeros((0,), jnp.int32))
-  with pytest.raises(ValueError, match="similar must have rank 1"):
-    fn(x, jnp.float32(1.0))
-
-
-def test_contrastive_bad_margin():
-  with pytest.raises(ValueError, match="margin"):
-    L.contrastive_loss(jnp.array([0.5]), jnp.array([1]), margin=-1.0)
-
-
-def test_triplet_bad_input():
-  a = jnp.ones((3, 4))
-  with pytest.raises(ValueError, match="anchor and negative must have the same shape"):
-    L.triplet_margin_loss(a, a, jnp.ones((3, 5)))
-  with pytest.raises(ValueError, match="positive must have a floating dtype"):
-    L.triplet_margin_loss(a, jnp.ones((3, 4), jnp.int32), a)
-  with pytest.raises(ValueError, match="anchor must have rank 2"):
-    L.triplet_margin_loss(jnp.ones(4), jnp.ones(4), jnp.ones(4))
-  with pytest.raises(ValueError, match="anchor is empty"):
-    L.triplet_margin_loss(jnp.ones((0, 4)), jnp.ones((0, 4)), jnp.ones((0, 4)))
 
 
 @pytest.mark.parametrize("fn", [f for f, _ in IN_BATCH] + [L.ntxent_loss, L.in_batch_softmax_loss],
@@ -409,14 +210,11 @@ def test_in_batch_bad_input(fn):
       fn(emb, labels, temperature=0.0)
 
 
-# -------------------------------------------------------------------------------------
-# valid masks and reference sets (the PML equality is in test_losses_pml.py)
-# -------------------------------------------------------------------------------------
-
 ALL_IN_BATCH = [L.batch_all_triplet_loss, L.batch_hard_triplet_loss, L.semi_hard_triplet_loss,
                 L.all_pairs_contrastive_loss, L.ntxent_loss, L.in_batch_softmax_loss]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ALL_IN_BATCH, ids=lambda f: f.__name__)
 def test_valid_mask_equals_dropping_the_rows(fn):
   emb, labels = _emb(11, 4), jnp.asarray(RNG.integers(0, 3, size=11), jnp.int32)
@@ -454,6 +252,7 @@ def _naive_ref_exclude_loss(fn, emb, labels, ref, ref_labels, ref_valid, ref_exc
          ref_valid=ref_valid & (idx != ref_exclude[i]))[0] for i in range(emb.shape[0])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ALL_IN_BATCH + [L.multi_similarity_loss, L.circle_loss,
                                                L.lifted_structure_loss],
                          ids=lambda f: f.__name__)
@@ -537,14 +336,13 @@ def test_valid_anchors_ref_exclude_bad_input():
     L.valid_anchors(labels, ref_labels=jnp.array([0, 1, 1]), ref_exclude=jnp.array([3, 0]))
 
 
-# -------------------------------------------------------------------------------------
-# Numerics and the silent-input fixes (each test reproduced its bug before the fix)
-# -------------------------------------------------------------------------------------
-
 ALL_WITH_NEW = ALL_IN_BATCH + [L.multi_similarity_loss, L.circle_loss, L.lifted_structure_loss]
+
+
 ON_DISTANCE = [f for f in ALL_WITH_NEW if f not in (L.ntxent_loss, L.circle_loss)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
 def test_every_loss_is_finite_in_float16_up_to_1e4(fn):
   emb = jnp.asarray(RNG.uniform(-1e4, 1e4, size=(12, 4)), jnp.float16)
@@ -571,6 +369,7 @@ def test_batch_hard_is_accurate_with_a_large_shared_offset():
   np.testing.assert_allclose(out, want, atol=1e-3)  # was off by 0.04
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", ALL_WITH_NEW, ids=lambda f: f.__name__)
 def test_anchor_indices_out_of_range_raise(fn):
   emb, labels = _emb(6, 3), _labels(6, 2)
@@ -589,17 +388,6 @@ def test_chunk_size_accepts_numpy_integers(fn):
   for bad in (True, 2.0, np.int64(0)):
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
       fn(emb, labels, chunk_size=bad)
-
-
-@pytest.mark.parametrize("name,fn", [("euclidean", D.euclidean),
-                                     ("squared_euclidean", D.squared_euclidean),
-                                     ("cosine", D.cosine_distance)])
-def test_triplet_margin_loss_takes_distance_names(name, fn):
-  a, p, n = _emb(5, 3), _emb(5, 3), _emb(5, 3)  # "cosine" used to raise TypeError
-  np.testing.assert_allclose(L.triplet_margin_loss(a, p, n, distance=name),
-                             L.triplet_margin_loss(a, p, n, distance=fn), rtol=1e-6)
-  with pytest.raises(ValueError, match="distance must be"):
-    L.triplet_margin_loss(a, p, n, distance="manhattan")
 
 
 NEEDS = [(L.batch_all_triplet_loss, "both"), (L.batch_hard_triplet_loss, "both"),
@@ -665,21 +453,6 @@ def test_mask_and_reference_bad_input(fn):
        ref_valid=jnp.ones(3, bool))
 
 
-def test_new_losses_bad_hyper_parameters():
-  emb, labels = _emb(6, 3), _labels(6, 2)
-  for fn, kw, name in [(L.multi_similarity_loss, {"alpha": 0.0}, "alpha"),
-                       (L.multi_similarity_loss, {"beta": -1.0}, "beta"),
-                       (L.multi_similarity_loss, {"base": np.inf}, "base"),
-                       (L.multi_similarity_loss, {"distance": "l1"}, "distance"),
-                       (L.circle_loss, {"gamma": 0.0}, "gamma"),
-                       (L.circle_loss, {"margin": np.nan}, "margin"),
-                       (L.lifted_structure_loss, {"neg_margin": np.inf}, "neg_margin")]:
-    with pytest.raises(ValueError, match=name):
-      fn(emb, labels, **kw)
-  with pytest.raises(ValueError, match="need must be"):
-    L.valid_anchors(labels, need="all")
-
-
 def test_valid_anchors_with_a_reference_set():
   labels = jnp.array([0, 1, 2])
   ref_labels = jnp.array([0, 0, 1, 3])
@@ -692,14 +465,3 @@ def test_valid_anchors_with_a_reference_set():
                                 [True, True, False])
   np.testing.assert_array_equal(L.valid_anchors(labels, need="any", ref_labels=ref_labels),
                                 [True, True, True])
-
-
-def test_triplet_margin_loss_is_finite_in_float16_up_to_1e4():
-  a, p, n = (jnp.asarray(RNG.uniform(-1e4, 1e4, size=(6, 4)), jnp.float16) for _ in range(3))
-  for distance in ("euclidean", "cosine"):
-    out = L.triplet_margin_loss(a, p, n, distance=distance)
-    assert np.all(np.isfinite(out.astype(np.float32)))
-    def total(x, distance=distance):
-      return jnp.sum(L.triplet_margin_loss(x, p, n, distance=distance))
-    g = jax.grad(total)(a)
-    assert np.all(np.isfinite(g.astype(np.float32)))

@@ -139,6 +139,7 @@ def test_value_and_gradients_match_pytorch_metric_learning(name, seed, dtype):
   np.testing.assert_allclose(gw, ref_gw, rtol=rtol * 10, atol=atol * 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_check_grads_jit_and_vmap(name):
   fn = CASES[name][0]

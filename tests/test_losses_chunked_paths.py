@@ -76,6 +76,7 @@ def test_paths_agree_for_every_distance(monkeypatch, fn, distance):
   _assert_same(*_both_paths(monkeypatch, f, emb))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", IN_BATCH, ids=_name)
 def test_paths_agree_with_valid_anchor_indices_and_a_reference_set(monkeypatch, fn):
   emb = jnp.asarray(RNG.normal(size=(10, 4)), jnp.float32)
@@ -180,6 +181,7 @@ def _pk_batch(p=6, k=4, d=5, ties=False):
   return jnp.asarray(emb, jnp.float32), jnp.asarray(np.arange(p * k) // k, jnp.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", MINED, ids=_name)
 @pytest.mark.parametrize("distance", ["euclidean", "squared_euclidean", "cosine"])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
@@ -194,6 +196,7 @@ def test_max_positives_gives_the_sorting_paths_values_and_gradients(monkeypatch,
     _assert_same(sorting, direct)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", MINED, ids=_name)
 def test_max_positives_with_masks_anchor_indices_and_reference_sets(monkeypatch, fn):
   monkeypatch.setattr(L, "POSITIVE_SLOTS", ())  # max_positives=None: always the sort
@@ -225,6 +228,7 @@ def _irregular_batch(ties):
   return jnp.asarray(emb[order], jnp.float32), jnp.asarray(labels[order], jnp.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", MINED, ids=_name)
 @pytest.mark.parametrize("distance", ["euclidean", "cosine"])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
@@ -278,6 +282,7 @@ def test_max_positives_bad_values(fn, bad):
     fn(emb, labels, max_positives=bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", MINED, ids=_name)
 def test_max_positives_check_grads_float64(fn):
   with jax.enable_x64(True):
@@ -305,6 +310,7 @@ def test_batch_hard_with_a_nan_row_is_nan_where_it_counts_not_silently_finite(di
   assert np.isfinite(out).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fn", IN_BATCH, ids=_name)
 @pytest.mark.parametrize("budget", [2**62, 0], ids=["one_block", "chunked"])
 def test_nan_or_inf_padding_changes_no_value_or_gradient(monkeypatch, fn, budget):
