@@ -562,7 +562,8 @@ class Index:
       scores, idx = _faiss_search(self, q, k)
     else:
       scores, idx = self._exact(q, k)
-    return SearchResult(scores, idx, self.labels[idx], self.ids[idx])
+    names = np.asarray(self.label_names, dtype=object)
+    return SearchResult(scores, idx, names[self.codes[idx]], self.ids[idx])
 
   def _exact(self, q: np.ndarray, k: int):
     out_s, out_i = [], []
