@@ -37,6 +37,13 @@ the same float32 embeddings and the same labels, in one process.
 * Equality: every row with a PML equivalent records both losses, their relative
   difference and the largest gradient difference relative to the largest gradient
   entry; ``equal`` is both below :data:`RTOL`.
+* Floor: just before each siamjax row, the same run times the loss's own matrix products
+  alone on the same device, in one jitted call clocked the same way (:func:`floor_row`):
+  the forward Gram product ``E E^T`` and the two gradient products ``dG E`` and
+  ``dG^T E`` (``[B, B] x [B, D]``) for the losses that differentiate through the whole
+  distance matrix, the Gram product alone for batch-hard (its two partners' distances are
+  formed again from gathered rows, ``O(B D)``). ``vs_floor`` is the loss's time over the
+  floor's: 1 would be a loss that costs no more than its products.
 
 A loss siamjax does not have yet (the names of :data:`LOSSES` not in
 :mod:`siamjax.losses`) is skipped with a printed reason and a ``skipped`` row.
@@ -117,6 +124,9 @@ class LossSpec:
   pml: Callable | None  # () -> (embeddings, labels) -> scalar torch loss; None: no equivalent
   pml_what: str  # the PML call, or why there is none
   equivalent: bool = True  # False: PML's nearest loss is another formula (timed, not compared)
+  # [B, D] x [D, B]-sized products of value and gradient: the Gram product and its two
+  # gradient products (3), or the Gram product alone (1: batch-hard, see floor_row).
+  gram_products: int = 3
 
 
 LOSSES = (
@@ -128,7 +138,8 @@ LOSSES = (
              "as batch_all; siamjax told max_positives=3 (K - 1): no sort, O(P B) per anchor"),
     LossSpec("batch_hard", "batch_hard_triplet_loss", {"margin": 1.0}, 4, _pml_triplet_hard,
              "TripletMarginLoss(margin=1, LpDistance(normalize_embeddings=False), "
-             "MeanReducer()) on BatchHardMiner(LpDistance(normalize_embeddings=False))"),
+             "MeanReducer()) on BatchHardMiner(LpDistance(normalize_embeddings=False))",
+             gram_products=1),
     LossSpec("semi_hard", "semi_hard_triplet_loss", {"margin": 1.0}, 4, None,
              "no equivalent: PML's TripletMarginMiner('semihard') keeps every semi-hard "
              "triplet; siamjax (FaceNet, TF-Addons) takes the closest one per positive"),
@@ -312,6 +323,31 @@ def siamjax_row(spec: LossSpec, emb: np.ndarray, labels: np.ndarray, cfg: "Confi
   return row, float(loss), np.asarray(grad)
 
 
+def floor_row(spec: LossSpec, emb: np.ndarray, cfg: "Config") -> dict:
+  """Times the loss's matrix products alone: ``E E^T``, then ``dG E`` and ``dG^T E``.
+
+  ``spec.gram_products`` of them (3, or 1: the Gram product alone), float32, jitted in one
+  call on the same device as the loss, clocked as :func:`clock` does, with a fixed
+  ``dG`` (``[B, B]``). Returns the floor's timing fields, its products and its GFLOP/s.
+  """
+  b, d = emb.shape
+  e = jax.device_put(emb)
+  g = jax.device_put(np.random.default_rng(1).standard_normal((b, b)).astype(np.float32))
+  if spec.gram_products == 3:
+    fn = jax.jit(lambda e, g: (e @ e.T, g @ e, g.T @ e))
+  elif spec.gram_products == 1:
+    fn = jax.jit(lambda e, g: e @ e.T)
+  else:
+    raise ValueError(f"gram_products must be 1 or 3, got {spec.gram_products}")
+  compiled = fn.lower(e, g).compile()
+  first, times, _, _ = clock(lambda: compiled(e, g), jax.block_until_ready, cfg)
+  row = _timing_fields(first, times, b)
+  flops = spec.gram_products * 2.0 * b * b * d
+  return {"products": ["E E^T", "dG E", "dG^T E"][:spec.gram_products], "flops": flops,
+          "gflop_per_s": flops / row["step_s"] / 1e9,
+          **{k: row[k] for k in ("step_s", "step_s_min", "step_s_max", "repeats")}}
+
+
 def pml_row(spec: LossSpec, emb: np.ndarray, labels: np.ndarray, cfg: "Config"):
   """Times ``loss_fn(embeddings, labels).backward()``; returns ``(row, loss, grad)``.
 
@@ -389,11 +425,16 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
     for b in cfg.batches:
       done += 1
       emb, labels = batch(cfg, b, spec.per_class)
+      floor = floor_row(spec, emb, cfg)
       sj, sj_loss, sj_grad = siamjax_row(spec, emb, labels, cfg)
+      sj["floor"] = floor
+      sj["vs_floor"] = sj["step_s"] / floor["step_s"]
       rows.append(sj)
       print(f"[{done}/{todo}] {spec.name} B={b}: siamjax {sj['step_s'] * 1e3:.1f} ms "
             f"(compile {sj['compile_s']:.1f} s, {sj['repeats']} repeats, temp "
-            f"{_gib(sj['temp_bytes'])})", flush=True)
+            f"{_gib(sj['temp_bytes'])}); floor {floor['step_s'] * 1e3:.1f} ms "
+            f"({floor['gflop_per_s']:.0f} GFLOP/s): {sj['vs_floor']:.2f}x the floor",
+            flush=True)
       if spec.pml is None or pml_missing:
         sj["pml"] = {"skipped": pml_missing or spec.pml_what}
         continue
@@ -412,8 +453,10 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
                else "values not compared (another formula)")
       print(f"    PML {pm['step_s'] * 1e3:.1f} ms ({pm['repeats']} repeats): siamjax "
             f"{sj['vs_pml']:.1f}x as fast; {check}", flush=True)
+  import siamjax.xla
   body = {
       "software": info,
+      "fast_cpu_flags": siamjax.xla.fast_cpu_enabled(),
       "config": dataclasses.asdict(cfg),
       "notes": [
           "Each row: one in-batch loss and its gradient w.r.t. float32 embeddings [B, D], "
@@ -433,6 +476,9 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
           "reset via /proc/self/clear_refs, after malloc_trim), in one extra untimed call, "
           "the same measure for both; pages an allocator keeps mapped across calls are not "
           "counted (a lower bound; XLA reuses some buffers, so for siamjax read temp_bytes).",
+          "floor: the loss's own matrix products alone, timed in the same run just before "
+          "its row (E E^T, dG E, dG^T E; E E^T alone for batch_hard: 'products'); vs_floor: "
+          "siamjax step time / floor step time (1: the loss costs no more than its products).",
           "vs_pml: PML step time / siamjax step time (> 1: siamjax faster). equal: loss "
           "and gradient within rtol %g; rows whose PML loss is another formula "
           "(equivalent: false) are timed but not compared." % RTOL,
@@ -454,7 +500,8 @@ def _gib(n) -> str:
 
 def format_table(rows: list) -> str:
   """One line per (loss, batch): both step times, the ratio, memory and the equality check."""
-  head = (f"{'loss':22} {'B':>5} {'siamjax ms':>10} {'spread':>13} {'compile s':>9} "
+  head = (f"{'loss':22} {'B':>5} {'siamjax ms':>10} {'spread':>13} {'floor ms':>8} "
+          f"{'/floor':>6} {'compile s':>9} "
           f"{'temp GiB':>8} {'rss GiB':>7} {'PML ms':>9} {'spread':>15} {'PML rss':>7} "
           f"{'speedup':>7}  equal")
   lines = [head, "-" * len(head)]
@@ -482,7 +529,9 @@ def format_table(rows: list) -> str:
                                               f"NO (loss {r['pml']['loss_rel_diff']:.1e})")
       ptxt = (f"{ms(p['step_s']):>9} {ms(p['step_s_min']) + '-' + ms(p['step_s_max']):>15} "
               f"{fmt_gib(p['rss_peak_delta_bytes']):>7} {r['vs_pml']:6.1f}x  {eq}")
-    lines.append(f"{r['loss']:22} {r['batch']:5d} {ms(r['step_s']):>10} {spread:>13} "
+    fl = r.get("floor")
+    ftxt = (f"{ms(fl['step_s']):>8} {r['vs_floor']:5.2f}x" if fl else f"{'-':>8} {'-':>6}")
+    lines.append(f"{r['loss']:22} {r['batch']:5d} {ms(r['step_s']):>10} {spread:>13} {ftxt} "
                  f"{r['compile_s']:9.1f} {fmt_gib(r['temp_bytes']):>8} "
                  f"{fmt_gib(r['rss_peak_delta_bytes']):>7} {ptxt}")
   return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""XLA settings for fast Koch-network training on the CPU.
+"""XLA settings for fast convolutional-network training on the CPU, for the programs they help.
 
 XLA:CPU (jaxlib 0.10) routes convolutions through a YNNPACK fusion by default. Its
 weight-gradient convolutions (for the Koch net: a 42x42 window for conv2, 96x96 for
@@ -11,10 +11,18 @@ AMD EPYC: a batched ``[1200, 64, 128] @ [1200, 128, 256]`` product runs at 57 GF
 against 24 with YNNPACK doing the dots only (``ynn_fusion_type=individual_dot``, this
 module's earlier choice), which is what :func:`siamjax.fourier.dft_conv2d`'s
 frequency-wise products need; the Omniglot ``quick`` preset's 150 steps took 66 s
-against 78 s. Results are unchanged beyond float rounding. They do not help everything:
-the in-batch losses of :mod:`siamjax.losses` alone (Gram products and elementwise work,
-no convolutions) run 10-50% slower with them
-(``benchmarks/results/losses-cpu-amd-epyc-2core*.json``).
+against 78 s. Results are unchanged beyond float rounding.
+
+They do not help everything, so they are set per workload, never globally: the
+convolutional recipes (``omniglot_koch``, ``image_folder``, ``enrolment``: ``FAST_CPU =
+True`` in their recipe modules) and ``benchmarks/pairs_per_sec.py`` set them; the MLP,
+vector-pair and text recipes and the loss benchmark run on XLA's own flags. The
+training-step A/B of every recipe's model with and without them is
+``benchmarks/results/xla-flags-*.json`` (``benchmarks/xla_flags.py``); the in-batch
+losses of :mod:`siamjax.losses` alone (Gram products and elementwise work) ran 10-50%
+slower with them (``benchmarks/results/losses-cpu-amd-epyc-2core*.json``). Every
+results file records ``XLA_FLAGS`` (``machine.xla_flags``). A program of your own sets
+them only if its model is convolutional, and the first thing it does.
 
 XLA reads ``XLA_FLAGS`` once, when JAX initialises its backends (the first
 ``jax.devices()``, array creation or jitted call). So the fast path must be chosen

@@ -45,6 +45,9 @@ from siamjax.recipes import cli
 __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "train_and_evaluate", "summary"]
 
 NAME = "enrolment"
+# A convolutional network: its scripts set siamjax.xla.FAST_CPU_FLAGS on a CPU-only install
+# (recipes/cli.py), measured faster for it (benchmarks/results/xla-flags-*.json).
+FAST_CPU = True
 RESUMABLE = frozenset()
 
 

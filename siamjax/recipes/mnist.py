@@ -408,6 +408,7 @@ def _summary(results: dict) -> str:
 #: The Keras MNIST Siamese example (``experiments/mnist_contrastive.py``).
 contrastive = types.SimpleNamespace(
     NAME="mnist_contrastive", Config=ContrastiveConfig, RESUMABLE=frozenset({"epochs"}),
+    FAST_CPU=False,  # an MLP: XLA's own CPU flags (benchmarks/results/xla-flags-*.json)
     PRESETS={"default": lambda: ContrastiveConfig(preset="default"),
              "smoke": lambda: ContrastiveConfig(preset="smoke", train_images=2000,
                                                 test_images=1000, epochs=2)},
@@ -416,6 +417,7 @@ contrastive = types.SimpleNamespace(
 #: Triplet mining on the example's tower (``experiments/mnist_triplet.py``).
 triplet = types.SimpleNamespace(
     NAME="mnist_triplet", RESUMABLE=frozenset({"epochs", "contrastive_results"}),
+    FAST_CPU=False,  # an MLP: XLA's own CPU flags (benchmarks/results/xla-flags-*.json)
     PRESETS={"default": lambda: TripletConfig(preset="default"),
              "smoke": lambda: TripletConfig(preset="smoke", train_images=2000, test_images=1000,
                                             epochs=2, steps_per_epoch=10, contrastive_results="")},

@@ -40,6 +40,9 @@ __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "VARIANTS", "pair_loss_fn",
            "load_model", "VOCAB_FILE", "MODELS"]
 
 NAME = "thucnews_fewshot"
+# No convolution in the trained models' hot path: XLA's own CPU flags (recipes/cli.py;
+# benchmarks/results/xla-flags-*.json).
+FAST_CPU = False
 RESUMABLE = frozenset({"num_draws", "checkpoint_every"})  # may change when a run resumes
 
 #: Each draw's folder keeps its vocabularies here (n-gram and character ids).
