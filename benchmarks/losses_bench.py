@@ -535,3 +535,21 @@ def format_table(rows: list) -> str:
                  f"{r['compile_s']:9.1f} {fmt_gib(r['temp_bytes']):>8} "
                  f"{fmt_gib(r['rss_peak_delta_bytes']):>7} {ptxt}")
   return "\n".join(lines)
+
+
+def format_floor_markdown(rows: list) -> str:
+  """Markdown: per loss and batch, siamjax's time, its floor, time / floor and vs PML."""
+  pml = {(r["loss"], r["batch"]): r for r in rows
+         if r["impl"] == "pml" and not r.get("skipped")}
+  lines = ["| loss | B | siamjax ms (spread) | floor ms (GFLOP/s) | time / floor | PML ms | "
+           "siamjax vs PML |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    if r["impl"] != "siamjax" or r.get("skipped") or "floor" not in r:
+      continue
+    fl, p = r["floor"], pml.get((r["loss"], r["batch"]))
+    lines.append(
+        f"| {r['loss']} | {r['batch']} | {r['step_s'] * 1e3:.1f} ({r['step_s_min'] * 1e3:.1f}-"
+        f"{r['step_s_max'] * 1e3:.1f}) | {fl['step_s'] * 1e3:.1f} ({fl['gflop_per_s']:.0f}) | "
+        f"{r['vs_floor']:.2f}x | " + (f"{p['step_s'] * 1e3:.1f} | {r['vs_pml']:.1f}x |" if p
+                                      else "- | - |"))
+  return "\n".join(lines)

@@ -48,7 +48,17 @@ def main(argv=None) -> None:
                  help="set siamjax.xla.FAST_CPU_FLAGS first (default: XLA's own flags, which "
                       "run most losses 10-50%% faster here; the fast flags are tuned for the "
                       "Koch convnet)")
+  p.add_argument("--markdown", metavar="JSON",
+                 help="print a results JSON's time-to-floor and PML table as Markdown and "
+                      "exit; runs nothing")
   args = p.parse_args(argv)
+  if args.markdown:
+    import json
+
+    import losses_bench as lb
+    with open(args.markdown, encoding="utf-8") as f:
+      print(lb.format_floor_markdown(json.load(f)["rows"]))
+    return
 
   import siamjax.xla
 

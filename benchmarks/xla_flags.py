@@ -183,8 +183,14 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--min-s", type=float, default=3.0, help="timed seconds per process")
   p.add_argument("--out", help="JSON path (default benchmarks/results/xla-flags-<device>.json)")
+  p.add_argument("--markdown", metavar="JSON",
+                 help="print a results JSON's table as Markdown and exit; runs nothing")
   p.add_argument("--child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.markdown:
+    with open(args.markdown, encoding="utf-8") as f:
+      print(format_table(json.load(f)["rows"]))
+    return
   if args.child:
     print(json.dumps(child(args.child, args.min_s)))
     return

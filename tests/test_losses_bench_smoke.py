@@ -106,6 +106,7 @@ def test_run_writes_rows_checks_equality_and_skips_missing_losses(tmp_path):
       else:
         assert "equal" not in r["pml"]
   assert "batch_all" in lb.format_table(rows)
+  assert "| batch_hard | 8 |" in lb.format_floor_markdown(rows)
 
 
 def test_floor_times_the_losses_own_products():
