@@ -7,7 +7,7 @@ import platform
 
 import jax
 
-__all__ = ["cpu_model", "cpu_isa", "machine_info"]
+__all__ = ["cpu_model", "cpu_family_model", "cpu_isa", "machine_info"]
 
 # The instruction-set extensions that decide which matrix kernels a CPU can run.
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
@@ -28,6 +28,29 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def cpu_family_model() -> str | None:
+  """``"family F model M stepping S"`` from ``/proc/cpuinfo`` (``None`` elsewhere): the
+  model name alone ("AMD EPYC") does not tell one generation from another.
+
+  >>> cpu_family_model() is None or cpu_family_model().startswith("family ")
+  True
+  """
+  fields = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if not line.strip():
+          break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+  except OSError:
+    return None
+  if "cpu family" not in fields:
+    return None
+  return (f"family {fields['cpu family']} model {fields.get('model', '?')} stepping "
+          f"{fields.get('stepping', '?')}")
 
 
 def cpu_isa() -> list[str]:
@@ -54,7 +77,8 @@ def machine_info() -> dict:
   upper bound, and the record says so.
 
   Returns:
-    a dict with ``platform``, ``processor``, ``cpu_model``, ``cpu_isa``, ``nproc``,
+    a dict with ``platform``, ``processor``, ``cpu_model``, ``cpu_family_model``,
+    ``cpu_isa``, ``nproc``,
     ``jax_backend``, ``jax_devices``, ``device_kind``,
     ``jax``, ``python``, ``xla_flags``.
 
@@ -67,6 +91,7 @@ def machine_info() -> dict:
       "platform": platform.platform(),
       "processor": platform.processor() or platform.machine(),
       "cpu_model": cpu_model(),
+      "cpu_family_model": cpu_family_model(),
       "cpu_isa": cpu_isa(),
       "nproc": os.cpu_count(),
       "jax_backend": jax.default_backend(),
