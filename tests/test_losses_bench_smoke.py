@@ -96,6 +96,7 @@ def test_run_writes_rows_checks_equality_and_skips_missing_losses(tmp_path):
     assert r["repeats"] == 1 and r["batch"] == 8 and r["per_class"] == spec.per_class
     assert r["floor"]["step_s"] > 0 and r["vs_floor"] == r["step_s"] / r["floor"]["step_s"]
     assert len(r["floor"]["products"]) == spec.gram_products
+    assert r["vs_best_floor"] >= r["vs_floor"] * (1 - 1e-12)
     pml = [p for p in rows if p["impl"] == "pml" and p["loss"] == spec.name]
     if spec.pml is None:
       assert not pml and r["pml"]["skipped"]
