@@ -13,16 +13,18 @@ module's earlier choice), which is what :func:`siamjax.fourier.dft_conv2d`'s
 frequency-wise products need; the Omniglot ``quick`` preset's 150 steps took 66 s
 against 78 s. Results are unchanged beyond float rounding.
 
-They do not help everything, so they are set per workload, never globally: the
-convolutional recipes (``omniglot_koch``, ``image_folder``, ``enrolment``: ``FAST_CPU =
-True`` in their recipe modules) and ``benchmarks/pairs_per_sec.py`` set them; the MLP,
-vector-pair and text recipes and the loss benchmark run on XLA's own flags. The
-training-step A/B of every recipe's model with and without them is
-``benchmarks/results/xla-flags-*.json`` (``benchmarks/xla_flags.py``); the in-batch
-losses of :mod:`siamjax.losses` alone (Gram products and elementwise work) ran 10-50%
-slower with them (``benchmarks/results/losses-cpu-amd-epyc-2core*.json``). Every
-results file records ``XLA_FLAGS`` (``machine.xla_flags``). A program of your own sets
-them only if its model is convolutional, and the first thing it does.
+They do not help everything, so they are set per workload, never globally, where a
+workload's training step was measured faster with them (``benchmarks/xla_flags.py``,
+``benchmarks/results/xla-flags-*.json``: every recipe's step in a fresh process per
+setting): the convolutional recipes (``omniglot_koch``, ``image_folder``, and
+``enrolment``, which embeds with a Koch tower), the two MLP pair recipes
+(``mnist_contrastive``, ``vector_pairs``: XNNPACK's small products) and
+``benchmarks/pairs_per_sec.py`` set them (``FAST_CPU = True`` in the recipe modules);
+``mnist_triplet`` and ``thucnews_fewshot`` (no faster) and the in-batch losses of
+:mod:`siamjax.losses` (15-33% slower with them: Gram products and elementwise work) run
+on XLA's own flags, as does ``benchmarks/losses_per_sec.py``. Every results file records
+``XLA_FLAGS`` (``machine.xla_flags``). A program of your own measures its step both ways
+and sets them, first thing, only if they help.
 
 XLA reads ``XLA_FLAGS`` once, when JAX initialises its backends (the first
 ``jax.devices()``, array creation or jitted call). So the fast path must be chosen

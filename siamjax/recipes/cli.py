@@ -7,8 +7,8 @@
 ``train_and_evaluate``, ``summary``, and optionally ``FAST_CPU``) the same way for every
 script:
 
-1. for a recipe whose ``FAST_CPU`` is true (the convolutional ones, where the flags were
-   measured faster: ``benchmarks/results/xla-flags-*.json``), adds
+1. for a recipe whose ``FAST_CPU`` is true (those whose training step was measured faster
+   with them: ``benchmarks/results/xla-flags-*.json``), adds
    :data:`siamjax.xla.FAST_CPU_FLAGS` to ``XLA_FLAGS`` before JAX starts (CPU installs;
    ``SIAMJAX_NO_XLA_FLAGS=1`` skips it); every other recipe runs on XLA's own flags. It
    starts multi-host JAX when a cluster is detected

@@ -45,8 +45,8 @@ from siamjax.recipes import cli
 __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "train_and_evaluate", "summary"]
 
 NAME = "enrolment"
-# A convolutional network: its scripts set siamjax.xla.FAST_CPU_FLAGS on a CPU-only install
-# (recipes/cli.py), measured faster for it (benchmarks/results/xla-flags-*.json).
+# Embeds with a trained Koch tower by default (a convolutional network, inference): the
+# convolutional recipes' setting, siamjax.xla.FAST_CPU_FLAGS (recipes/cli.py).
 FAST_CPU = True
 RESUMABLE = frozenset()
 

@@ -52,7 +52,7 @@ __all__ = ["Config", "Model", "make_loss_fn", "training_data", "optimizer", "lea
            "RESUMABLE"]
 
 NAME = "omniglot_koch"
-# A convolutional network: its scripts set siamjax.xla.FAST_CPU_FLAGS on a CPU-only install
+# A convolutional network: its script sets siamjax.xla.FAST_CPU_FLAGS on a CPU-only install
 # (recipes/cli.py), measured faster for it (benchmarks/results/xla-flags-*.json).
 FAST_CPU = True
 # Config fields that may change between runs of one work directory: how long it trains
