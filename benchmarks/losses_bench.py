@@ -194,6 +194,9 @@ class Config:
   losses: tuple = LOSS_NAMES
   pml: bool = True
   seed: int = 0
+  # Also time the loss's value alone (jit(mean(loss))): how the time splits between the
+  # forward pass (distances, mining, reductions) and the backward pass.
+  stages: bool = False
 
 
 def batch(cfg: Config, b: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -323,6 +326,12 @@ def siamjax_row(spec: LossSpec, emb: np.ndarray, labels: np.ndarray, cfg: "Confi
          **_timing_fields(first, times, emb.shape[0]),
          "temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
          "rss_peak_delta_bytes": rss, "loss_value": float(loss)}
+  if cfg.stages:
+    fwd = jax.jit(objective).lower(e, y).compile()
+    _, ftimes, _, _ = clock(lambda: fwd(e, y), jax.block_until_ready, cfg)
+    fwd_s = statistics.median(ftimes)
+    row["stages"] = {"forward_s": fwd_s, "forward_s_min": min(ftimes),
+                     "forward_s_max": max(ftimes), "backward_s": row["step_s"] - fwd_s}
   return row, float(loss), np.asarray(grad)
 
 
@@ -452,6 +461,12 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
       sj, sj_loss, sj_grad = siamjax_row(spec, emb, labels, cfg)
       sj["floor"] = floor
       sj["vs_floor"] = sj["step_s"] / floor["step_s"]
+      if cfg.stages:  # the forward pass has one of the floor's products (E E^T)
+        n = len(floor["products"])
+        sj["stages"]["forward_minus_its_product_s"] = (sj["stages"]["forward_s"]
+                                                       - floor["step_s"] / n)
+        sj["stages"]["backward_minus_its_products_s"] = (sj["stages"]["backward_s"]
+                                                         - floor["step_s"] * (n - 1) / n)
       rows.append(sj)
       print(f"[{done}/{todo}] {spec.name} B={b}: siamjax {sj['step_s'] * 1e3:.1f} ms "
             f"(compile {sj['compile_s']:.1f} s, {sj['repeats']} repeats, temp "
