@@ -12,7 +12,8 @@ fixed random inputs of the recipe's shapes, compiled and run once, then timed ov
 settings alternate in order from round to round (``--rounds``, default 2). The table gives
 each workload's median step time over every timed step of its rounds with and without
 the flags, their spreads (fastest and slowest step) and the ratio; the JSON
-(``benchmarks/results/xla-flags-<device-slug>.json``) holds every step. The setting each
+(``benchmarks/results/xla-flags-<device-slug>.json``) holds, per setting, the quartiles
+of every timed step and each round's median and number of steps. The setting each
 script uses (``FAST_CPU`` in its recipe module) follows this table.
 """
 
@@ -224,9 +225,10 @@ def main(argv=None) -> None:
       all_s = [t for run in runs[w][s] for t in run["step_s_all"]]
       row[s] = {"step_s": statistics.median(all_s), "step_s_min": min(all_s),
                 "step_s_max": max(all_s),
+                "steps": len(all_s), "quartiles_s": statistics.quantiles(all_s, n=4),
                 "round_medians_s": [statistics.median(run["step_s_all"]) for run in runs[w][s]],
-                "first_call_s": [run["first_call_s"] for run in runs[w][s]],
-                "step_s_all": all_s}
+                "round_steps": [len(run["step_s_all"]) for run in runs[w][s]],
+                "first_call_s": [run["first_call_s"] for run in runs[w][s]]}
     row["flags_speedup"] = row["xla_defaults"]["step_s"] / row["fast_cpu_flags"]["step_s"]
     rows.append(row)
   import harness
