@@ -37,6 +37,16 @@ the same float32 embeddings and the same labels, in one process.
 * Equality: every row with a PML equivalent records both losses, their relative
   difference and the largest gradient difference relative to the largest gradient
   entry; ``equal`` is both below :data:`RTOL`.
+* Floor: just before each siamjax row, the same run times the loss's own matrix products
+  alone on the same device, in one jitted call clocked the same way (:func:`floor_row`):
+  the forward Gram product ``E E^T`` and the two gradient products ``dG E`` and
+  ``dG^T E`` (``[B, B] x [B, D]``) for the losses that differentiate through the whole
+  distance matrix, the Gram product alone for batch-hard (its two partners' distances are
+  formed again from gathered rows, ``O(B D)``). ``vs_floor`` is the loss's time over the
+  floor's: 1 would be a loss that costs no more than its products. The same products are
+  timed once per row, so a shared machine's swings show in the floor too;
+  ``vs_best_floor`` divides by the fastest floor of the same products and size in the run
+  (:func:`best_floors`), the stricter ratio.
 
 A loss siamjax does not have yet (the names of :data:`LOSSES` not in
 :mod:`siamjax.losses`) is skipped with a printed reason and a ``skipped`` row.
@@ -117,6 +127,9 @@ class LossSpec:
   pml: Callable | None  # () -> (embeddings, labels) -> scalar torch loss; None: no equivalent
   pml_what: str  # the PML call, or why there is none
   equivalent: bool = True  # False: PML's nearest loss is another formula (timed, not compared)
+  # [B, D] x [D, B]-sized products of value and gradient: the Gram product and its two
+  # gradient products (3), or the Gram product alone (1: batch-hard, see floor_row).
+  gram_products: int = 3
 
 
 LOSSES = (
@@ -128,7 +141,8 @@ LOSSES = (
              "as batch_all; siamjax told max_positives=3 (K - 1): no sort, O(P B) per anchor"),
     LossSpec("batch_hard", "batch_hard_triplet_loss", {"margin": 1.0}, 4, _pml_triplet_hard,
              "TripletMarginLoss(margin=1, LpDistance(normalize_embeddings=False), "
-             "MeanReducer()) on BatchHardMiner(LpDistance(normalize_embeddings=False))"),
+             "MeanReducer()) on BatchHardMiner(LpDistance(normalize_embeddings=False))",
+             gram_products=1),
     LossSpec("semi_hard", "semi_hard_triplet_loss", {"margin": 1.0}, 4, None,
              "no equivalent: PML's TripletMarginMiner('semihard') keeps every semi-hard "
              "triplet; siamjax (FaceNet, TF-Addons) takes the closest one per positive"),
@@ -180,6 +194,9 @@ class Config:
   losses: tuple = LOSS_NAMES
   pml: bool = True
   seed: int = 0
+  # Also time the loss's value alone (jit(mean(loss))): how the time splits between the
+  # forward pass (distances, mining, reductions) and the backward pass.
+  stages: bool = False
 
 
 def batch(cfg: Config, b: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +326,58 @@ def siamjax_row(spec: LossSpec, emb: np.ndarray, labels: np.ndarray, cfg: "Confi
          **_timing_fields(first, times, emb.shape[0]),
          "temp_bytes": None if mem is None else int(mem.temp_size_in_bytes),
          "rss_peak_delta_bytes": rss, "loss_value": float(loss)}
+  if cfg.stages:
+    fwd = jax.jit(objective).lower(e, y).compile()
+    _, ftimes, _, _ = clock(lambda: fwd(e, y), jax.block_until_ready, cfg)
+    fwd_s = statistics.median(ftimes)
+    row["stages"] = {"forward_s": fwd_s, "forward_s_min": min(ftimes),
+                     "forward_s_max": max(ftimes), "backward_s": row["step_s"] - fwd_s}
   return row, float(loss), np.asarray(grad)
+
+
+def floor_row(spec: LossSpec, emb: np.ndarray, cfg: "Config") -> dict:
+  """Times the loss's matrix products alone: ``E E^T``, then ``dG E`` and ``dG^T E``.
+
+  ``spec.gram_products`` of them (3, or 1: the Gram product alone), float32, jitted in one
+  call on the same device as the loss, clocked as :func:`clock` does, with a fixed
+  ``dG`` (``[B, B]``). Returns the floor's timing fields, its products and its GFLOP/s.
+  """
+  b, d = emb.shape
+  e = jax.device_put(emb)
+  g = jax.device_put(np.random.default_rng(1).standard_normal((b, b)).astype(np.float32))
+  if spec.gram_products == 3:
+    fn = jax.jit(lambda e, g: (e @ e.T, g @ e, g.T @ e))
+  elif spec.gram_products == 1:
+    fn = jax.jit(lambda e, g: e @ e.T)
+  else:
+    raise ValueError(f"gram_products must be 1 or 3, got {spec.gram_products}")
+  compiled = fn.lower(e, g).compile()
+  first, times, _, _ = clock(lambda: compiled(e, g), jax.block_until_ready, cfg)
+  row = _timing_fields(first, times, b)
+  flops = spec.gram_products * 2.0 * b * b * d
+  return {"products": ["E E^T", "dG E", "dG^T E"][:spec.gram_products], "flops": flops,
+          "gflop_per_s": flops / row["step_s"] / 1e9,
+          **{k: row[k] for k in ("step_s", "step_s_min", "step_s_max", "repeats")}}
+
+
+def best_floors(rows: list) -> dict:
+  """``{(batch, dim, products): fastest floor step_s}`` over the rows' floors of one run."""
+  best: dict = {}
+  for r in rows:
+    fl = r.get("floor")
+    if fl:
+      key = (r["batch"], r["dim"], len(fl["products"]))
+      best[key] = min(best.get(key, float("inf")), fl["step_s"])
+  return best
+
+
+def add_best_floor(rows: list) -> None:
+  """Sets ``vs_best_floor`` on every row with a floor (see :func:`best_floors`)."""
+  best = best_floors(rows)
+  for r in rows:
+    fl = r.get("floor")
+    if fl:
+      r["vs_best_floor"] = r["step_s"] / best[(r["batch"], r["dim"], len(fl["products"]))]
 
 
 def pml_row(spec: LossSpec, emb: np.ndarray, labels: np.ndarray, cfg: "Config"):
@@ -389,11 +457,22 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
     for b in cfg.batches:
       done += 1
       emb, labels = batch(cfg, b, spec.per_class)
+      floor = floor_row(spec, emb, cfg)
       sj, sj_loss, sj_grad = siamjax_row(spec, emb, labels, cfg)
+      sj["floor"] = floor
+      sj["vs_floor"] = sj["step_s"] / floor["step_s"]
+      if cfg.stages:  # the forward pass has one of the floor's products (E E^T)
+        n = len(floor["products"])
+        sj["stages"]["forward_minus_its_product_s"] = (sj["stages"]["forward_s"]
+                                                       - floor["step_s"] / n)
+        sj["stages"]["backward_minus_its_products_s"] = (sj["stages"]["backward_s"]
+                                                         - floor["step_s"] * (n - 1) / n)
       rows.append(sj)
       print(f"[{done}/{todo}] {spec.name} B={b}: siamjax {sj['step_s'] * 1e3:.1f} ms "
             f"(compile {sj['compile_s']:.1f} s, {sj['repeats']} repeats, temp "
-            f"{_gib(sj['temp_bytes'])})", flush=True)
+            f"{_gib(sj['temp_bytes'])}); floor {floor['step_s'] * 1e3:.1f} ms "
+            f"({floor['gflop_per_s']:.0f} GFLOP/s): {sj['vs_floor']:.2f}x the floor",
+            flush=True)
       if spec.pml is None or pml_missing:
         sj["pml"] = {"skipped": pml_missing or spec.pml_what}
         continue
@@ -412,8 +491,11 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
                else "values not compared (another formula)")
       print(f"    PML {pm['step_s'] * 1e3:.1f} ms ({pm['repeats']} repeats): siamjax "
             f"{sj['vs_pml']:.1f}x as fast; {check}", flush=True)
+  add_best_floor(rows)
+  import siamjax.xla
   body = {
       "software": info,
+      "fast_cpu_flags": siamjax.xla.fast_cpu_enabled(),
       "config": dataclasses.asdict(cfg),
       "notes": [
           "Each row: one in-batch loss and its gradient w.r.t. float32 embeddings [B, D], "
@@ -433,6 +515,10 @@ def run(cfg: Config, out: str | None, command: str) -> dict:
           "reset via /proc/self/clear_refs, after malloc_trim), in one extra untimed call, "
           "the same measure for both; pages an allocator keeps mapped across calls are not "
           "counted (a lower bound; XLA reuses some buffers, so for siamjax read temp_bytes).",
+          "floor: the loss's own matrix products alone, timed in the same run just before "
+          "its row (E E^T, dG E, dG^T E; E E^T alone for batch_hard: 'products'); vs_floor: "
+          "siamjax step time / floor step time (1: the loss costs no more than its products); "
+          "vs_best_floor: over the fastest floor of the same products and size in the run.",
           "vs_pml: PML step time / siamjax step time (> 1: siamjax faster). equal: loss "
           "and gradient within rtol %g; rows whose PML loss is another formula "
           "(equivalent: false) are timed but not compared." % RTOL,
@@ -454,7 +540,8 @@ def _gib(n) -> str:
 
 def format_table(rows: list) -> str:
   """One line per (loss, batch): both step times, the ratio, memory and the equality check."""
-  head = (f"{'loss':22} {'B':>5} {'siamjax ms':>10} {'spread':>13} {'compile s':>9} "
+  head = (f"{'loss':22} {'B':>5} {'siamjax ms':>10} {'spread':>13} {'floor ms':>8} "
+          f"{'/floor':>6} {'compile s':>9} "
           f"{'temp GiB':>8} {'rss GiB':>7} {'PML ms':>9} {'spread':>15} {'PML rss':>7} "
           f"{'speedup':>7}  equal")
   lines = [head, "-" * len(head)]
@@ -482,7 +569,31 @@ def format_table(rows: list) -> str:
                                               f"NO (loss {r['pml']['loss_rel_diff']:.1e})")
       ptxt = (f"{ms(p['step_s']):>9} {ms(p['step_s_min']) + '-' + ms(p['step_s_max']):>15} "
               f"{fmt_gib(p['rss_peak_delta_bytes']):>7} {r['vs_pml']:6.1f}x  {eq}")
-    lines.append(f"{r['loss']:22} {r['batch']:5d} {ms(r['step_s']):>10} {spread:>13} "
+    fl = r.get("floor")
+    ftxt = (f"{ms(fl['step_s']):>8} {r['vs_floor']:5.2f}x" if fl else f"{'-':>8} {'-':>6}")
+    lines.append(f"{r['loss']:22} {r['batch']:5d} {ms(r['step_s']):>10} {spread:>13} {ftxt} "
                  f"{r['compile_s']:9.1f} {fmt_gib(r['temp_bytes']):>8} "
                  f"{fmt_gib(r['rss_peak_delta_bytes']):>7} {ptxt}")
+  return "\n".join(lines)
+
+
+def format_floor_markdown(rows: list) -> str:
+  """Markdown: per loss and batch, siamjax's time, its floor, time / floor and vs PML."""
+  pml = {(r["loss"], r["batch"]): r for r in rows
+         if r["impl"] == "pml" and not r.get("skipped")}
+  best = best_floors(rows)
+  lines = ["| loss | B | siamjax ms (spread) | floor ms (GFLOP/s) | time / floor | "
+           "time / fastest floor | PML ms (spread) | siamjax vs PML |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    if r["impl"] != "siamjax" or r.get("skipped") or "floor" not in r:
+      continue
+    fl, p = r["floor"], pml.get((r["loss"], r["batch"]))
+    lines.append(
+        f"| {r['loss']} | {r['batch']} | {r['step_s'] * 1e3:.1f} ({r['step_s_min'] * 1e3:.1f}-"
+        f"{r['step_s_max'] * 1e3:.1f}) | {fl['step_s'] * 1e3:.1f} ({fl['gflop_per_s']:.0f}) | "
+        f"{r['vs_floor']:.2f}x | "
+        f"{r['step_s'] / best[(r['batch'], r['dim'], len(fl['products']))]:.2f}x | "
+        + (f"{p['step_s'] * 1e3:.1f} ({p['step_s_min'] * 1e3:.1f}-{p['step_s_max'] * 1e3:.1f}) "
+           f"| {r['vs_pml']:.1f}x |" if p else "- | - |"))
   return "\n".join(lines)

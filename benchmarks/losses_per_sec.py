@@ -44,11 +44,24 @@ def main(argv=None) -> None:
                       "0: no cap). A row that needs more is reported as skipped")
   p.add_argument("--losses", nargs="+", help="loss names (default: all)")
   p.add_argument("--no-pml", action="store_true", help="siamjax rows only")
+  p.add_argument("--stages", action="store_true",
+                 help="also time each loss's value alone (forward pass): how its time "
+                      "splits between the forward and backward passes")
   p.add_argument("--fast-cpu", action="store_true",
                  help="set siamjax.xla.FAST_CPU_FLAGS first (default: XLA's own flags, which "
                       "run most losses 10-50%% faster here; the fast flags are tuned for the "
                       "Koch convnet)")
+  p.add_argument("--markdown", metavar="JSON",
+                 help="print a results JSON's time-to-floor and PML table as Markdown and "
+                      "exit; runs nothing")
   args = p.parse_args(argv)
+  if args.markdown:
+    import json
+
+    import losses_bench as lb
+    with open(args.markdown, encoding="utf-8") as f:
+      print(lb.format_floor_markdown(json.load(f)["rows"]))
+    return
 
   import siamjax.xla
 
@@ -71,6 +84,7 @@ def main(argv=None) -> None:
   if any(b % 4 for b in cfg.batches):
     p.error("--batches must be multiples of 4 (P x K batches with K = 4)")
   cfg.pml = not args.no_pml
+  cfg.stages = args.stages
   if cfg.pml_memory_gib is not None and cfg.pml_memory_gib <= 0:
     cfg.pml_memory_gib = None
   out = args.out or os.path.join(here, "results", f"losses-{harness.device_slug()}.json")

@@ -7,7 +7,7 @@ import platform
 
 import jax
 
-__all__ = ["cpu_model", "cpu_isa", "machine_info", "ISA_FLAGS"]
+__all__ = ["cpu_model", "cpu_family_model", "cpu_isa", "machine_info", "ISA_FLAGS"]
 
 # The instruction-set extensions that decide which matrix kernels a CPU can run.
 #: The CPU instruction-set flags a machine record lists when present.
@@ -29,6 +29,29 @@ def cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+def cpu_family_model() -> str | None:
+  """``"family F model M stepping S"`` from ``/proc/cpuinfo`` (``None`` elsewhere): the
+  model name alone ("AMD EPYC") does not tell one generation from another.
+
+  >>> cpu_family_model() is None or cpu_family_model().startswith("family ")
+  True
+  """
+  fields = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if not line.strip():
+          break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+  except OSError:
+    return None
+  if "cpu family" not in fields:
+    return None
+  return (f"family {fields['cpu family']} model {fields.get('model', '?')} stepping "
+          f"{fields.get('stepping', '?')}")
 
 
 def cpu_isa() -> list[str]:
@@ -55,7 +78,8 @@ def machine_info() -> dict:
   upper bound, and the record says so.
 
   Returns:
-    a dict with ``platform``, ``processor``, ``cpu_model``, ``cpu_isa``, ``nproc``,
+    a dict with ``platform``, ``processor``, ``cpu_model``, ``cpu_family_model``,
+    ``cpu_isa``, ``nproc``,
     ``jax_backend``, ``jax_devices``, ``device_kind``,
     ``jax``, ``python``, ``xla_flags``.
 
@@ -68,6 +92,7 @@ def machine_info() -> dict:
       "platform": platform.platform(),
       "processor": platform.processor() or platform.machine(),
       "cpu_model": cpu_model(),
+      "cpu_family_model": cpu_family_model(),
       "cpu_isa": cpu_isa(),
       "nproc": os.cpu_count(),
       "jax_backend": jax.default_backend(),

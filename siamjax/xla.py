@@ -1,4 +1,4 @@
-"""XLA settings for fast Koch-network training on the CPU.
+"""XLA settings for fast convolutional-network training on the CPU, for the programs they help.
 
 XLA:CPU (jaxlib 0.10) routes convolutions through a YNNPACK fusion by default. Its
 weight-gradient convolutions (for the Koch net: a 42x42 window for conv2, 96x96 for
@@ -11,10 +11,20 @@ AMD EPYC: a batched ``[1200, 64, 128] @ [1200, 128, 256]`` product runs at 57 GF
 against 24 with YNNPACK doing the dots only (``ynn_fusion_type=individual_dot``, this
 module's earlier choice), which is what :func:`siamjax.fourier.dft_conv2d`'s
 frequency-wise products need; the Omniglot ``quick`` preset's 150 steps took 66 s
-against 78 s. Results are unchanged beyond float rounding. They do not help everything:
-the in-batch losses of :mod:`siamjax.losses` alone (Gram products and elementwise work,
-no convolutions) run 10-50% slower with them
-(``benchmarks/results/losses-cpu-amd-epyc-2core*.json``).
+against 78 s. Results are unchanged beyond float rounding.
+
+They do not help everything, so they are set per workload, never globally, where a
+workload's training step was measured faster with them (``benchmarks/xla_flags.py``,
+``benchmarks/results/xla-flags-*.json``: every recipe's step in a fresh process per
+setting): the convolutional recipes (``omniglot_koch``, ``image_folder``, and
+``enrolment``, which embeds with a Koch tower), the two MLP pair recipes
+(``mnist_contrastive``, ``vector_pairs``: XNNPACK's small products) and
+``benchmarks/pairs_per_sec.py`` set them (``FAST_CPU = True`` in the recipe modules);
+``mnist_triplet`` and ``thucnews_fewshot`` (no faster) and the in-batch losses of
+:mod:`siamjax.losses` (15-33% slower with them: Gram products and elementwise work) run
+on XLA's own flags, as does ``benchmarks/losses_per_sec.py``. Every results file records
+``XLA_FLAGS`` (``machine.xla_flags``). A program of your own measures its step both ways
+and sets them, first thing, only if they help.
 
 XLA reads ``XLA_FLAGS`` once, when JAX initialises its backends (the first
 ``jax.devices()``, array creation or jitted call). So the fast path must be chosen

@@ -402,7 +402,45 @@ def test_command_line_route_runs_one_copy_of_the_module():
   out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m",
                         "siamjax.cpu_kernels", "route"], env=env, capture_output=True,
                        text=True, check=True)
-  assert out.stdout.split() == ["xla"] and "Warning" not in out.stderr
+  lines = out.stdout.splitlines()
+  assert lines == ["xla", "why not oneDNN: SIAMJAX_ONEDNN=0"] and "Warning" not in out.stderr
+
+
+def test_route_info_says_what_runs_and_why():
+  info = cpu_kernels.route_info()
+  assert info["route"] == ROUTE and info["backend"] == jax.default_backend()
+  if ROUTE == "onednn-bf16":
+    assert info["library"] and os.path.exists(info["library"]) and info["reason"] is None
+  else:
+    assert info["library"] is None and info["reason"]
+
+
+def test_no_compiler_falls_back_in_one_line(monkeypatch, tmp_path, capsys):
+  monkeypatch.setenv("SIAMJAX_CACHE_DIR", str(tmp_path))
+  monkeypatch.delenv("SIAMJAX_ONEDNN", raising=False)
+  monkeypatch.delenv("CXX", raising=False)
+  monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++
+  monkeypatch.setattr(cpu_kernels, "_state", {})
+  monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16", lambda: True)
+  monkeypatch.setattr(cpu_kernels, "_onednn_prefix", lambda prefix=None: str(tmp_path))
+  monkeypatch.setattr(cpu_kernels, "_libdnnl", lambda prefix: (str(tmp_path), "libdnnl.so.3"))
+  assert cpu_kernels._load() is None and cpu_kernels.matmul_route() == "xla"
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and "bf16 runs on XLA" in err[0] and "C++ compiler" in err[0]
+  assert cpu_kernels.route_info()["reason"] == "no C++ compiler was found to build its kernel"
+  cpu_kernels.matmul_route()
+  assert capsys.readouterr().err == ""  # once per process
+
+
+def test_onednn_is_a_dependency_of_the_plain_install_on_x86_64_linux():
+  import tomllib
+
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "pyproject.toml"),
+            "rb") as f:
+    deps = tomllib.load(f)["project"]["dependencies"]
+  marker = "platform_system == 'Linux' and platform_machine == 'x86_64'"
+  for name in ("onednn-cpu-gomp", "onednn-devel-cpu-gomp"):
+    assert any(d.startswith(name) and d.endswith(marker) for d in deps), name
 
 
 def test_build_without_onednn_raises(tmp_path):

@@ -94,6 +94,9 @@ def test_run_writes_rows_checks_equality_and_skips_missing_losses(tmp_path):
       continue
     assert r["step_s"] > 0 and r["compile_s"] > 0 and r["temp_bytes"] >= 0
     assert r["repeats"] == 1 and r["batch"] == 8 and r["per_class"] == spec.per_class
+    assert r["floor"]["step_s"] > 0 and r["vs_floor"] == r["step_s"] / r["floor"]["step_s"]
+    assert len(r["floor"]["products"]) == spec.gram_products
+    assert r["vs_best_floor"] >= r["vs_floor"] * (1 - 1e-12)
     pml = [p for p in rows if p["impl"] == "pml" and p["loss"] == spec.name]
     if spec.pml is None:
       assert not pml and r["pml"]["skipped"]
@@ -104,6 +107,18 @@ def test_run_writes_rows_checks_equality_and_skips_missing_losses(tmp_path):
       else:
         assert "equal" not in r["pml"]
   assert "batch_all" in lb.format_table(rows)
+  assert "| batch_hard | 8 |" in lb.format_floor_markdown(rows)
+
+
+def test_floor_times_the_losses_own_products():
+  cfg = lb.Config(repeats=1, min_total_s=0.0)
+  emb = np.ones((8, 4), np.float32)
+  spec = {s.name: s for s in lb.LOSSES}
+  three, one = lb.floor_row(spec["ntxent"], emb, cfg), lb.floor_row(spec["batch_hard"], emb, cfg)
+  assert three["products"] == ["E E^T", "dG E", "dG^T E"] and three["flops"] == 3 * 2 * 64 * 4
+  assert one["products"] == ["E E^T"] and one["flops"] == 2 * 64 * 4
+  assert three["step_s"] > 0 and three["gflop_per_s"] > 0
+  assert [s.name for s in lb.LOSSES if s.gram_products == 1] == ["batch_hard"]
 
 
 def test_format_table_shows_skipped_and_failed_references():

@@ -10,25 +10,30 @@ matmul primitive (bf16 inputs, float32 accumulation and output) from a jitted fu
 through an XLA FFI custom call, with its own VJP whose two gradient products are again
 bf16 x bf16 -> float32 oneDNN products.
 
-The kernel is optional and opt-in. It needs a C++17 compiler and oneDNN's headers and
-library (``pip install -e '.[onednn]'``, ``pip install --target DIR onednn-cpu-gomp
-onednn-devel-cpu-gomp``, or a system oneDNN). :func:`build` compiles
-``siamjax/csrc/onednn_matmul.cc`` into a cache directory (``$SIAMJAX_CACHE_DIR``, default
-``~/.cache/siamjax``; one file per source version and oneDNN folder)::
+The kernel needs a C++17 compiler and oneDNN's headers and library. On x86-64 Linux,
+oneDNN (``onednn-cpu-gomp``, ``onednn-devel-cpu-gomp``) is a dependency of the plain
+``pip install -e .``; elsewhere the ``onednn`` extra, ``pip install --target DIR
+onednn-cpu-gomp onednn-devel-cpu-gomp`` or a system oneDNN provides it. The first
+process that needs the kernel builds it (about 3 s, once) into a cache directory
+(``$SIAMJAX_CACHE_DIR``, default ``~/.cache/siamjax``; one file per source version and
+oneDNN folder) when none is built for this source version, or the one built no longer
+loads, and oneDNN's headers are found (``$SIAMJAX_ONEDNN=DIR``, or oneDNN installed in
+this environment). To build it ahead of time, or against another oneDNN::
 
     python -m siamjax.cpu_kernels build --onednn DIR   # DIR holds include/ and lib/
 
-The first process that needs the kernel also builds it (about 3 s) when none is built for
-this source version, or the one built no longer loads, and oneDNN's headers are found
-(``$SIAMJAX_ONEDNN=DIR``, or the ``onednn`` extra in this environment). Then
-:func:`matmul_route` returns ``"onednn-bf16"`` on a CPU with AVX512-BF16 or AMX, and
+Where the kernel could run (the CPU backend, a CPU with AVX512-BF16 or AMX) but cannot be
+built or loaded (no C++ compiler, no oneDNN), one line on standard error says that bf16
+runs on XLA and how to get the fast route; ``python -m siamjax.cpu_kernels route``
+prints the route and why. With the kernel, :func:`matmul_route` returns ``"onednn-bf16"``, and
 :class:`siamjax.encoders.Koch` in bf16 with ``conv="auto"`` sends its matrix work through
 it: conv1 as a oneDNN bf16 convolution (:func:`bf16_conv2d`), the DFT transforms
 (:func:`bf16_transform`) and Fourier-domain products of :mod:`siamjax.fourier`, and the
 dense layer.
 Everywhere else -- no compiler, no oneDNN, no bf16 instructions, a GPU backend, or
-``SIAMJAX_ONEDNN=0`` -- :func:`matmul_route` returns ``"xla"`` and nothing changes: the
-default install needs neither a compiler nor oneDNN.
+``SIAMJAX_ONEDNN=0`` -- :func:`matmul_route` returns ``"xla"`` and nothing else changes:
+the same functions run as XLA products and convolutions, and nothing is built on a GPU
+backend.
 """
 
 from __future__ import annotations
@@ -38,15 +43,17 @@ import functools
 import glob
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["matmul_route", "bf16_matmul", "bf16_transform", "dense_dot_general",
+__all__ = ["matmul_route", "route_info", "bf16_matmul", "bf16_transform", "dense_dot_general",
            "bf16_conv2d", "bf16_conv_relu_pool", "conv_general_dilated", "build",
            "library_path"]
 
@@ -97,8 +104,9 @@ def _built_libraries() -> list[str]:
 
 def _onednn_prefix(prefix: str | None) -> str:
   """A directory holding ``include/oneapi/dnnl/dnnl.hpp`` and ``lib/libdnnl.so*``."""
-  candidates = [prefix] if prefix else [os.environ.get("SIAMJAX_ONEDNN"), sys.prefix, "/usr",
-                                        "/usr/local"]
+  candidates = [prefix] if prefix else list(dict.fromkeys(
+      [os.environ.get("SIAMJAX_ONEDNN"), sys.prefix, sysconfig.get_paths().get("data"),
+       sysconfig.get_paths("posix_user").get("data"), "/usr", "/usr/local"]))
   for p in candidates:
     if p and os.path.exists(os.path.join(p, "include", "oneapi", "dnnl", "dnnl.hpp")):
       return p
@@ -122,19 +130,21 @@ def build(onednn: str | None = None, *, cxx: str | None = None, verbose: bool = 
   Args:
     onednn: oneDNN install prefix (``include/`` and ``lib/``); ``None`` tries
       ``$SIAMJAX_ONEDNN``, ``sys.prefix``, ``/usr`` and ``/usr/local``.
-    cxx: the C++ compiler (default ``$CXX`` or ``g++``).
+    cxx: the C++ compiler (default ``$CXX``, else the first of ``g++``, ``c++`` and
+      ``clang++`` on the ``PATH``).
     verbose: print the compiler command.
 
   Raises:
     FileNotFoundError: no oneDNN headers or library.
-    RuntimeError: the compiler failed (its output is in the message).
+    RuntimeError: no C++ compiler, or the compiler failed (its output is in the message).
   """
+  compiler = _compiler(cxx)
   prefix = _onednn_prefix(onednn)
   libdir, libname = _libdnnl(prefix)
   out = library_path(prefix)
   os.makedirs(os.path.dirname(out), exist_ok=True)
   tmp = f"{out}.{os.getpid()}.tmp"
-  cmd = [cxx or os.environ.get("CXX", "g++"), "-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+  cmd = [compiler, "-O3", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
          "-w", f"-I{jax.ffi.include_dir()}", f"-I{os.path.join(prefix, 'include')}", _SOURCE,
          "-o", tmp, f"-L{libdir}", f"-l:{libname}", f"-Wl,-rpath,{libdir}"]
   if verbose:
@@ -142,11 +152,25 @@ def build(onednn: str | None = None, *, cxx: str | None = None, verbose: bool = 
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
   except OSError as e:
-    raise RuntimeError(f"no C++ compiler: {e}") from e
+    raise RuntimeError(f"no C++ compiler: {e}") from e  # e.g. $CXX names a missing file
   if proc.returncode != 0:
     raise RuntimeError(f"building {_SOURCE} failed:\n{proc.stderr[-4000:]}")
   os.replace(tmp, out)
   return out
+
+
+_COMPILERS = ("g++", "c++", "clang++")
+
+
+def _compiler(cxx: str | None = None) -> str:
+  """``cxx``, else ``$CXX``, else the first of :data:`_COMPILERS` on the ``PATH``."""
+  if cxx or os.environ.get("CXX"):
+    return cxx or os.environ["CXX"]
+  for name in _COMPILERS:
+    if shutil.which(name):
+      return name
+  raise RuntimeError(f"no C++ compiler found ({', '.join(_COMPILERS)} are not on the PATH "
+                     "and $CXX is not set)")
 
 
 def _cpu_has_bf16() -> bool:
@@ -160,14 +184,22 @@ def _load() -> ctypes.CDLL | None:
 
   Tries the library built for the oneDNN found here, then any other build of this source
   version. When none exists, or none loads (its oneDNN was removed), and oneDNN's headers
-  are found (``$SIAMJAX_ONEDNN``, or the ``onednn`` extra in this environment), it is
-  built once, in about 3 s; otherwise the route is ``"xla"`` and ``route`` says why.
+  are found (``$SIAMJAX_ONEDNN``, or oneDNN installed in this environment), it is built
+  once, in about 3 s; otherwise the route is ``"xla"``, one line on standard error says
+  so (:func:`_say_why`) and ``route`` says why.
   """
   if "lib" in _state:
     return _state["lib"]
   _state["lib"] = None
   setting = os.environ.get("SIAMJAX_ONEDNN", "")
-  if setting == "0" or jax.default_backend() != "cpu" or not _cpu_has_bf16():
+  if setting == "0":
+    _state["reason"] = "SIAMJAX_ONEDNN=0"
+    return None
+  if jax.default_backend() != "cpu":
+    _state["reason"] = f"the backend is {jax.default_backend()}, not the CPU"
+    return None
+  if not _cpu_has_bf16():
+    _state["reason"] = "this CPU has neither AVX512-BF16 nor AMX"
     return None
   errors = []
   lib = None
@@ -179,7 +211,8 @@ def _load() -> ctypes.CDLL | None:
       except OSError as e:
         errors.append(str(e))
     if lib is None:  # not built for this source yet, or its oneDNN is gone: build it
-      lib = ctypes.CDLL(build(setting or None))
+      path = build(setting or None)
+      lib = ctypes.CDLL(path)
     for target, symbol in ((_TARGET, lib.SiamjaxOnednnMatmulBf16),
                            (_TARGET_BF16, lib.SiamjaxOnednnMatmulBf16Out),
                            (_CONV, lib.SiamjaxOnednnConvBf16),
@@ -189,9 +222,53 @@ def _load() -> ctypes.CDLL | None:
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except (OSError, RuntimeError, FileNotFoundError, AttributeError) as e:
     _state["error"] = "; ".join(errors + [str(e)])
+    _state["reason"] = _short_reason(e)
+    _say_why(_state["reason"], _fix(e))
     return None
   _state["lib"] = lib
+  _state["path"] = getattr(lib, "_name", None)
   return lib
+
+
+def _short_reason(e: Exception) -> str:
+  if isinstance(e, FileNotFoundError):
+    return "oneDNN's headers or library were not found"
+  if "no C++ compiler" in str(e):
+    return "no C++ compiler was found to build its kernel"
+  if isinstance(e, RuntimeError):
+    return "building its kernel failed"
+  return "its kernel did not load"
+
+
+def _fix(e: Exception) -> str:
+  if isinstance(e, FileNotFoundError):
+    return "pip install onednn-cpu-gomp onednn-devel-cpu-gomp (or set SIAMJAX_ONEDNN=DIR)"
+  if "no C++ compiler" in str(e):
+    return "install a C++ compiler (e.g. apt install g++); it is built on the next use"
+  return "python -m siamjax.cpu_kernels build shows the error"
+
+
+def _say_why(reason: str, fix: str) -> None:
+  """The one line a user sees when the fast bf16 route could run here but does not."""
+  print(f"siamjax: bf16 runs on XLA (slower) instead of oneDNN: {reason}. For the fast "
+        f"route: {fix}; SIAMJAX_ONEDNN=0 silences this.", file=sys.stderr, flush=True)
+
+
+def route_info() -> dict:
+  """What :func:`matmul_route` decided here and why, as a JSON-able dict.
+
+  Keys: ``route``, ``library`` (the kernel's path on the oneDNN route, else ``None``),
+  ``reason`` (why the route is ``"xla"``, else ``None``), ``error`` (the full load or
+  build error, else ``None``), ``cpu_bf16`` (the CPU has AVX512-BF16 or AMX) and
+  ``backend``.
+
+  >>> sorted(route_info())
+  ['backend', 'cpu_bf16', 'error', 'library', 'reason', 'route']
+  """
+  route = matmul_route()
+  return {"route": route, "library": _state.get("path"), "reason": _state.get("reason"),
+          "error": _state.get("error"), "cpu_bf16": _cpu_has_bf16(),
+          "backend": jax.default_backend()}
 
 
 def matmul_route() -> str:
@@ -580,11 +657,13 @@ def _main(argv=None) -> int:
   import argparse
 
   p = argparse.ArgumentParser(prog="python -m siamjax.cpu_kernels",
-                              description="Build the optional oneDNN bf16 matmul kernel.")
+                              description="Build the oneDNN bf16 kernel, or say which route "
+                                          "bf16 products take here.")
   sub = p.add_subparsers(dest="cmd", required=True)
   b = sub.add_parser("build", help="compile siamjax/csrc/onednn_matmul.cc")
   b.add_argument("--onednn", default=None, help="oneDNN prefix holding include/ and lib/")
-  sub.add_parser("route", help="print the route bf16 products take here")
+  sub.add_parser("route", help="print the route bf16 products take here (first line), then "
+                               "the kernel's path or why it is not used")
   args = p.parse_args(argv)
   if args.cmd == "build":
     try:
@@ -593,6 +672,12 @@ def _main(argv=None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 2
     return 0
-  print(matmul_route(), _state.get("error", ""))
+  info = route_info()
+  print(info["route"])
+  if info["library"]:
+    print(f"kernel: {info['library']}")
+  if info["reason"]:
+    print(f"why not oneDNN: {info['reason']}")
+  if info["error"]:
+    print(f"error: {info['error']}")
   return 0
-

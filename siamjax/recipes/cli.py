@@ -4,11 +4,15 @@
 [--data-dir D] [--eval-only] [--no-progress] [--<any-config-field> V]``
 
 :func:`main` runs a recipe module (``NAME``, ``Config``, ``PRESETS``, ``RESUMABLE``,
-``train_and_evaluate``, ``summary``) the same way for every script:
+``train_and_evaluate``, ``summary``, and optionally ``FAST_CPU``) the same way for every
+script:
 
-1. adds :data:`siamjax.xla.FAST_CPU_FLAGS` to ``XLA_FLAGS`` before JAX starts (CPU
-   installs; ``SIAMJAX_NO_XLA_FLAGS=1`` skips it) and starts multi-host JAX when a
-   cluster is detected (:func:`siamjax.parallel.initialize_distributed`);
+1. for a recipe whose ``FAST_CPU`` is true (those whose training step was measured faster
+   with them: ``benchmarks/results/xla-flags-*.json``), adds
+   :data:`siamjax.xla.FAST_CPU_FLAGS` to ``XLA_FLAGS`` before JAX starts (CPU installs;
+   ``SIAMJAX_NO_XLA_FLAGS=1`` skips it); every other recipe runs on XLA's own flags. It
+   starts multi-host JAX when a cluster is detected
+   (:func:`siamjax.parallel.initialize_distributed`);
 2. builds the config: the preset (``--smoke`` is ``--preset smoke``), then every flag
    named after a ``Config`` field (``--num-steps 2000``, ``--learning-rate 3e-4``;
    booleans as ``--grayscale`` / ``--no-grayscale``, tuples as ``--train-drawers 0,1,2``);
@@ -22,7 +26,8 @@
 4. writes ``config.json``, calls ``train_and_evaluate`` (which trains through
    :func:`siamjax.train.fit`: checkpoints, ``metrics.jsonl``, the progress bar, the
    transfer guard, ``--devices``), and writes ``results.json`` with
-   :func:`siamjax.results.write_results` (the command, the git commit, the machine);
+   :func:`siamjax.results.write_results` (the command, the git commit, the machine with
+   its ``XLA_FLAGS``, and ``fast_cpu_flags``: whether this script set them);
 5. turns user errors (bad data, a locked or mismatched work directory) into one line,
    ``error: ...``, and exit status 2, and Ctrl-C or SIGTERM into one line and status
    130 (143) after a checkpoint is saved. ``SIAMJAX_TRACEBACK=1`` shows tracebacks.
@@ -184,7 +189,8 @@ def main(recipe, argv: list[str] | None = None, *, presets: Mapping[str, Callabl
   from siamjax import results as results_lib
   load_at_start = results_lib.load_average()
   import siamjax.xla
-  if siamjax.xla.enable_fast_cpu():  # before JAX starts; see siamjax/xla.py
+  # Before JAX starts; only for the recipes the flags were measured to help (siamjax/xla.py).
+  if getattr(recipe, "FAST_CPU", False) and siamjax.xla.enable_fast_cpu():
     print(f"set XLA_FLAGS={os.environ['XLA_FLAGS']} (faster CPU convolutions; "
           f"SIAMJAX_NO_XLA_FLAGS=1 to skip)", file=sys.stderr)
   from siamjax import parallel, train
@@ -250,7 +256,8 @@ def main(recipe, argv: list[str] | None = None, *, presets: Mapping[str, Callabl
       out = recipe.train_and_evaluate(cfg, workdir, progress=not args.no_progress,
                                       hooks=hooks, eval_only=args.eval_only)
       out = {"recipe": recipe.NAME, "preset": preset, **out,
-             "wall_time_s": time.perf_counter() - t0, "config": cfg_dict}
+             "wall_time_s": time.perf_counter() - t0, "config": cfg_dict,
+             "fast_cpu_flags": siamjax.xla.fast_cpu_enabled()}
       path = results_lib.write_results(workdir, out, command=command,
                                        load_average_at_start=load_at_start)
   except train.Interrupted as e:

@@ -45,6 +45,9 @@ from siamjax.recipes import cli
 __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "train_and_evaluate", "summary"]
 
 NAME = "enrolment"
+# Embeds with a trained Koch tower by default (a convolutional network, inference): the
+# convolutional recipes' setting, siamjax.xla.FAST_CPU_FLAGS (recipes/cli.py).
+FAST_CPU = True
 RESUMABLE = frozenset()
 
 

@@ -38,6 +38,9 @@ __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "load_images", "fit_and_eva
            "train_and_evaluate", "summary", "load_model"]
 
 NAME = "image_folder"
+# A convolutional network: its script sets siamjax.xla.FAST_CPU_FLAGS on a CPU-only install
+# (recipes/cli.py), measured faster for it (benchmarks/results/xla-flags-*.json).
+FAST_CPU = True
 RESUMABLE = frozenset({"epochs"})  # how long it trains, not what it computes up to a step
 
 

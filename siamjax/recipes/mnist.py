@@ -408,6 +408,9 @@ def _summary(results: dict) -> str:
 #: The Keras MNIST Siamese example (``experiments/mnist_contrastive.py``).
 contrastive = types.SimpleNamespace(
     NAME="mnist_contrastive", Config=ContrastiveConfig, RESUMABLE=frozenset({"epochs"}),
+    # An MLP, but its step ran 1.06-1.34x faster with siamjax.xla.FAST_CPU_FLAGS in all five
+    # rounds (XNNPACK's small products; benchmarks/results/xla-flags-*.json): set them.
+    FAST_CPU=True,
     PRESETS={"default": lambda: ContrastiveConfig(preset="default"),
              "smoke": lambda: ContrastiveConfig(preset="smoke", train_images=2000,
                                                 test_images=1000, epochs=2)},
@@ -416,6 +419,9 @@ contrastive = types.SimpleNamespace(
 #: Triplet mining on the example's tower (``experiments/mnist_triplet.py``).
 triplet = types.SimpleNamespace(
     NAME="mnist_triplet", RESUMABLE=frozenset({"epochs", "contrastive_results"}),
+    # The same MLP with a batch-all triplet loss: no faster with the flags (0.94-1.06x over five
+    # rounds; the in-batch losses run slower with them), so XLA's own CPU flags.
+    FAST_CPU=False,
     PRESETS={"default": lambda: TripletConfig(preset="default"),
              "smoke": lambda: TripletConfig(preset="smoke", train_images=2000, test_images=1000,
                                             epochs=2, steps_per_epoch=10, contrastive_results="")},

@@ -52,6 +52,9 @@ __all__ = ["Config", "Model", "make_loss_fn", "training_data", "optimizer", "lea
            "PRESETS", "RESUMABLE"]
 
 NAME = "omniglot_koch"
+# A convolutional network: its script sets siamjax.xla.FAST_CPU_FLAGS on a CPU-only install
+# (recipes/cli.py), measured faster for it (benchmarks/results/xla-flags-*.json).
+FAST_CPU = True
 # Config fields that may change between runs of one work directory: how long it trains
 # and what it evaluates at the end, not what it computes up to a given step.
 RESUMABLE = frozenset({"num_steps", "train_time_limit_s", "time_budget_s", "checkpoint_every",

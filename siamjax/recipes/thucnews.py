@@ -41,6 +41,9 @@ __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "VARIANTS", "pair_loss_fn",
            "load_model", "VOCAB_FILE", "MODELS"]
 
 NAME = "thucnews_fewshot"
+# No faster with siamjax.xla.FAST_CPU_FLAGS (the n-gram bag's split-view step 0.90-1.28x, the
+# seed TextCNN 0.94-1.66x over five rounds; benchmarks/results/xla-flags-*.json): XLA's own.
+FAST_CPU = False
 RESUMABLE = frozenset({"num_draws", "checkpoint_every"})  # may change when a run resumes
 
 #: Each draw's folder keeps its vocabularies here (n-gram and character ids).
