@@ -128,6 +128,9 @@ _DRIVER = textwrap.dedent("""
     import test_workdir as t
     from siamjax import train
     workdir, mode, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    # Ctrl-C as in a terminal, also when the tests were started in the background (a
+    # non-interactive shell's background job inherits SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     kw = {}
     if mode == "kill_between_best_and_latest":  # the final best save done, latest not
       real = train._save
