@@ -65,7 +65,7 @@ def _step(name: str):
   import numpy as np
   import optax
 
-  from siamjax import distances, encoders, fewshot, losses, models
+  from siamjax import bag, distances, encoders, losses, models
   from siamjax.recipes import mnist, thucnews
 
   rng = np.random.default_rng(0)
@@ -136,7 +136,7 @@ def _step(name: str):
     loss = contrastive(tower)
   elif name == "thucnews_splitview":
     opt = optax.adam(2e-3)
-    params = fewshot.init_bag(key, 50_000, 128)
+    params = bag.init_bag(key, 50_000, 128)
     batch = {"tokens": jnp.asarray(rng.integers(1, 50_000, (20_000, 64)).astype(np.int32))}
     fn = thucnews.split_view_loss_fn(batch_size=512, temperature=0.1)
     loss = lambda params, batch: fn(params, None, batch, jax.random.key(2))[0]  # noqa: E731

@@ -14,9 +14,9 @@ Modules (one concept each):
 * :mod:`siamjax.augment`: Koch's random affine distortions and image resizing.
 * :mod:`siamjax.train`: the fused, jitted train step and the resumable training loop.
 * :mod:`siamjax.evaluation`: one-shot tasks and verification metrics.
-* :mod:`siamjax.data`, :mod:`siamjax.recipes`, :mod:`siamjax.fewshot`: datasets,
-  end-to-end recipes and few-shot primitives (prototypes, a bag-of-n-grams encoder);
-  import them explicitly.
+* :mod:`siamjax.data`, :mod:`siamjax.recipes`, :mod:`siamjax.fewshot`,
+  :mod:`siamjax.bag`: datasets, end-to-end recipes, few-shot classification by
+  prototypes and a bag-of-n-grams text encoder; import them explicitly.
 """
 
 from siamjax import (augment, distances, encoders, evaluation, fourier, losses, memory, models,

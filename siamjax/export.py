@@ -27,13 +27,11 @@ archival with a recent jaxlib. ``model.json`` records the versions.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 __all__ = ["export_model", "FORMAT"]
 

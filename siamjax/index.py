@@ -70,6 +70,15 @@ class IndexMismatch(ValueError):
   """An index used with a model other than the one that built it."""
 
 
+def check_fingerprint(found, expected: str, what: str = "the index") -> None:
+  """Raises :class:`IndexMismatch` unless ``found`` (an index's stored fingerprint) is
+  ``expected`` (the using model's :func:`fingerprint`); ``what`` names the index."""
+  if found != expected:
+    raise IndexMismatch(
+        f"{what} was built by another model (parameters {str(found)[:12]}, this model's "
+        f"{expected[:12]}); enrol the gallery again with this model")
+
+
 def fingerprint(tree) -> str:
   """SHA-256 of a pytree's paths, dtypes, shapes and values: the identity of a model's
   parameters, stored with every index and calibration made with them.
@@ -142,9 +151,7 @@ class Metric:
   def to_units(self, s):
     """Internal scores to the metric's units."""
     s = jnp.asarray(s)
-    if self.kind == "squared_euclidean":
-      return -s
-    if self.kind == "euclidean":
+    if self.kind in ("squared_euclidean", "euclidean"):
       return -s
     if self.kind == "weighted_l1":
       return jax.nn.sigmoid(s)
@@ -634,10 +641,8 @@ class Index:
       meta = json.loads((path / _META).read_text())
     except (OSError, json.JSONDecodeError):
       raise ValueError(f"{path} is not an index (no readable {_META})") from None
-    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
-      raise IndexMismatch(
-          f"{path} was built by another model (parameters {str(meta.get('fingerprint'))[:12]}"
-          f", this model's {fingerprint[:12]}); enrol the gallery again with this model")
+    if fingerprint is not None:
+      check_fingerprint(meta.get("fingerprint"), fingerprint, str(path))
     arrays = ocp.StandardCheckpointer().restore(path / "arrays")
     names = np.asarray(meta["label_names"], dtype=object)
     labels = names[np.asarray(arrays["codes"])]

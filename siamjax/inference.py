@@ -31,15 +31,13 @@ siamjax; ``python -m siamjax`` (its commands: ``python -m siamjax --help``) does
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import importlib
 import json
 import math
 import os
 import pkgutil
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +45,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from siamjax import _checks
 from siamjax import index as _index
 from siamjax import train
 from siamjax.evaluation import verification
@@ -455,10 +452,7 @@ class Model:
 
   def check_index(self, index) -> None:
     """Raises :class:`siamjax.index.IndexMismatch` unless ``index`` was built by this model."""
-    if index.fingerprint != self.fingerprint:
-      raise _index.IndexMismatch(
-          f"the index was built by another model (parameters {str(index.fingerprint)[:12]}, "
-          f"this model's {self.fingerprint[:12]}); enrol the gallery again with this model")
+    _index.check_fingerprint(index.fingerprint, self.fingerprint)
 
   # -- thresholds ----------------------------------------------------------------------
 

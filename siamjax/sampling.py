@@ -24,6 +24,8 @@ as ``groups``.
   (a ``prepare`` for :func:`siamjax.train.make_train_step`).
 * :func:`sample_rows`: i.i.d. uniform rows of an unlabelled pool, drawn afresh each step.
 * :func:`exhaustive_pairs`: every same-class pair plus as many sampled negatives (host).
+* :func:`split_views`: each row's tokens split at random into two disjoint views, the
+  positive pair of split-view self-supervised pre-training (:mod:`siamjax.bag`).
 
 The images' random distortions and resizing live in :mod:`siamjax.augment`.
 """
@@ -42,7 +44,7 @@ __all__ = [
     "IndexTable", "index_table", "grid_table", "sample_pairs", "sample_groups",
     "sample_oneshot_trials", "sample_oneshot_tasks", "keras_pairs", "epoch_batches",
     "sample_rows",
-    "exhaustive_pairs",
+    "exhaustive_pairs", "split_views",
 ]
 
 
@@ -587,3 +589,20 @@ def exhaustive_pairs(key: jax.Array, labels) -> tuple[jax.Array, jax.Array]:
   pairs = np.concatenate([pos_Px2, np.stack([pos_Px2[:, 0], neg], axis=1)])
   similar = np.concatenate([np.ones(len(pos_Px2)), np.zeros(len(pos_Px2))]).astype(np.float32)
   return jnp.asarray(pairs), jnp.asarray(similar)
+
+
+def split_views(key: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits each title's tokens at random into two disjoint views (a fair coin each).
+
+  Unlike SimCSE-style dropout views, two disjoint halves of a bag of n-grams cannot be
+  matched by copying, so the pre-training task stays hard.
+
+  Args:
+    key: PRNG key.
+    tokens: ``[B, L]`` token ids.
+
+  Returns:
+    ``(keep_a, keep_b)``, ``[B, L]`` bool masks with ``keep_a & keep_b`` all False.
+  """
+  coin_BxL = jax.random.bernoulli(key, 0.5, tokens.shape)
+  return coin_BxL, ~coin_BxL

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from siamjax import cpu_kernels, fourier
+from siamjax.cpu_kernels import _library
 from siamjax.encoders import Koch
 
 ROUTE = cpu_kernels.matmul_route()
@@ -420,11 +421,11 @@ def test_no_compiler_falls_back_in_one_line(monkeypatch, tmp_path, capsys):
   monkeypatch.delenv("SIAMJAX_ONEDNN", raising=False)
   monkeypatch.delenv("CXX", raising=False)
   monkeypatch.setenv("PATH", str(tmp_path))  # no g++, c++ or clang++
-  monkeypatch.setattr(cpu_kernels, "_state", {})
-  monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16", lambda: True)
-  monkeypatch.setattr(cpu_kernels, "_onednn_prefix", lambda prefix=None: str(tmp_path))
-  monkeypatch.setattr(cpu_kernels, "_libdnnl", lambda prefix: (str(tmp_path), "libdnnl.so.3"))
-  assert cpu_kernels._load() is None and cpu_kernels.matmul_route() == "xla"
+  monkeypatch.setattr(_library, "_state", {})
+  monkeypatch.setattr(_library, "_cpu_has_bf16", lambda: True)
+  monkeypatch.setattr(_library, "_onednn_prefix", lambda prefix=None: str(tmp_path))
+  monkeypatch.setattr(_library, "_libdnnl", lambda prefix: (str(tmp_path), "libdnnl.so.3"))
+  assert _library._load() is None and cpu_kernels.matmul_route() == "xla"
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1 and "bf16 runs on XLA" in err[0] and "C++ compiler" in err[0]
   assert cpu_kernels.route_info()["reason"] == "no C++ compiler was found to build its kernel"
@@ -476,11 +477,11 @@ def test_each_onednn_gets_its_own_cached_library(monkeypatch, tmp_path):
 def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path):
   monkeypatch.setenv("SIAMJAX_CACHE_DIR", str(tmp_path))
   monkeypatch.delenv("SIAMJAX_ONEDNN", raising=False)
-  monkeypatch.setattr(cpu_kernels, "_state", {})
-  monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16", lambda: True)
-  broken = tmp_path / f"libsiamjax_onednn-{cpu_kernels._source_tag()}-deadbeef.so"
+  monkeypatch.setattr(_library, "_state", {})
+  monkeypatch.setattr(_library, "_cpu_has_bf16", lambda: True)
+  broken = tmp_path / f"libsiamjax_onednn-{_library._source_tag()}-deadbeef.so"
   broken.write_text("its oneDNN was deleted")
-  monkeypatch.setattr(cpu_kernels, "library_path", lambda onednn=None: str(broken))
+  monkeypatch.setattr(_library, "library_path", lambda onednn=None: str(broken))
 
   built, registered = [], []
 
@@ -489,40 +490,40 @@ def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path)
       raise OSError("libdnnl.so.3: cannot open shared object file")
     return _FakeLib()
 
-  monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", fake_cdll)
-  monkeypatch.setattr(cpu_kernels, "build", lambda onednn=None: built.append(onednn) or str(broken))
+  monkeypatch.setattr(_library.ctypes, "CDLL", fake_cdll)
+  monkeypatch.setattr(_library, "build", lambda onednn=None: built.append(onednn) or str(broken))
   monkeypatch.setattr(jax.ffi, "pycapsule", lambda f: f)
   monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: registered.append(a[0]))
-  assert isinstance(cpu_kernels._load(), _FakeLib)
+  assert isinstance(_library._load(), _FakeLib)
   assert built == [None] and len(registered) == 6
 
 
 def test_a_missing_library_is_built_on_first_use(monkeypatch, tmp_path):
   monkeypatch.setenv("SIAMJAX_CACHE_DIR", str(tmp_path))
   monkeypatch.delenv("SIAMJAX_ONEDNN", raising=False)
-  monkeypatch.setattr(cpu_kernels, "_state", {})
-  monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16", lambda: True)
-  monkeypatch.setattr(cpu_kernels, "library_path", lambda onednn=None: str(tmp_path / "x.so"))
+  monkeypatch.setattr(_library, "_state", {})
+  monkeypatch.setattr(_library, "_cpu_has_bf16", lambda: True)
+  monkeypatch.setattr(_library, "library_path", lambda onednn=None: str(tmp_path / "x.so"))
 
   built = []
-  monkeypatch.setattr(cpu_kernels.ctypes, "CDLL", lambda path: _FakeLib())
-  monkeypatch.setattr(cpu_kernels, "build", lambda onednn=None: built.append(onednn) or "b.so")
+  monkeypatch.setattr(_library.ctypes, "CDLL", lambda path: _FakeLib())
+  monkeypatch.setattr(_library, "build", lambda onednn=None: built.append(onednn) or "b.so")
   monkeypatch.setattr(jax.ffi, "pycapsule", lambda f: f)
   monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: None)
-  assert isinstance(cpu_kernels._load(), _FakeLib) and built == [None]
+  assert isinstance(_library._load(), _FakeLib) and built == [None]
 
 
 def test_an_unloadable_library_without_onednn_falls_back_and_says_why(monkeypatch, tmp_path):
   monkeypatch.setenv("SIAMJAX_CACHE_DIR", str(tmp_path))
   monkeypatch.delenv("SIAMJAX_ONEDNN", raising=False)
-  monkeypatch.setattr(cpu_kernels, "_state", {})
-  monkeypatch.setattr(cpu_kernels, "_cpu_has_bf16", lambda: True)
-  (tmp_path / f"libsiamjax_onednn-{cpu_kernels._source_tag()}-deadbeef.so").write_text("x")
+  monkeypatch.setattr(_library, "_state", {})
+  monkeypatch.setattr(_library, "_cpu_has_bf16", lambda: True)
+  (tmp_path / f"libsiamjax_onednn-{_library._source_tag()}-deadbeef.so").write_text("x")
 
   def no_onednn(prefix=None):
     raise FileNotFoundError("oneDNN headers not found")
 
-  monkeypatch.setattr(cpu_kernels, "_onednn_prefix", no_onednn)
-  assert cpu_kernels._load() is None
-  assert "oneDNN headers not found" in cpu_kernels._state["error"]
-  assert cpu_kernels._state["error"].count(";") >= 1  # the load error too
+  monkeypatch.setattr(_library, "_onednn_prefix", no_onednn)
+  assert _library._load() is None
+  assert "oneDNN headers not found" in _library._state["error"]
+  assert _library._state["error"].count(";") >= 1  # the load error too

@@ -1,10 +1,9 @@
-"""Tests for siamjax.fewshot: prototypes, classification, the bag encoder and views.
+"""Tests for siamjax.fewshot: prototypes and nearest-prototype classification.
 
 The training that uses them (the THUCNews recipe's loss functions through train.run) is
 tested in tests/test_thucnews_recipe.py.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,32 +56,3 @@ def test_accuracy_and_confusion():
   assert cm.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
   with pytest.raises(ValueError, match="differ"):
     fewshot.accuracy([0, 1], [0])
-
-
-def test_bag_embed_masks_padding_and_views():
-  params = fewshot.init_bag(jax.random.key(0), 10, 4)
-  tok = jnp.array([[3, 5, 0, 0], [7, 0, 0, 0]])
-  emb = fewshot.bag_embed(params, tok)
-  e = params["embed"]
-  np.testing.assert_allclose(emb[0], (e[3] + e[5]) / 2, rtol=1e-6)
-  np.testing.assert_allclose(emb[1], e[7], rtol=1e-6)
-  keep = jnp.array([[False, True, True, True], [False, True, True, True]])
-  view = fewshot.bag_embed(params, tok, keep)
-  np.testing.assert_allclose(view[0], e[5], rtol=1e-6)
-  np.testing.assert_allclose(view[1], 0.0)  # nothing kept -> zeros, not NaN
-  with pytest.raises(ValueError, match="vocab_size"):
-    fewshot.init_bag(jax.random.key(0), 1, 4)
-
-
-def test_split_views_are_disjoint_and_cover():
-  tok = jnp.ones((64, 30), jnp.int32)
-  a, b = fewshot.split_views(jax.random.key(3), tok)
-  assert not bool(jnp.any(a & b)) and bool(jnp.all(a | b))
-  assert 0.4 < float(jnp.mean(a)) < 0.6
-
-
-def test_embed_all_matches_direct_call():
-  params = fewshot.init_bag(jax.random.key(0), 50, 8)
-  tok = np.random.default_rng(0).integers(0, 50, (37, 6)).astype(np.int32)
-  np.testing.assert_allclose(fewshot.embed_all(fewshot.bag_embed, params, tok, chunk=16),
-                             fewshot.bag_embed(params, jnp.asarray(tok)), rtol=1e-6)

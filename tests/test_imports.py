@@ -1,4 +1,4 @@
-"""The package's import graph has no loop, so its modules stack in layers.
+"""The package's import graph has no loop, and its modules stack in layers (:data:`LAYERS`).
 
 Every ``import`` and ``from ... import`` of a ``siamjax`` module counts, deferred ones
 inside functions included. An import of a subpackage's module does not count as an
@@ -76,6 +76,52 @@ def _cycle(graph):
 def test_import_graph_has_no_loop():
   loop = _cycle(_graph())
   assert loop is None, "import loop: " + " -> ".join(loop)
+
+
+# Each module's layer, by the longest matching name (a package's name covers its modules).
+# A module imports only modules of its own layer or lower ones; a new module needs a row.
+LAYERS = {
+    # 0: foundations: checks, machine facts, XLA flags, devices, data files, the registry
+    "siamjax._checks": 0, "siamjax._pooling": 0, "siamjax.machine": 0, "siamjax.xla": 0,
+    "siamjax.parallel": 0, "siamjax.augment": 0, "siamjax.data": 0, "siamjax.recipes": 0,
+    # 1: pure functions: distances, kernels, losses, samplers, search, evaluation, plots
+    "siamjax.distances": 1, "siamjax.cpu_kernels": 1, "siamjax.fourier": 1,
+    "siamjax.losses": 1, "siamjax.memory": 1, "siamjax.sampling": 1, "siamjax.index": 1,
+    "siamjax.evaluation": 1, "siamjax.fewshot": 1, "siamjax.bag": 1, "siamjax.results": 1,
+    "siamjax.plotting": 1,
+    # 2: networks and the training loop
+    "siamjax.encoders": 2, "siamjax.models": 2, "siamjax.train": 2,
+    # 3: using a trained model, and what every recipe shares
+    "siamjax.inference": 3, "siamjax.export": 3, "siamjax.recipes.cli": 3,
+    "siamjax.recipes.learning_curves": 3,
+    # 4: the recipes, the command line and the package's own namespace
+    "siamjax.recipes.": 4, "siamjax.__main__": 4, "siamjax": 4,
+}
+
+
+def _layer(module):
+  keys = [k for k in LAYERS
+          if module == k or module.startswith(k if k.endswith(".") else k + ".")]
+  assert keys, f"{module} has no layer in tests/test_imports.py LAYERS: give it one"
+  return LAYERS[max(keys, key=len)]
+
+
+def _upward(graph):
+  return [f"{a} (layer {_layer(a)}) imports {b} (layer {_layer(b)})"
+          for a, targets in sorted(graph.items()) for b in sorted(targets)
+          if _layer(b) > _layer(a)]
+
+
+def test_no_module_imports_from_a_higher_layer():
+  upward = _upward(_graph())
+  assert not upward, "\n".join(upward)
+
+
+def test_the_layer_check_sees_an_upward_import():
+  assert _layer("siamjax.losses._mining") == 1 and _layer("siamjax.recipes") == 0
+  assert _layer("siamjax.recipes.mnist") == 4 and _layer("siamjax.recipes.cli") == 3
+  assert _upward({"siamjax.losses._mining": {"siamjax.train", "siamjax._checks"}}) == [
+      "siamjax.losses._mining (layer 1) imports siamjax.train (layer 2)"]
 
 
 def test_the_loop_finder_finds_a_loop():

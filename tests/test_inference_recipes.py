@@ -154,7 +154,7 @@ def test_image_folder(tmp_path):
 
 
 def test_thucnews(tmp_path):
-  from siamjax import fewshot
+  from siamjax import bag
   from siamjax.data import thucnews
   from siamjax.recipes import thucnews as tn
   w = _smoke("thucnews_fewshot.py", tmp_path / "run")
@@ -166,7 +166,7 @@ def test_thucnews(tmp_path):
   vocab = thucnews.build_vocab([titles[i] for i in nontest], min_count=cfg.min_count)
   test_titles = [titles[i] for i in split.test[:12]]
   params = train.restore_variables(w / f"seed{cfg.seed}" / "splitview_finetune")[0]
-  want = fewshot.embed_all(fewshot.bag_embed, params,
+  want = bag.embed_all(bag.bag_embed, params,
                            thucnews.encode(test_titles, vocab, max_len=cfg.max_len))
   got, info = _loaded(w, {"kind": "texts", "items": test_titles}, tmp_path)
   _close(got, want)

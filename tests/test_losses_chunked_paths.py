@@ -15,13 +15,6 @@ from siamjax import losses as L
 
 RNG = np.random.default_rng(7)
 
-
-@pytest.fixture(autouse=True)
-def _fresh_rng():
-  """Each test draws the same data whatever ran before it (xdist reorders tests)."""
-  global RNG
-  RNG = np.random.default_rng(7)
-
 IN_BATCH = [L.batch_all_triplet_loss, L.batch_hard_triplet_loss, L.semi_hard_triplet_loss,
             L.all_pairs_contrastive_loss, L.ntxent_loss, L.in_batch_softmax_loss,
             L.multi_similarity_loss, L.circle_loss, L.lifted_structure_loss]

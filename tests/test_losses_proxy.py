@@ -165,7 +165,8 @@ def test_per_anchor_shape_and_valid_mask_drops_rows(name):
   assert full.shape == (len(x),)
   np.testing.assert_array_equal(np.asarray(full)[~keep], 0.0)
   sub = fn(jnp.asarray(x[keep]), jnp.asarray(y[keep]), jnp.asarray(w))
-  np.testing.assert_allclose(np.asarray(full)[keep], sub, rtol=1e-6)
+  # another batch shape may sum in another order: float32 rounding, a few ulps
+  np.testing.assert_allclose(np.asarray(full)[keep], sub, rtol=1e-5)
 
 
 def test_proxy_anchor_valid_mask_equals_the_subset():

@@ -55,7 +55,9 @@ def test_cross_device_loss_and_gradient_equal_single_device(fn, n_devices):
   ref_loss, ref_grad = jax.value_and_grad(lambda e: jnp.mean(fn(e, labels)))(emb)
   np.testing.assert_allclose(per_anchor, ref_per_anchor, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+  # float32 sums taken in another order: an element much smaller than the largest one
+  # carries the rounding of the largest, so the absolute tolerance scales with max |g|
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=5e-5 * float(jnp.max(jnp.abs(ref_grad))))
 
 
 @pytest.mark.parametrize("fn", [L.batch_hard_triplet_loss, L.ntxent_loss, L.circle_loss],

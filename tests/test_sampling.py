@@ -203,3 +203,10 @@ def test_exhaustive_pairs_positives_and_negatives():
   assert set(labels[pairs[similar == 0, 1]].tolist()) == {0, 1, 2, 3}
   with pytest.raises(ValueError, match="two examples"):
     sampling.exhaustive_pairs(jax.random.key(0), np.arange(3))
+
+
+def test_split_views_are_disjoint_and_cover():
+  tok = jnp.ones((64, 30), jnp.int32)
+  a, b = sampling.split_views(jax.random.key(3), tok)
+  assert not bool(jnp.any(a & b)) and bool(jnp.all(a | b))
+  assert 0.4 < float(jnp.mean(a)) < 0.6

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from siamjax import distances, fewshot, losses, results, sampling, train
+from siamjax import bag, distances, fewshot, losses, results, sampling, train
 from siamjax.data import thucnews
 from siamjax.recipes import thucnews as recipe
 
@@ -23,7 +23,7 @@ def _synthetic(num_classes=4, per_class=40, max_len=24):
 
 
 def _proto_accuracy(params, tok, labels, shots=5):
-  emb = fewshot.bag_embed(params, tok)
+  emb = bag.bag_embed(params, tok)
   train_rows = np.concatenate([np.flatnonzero(labels == c)[:shots] for c in np.unique(labels)])
   protos = fewshot.prototypes(emb[train_rows], jnp.asarray(labels[train_rows]),
                               int(labels.max()) + 1)
@@ -78,7 +78,7 @@ def test_split_view_loss_matches_the_concatenated_layout():
   """The interleaved views give the loss of [all views a; all views b] (ntxent is
   equivariant to permuting the batch)."""
   tok, _, vocab = _synthetic()
-  params = fewshot.init_bag(jax.random.key(0), vocab.size, 16)
+  params = bag.init_bag(jax.random.key(0), vocab.size, 16)
   b, key = 16, jax.random.key(5)
   loss_fn = recipe.split_view_loss_fn(batch_size=b, temperature=0.1)
   got = jax.jit(loss_fn)(params, {}, {"tokens": tok}, key)[0]
@@ -87,8 +87,8 @@ def test_split_view_loss_matches_the_concatenated_layout():
   def concatenated(params, key):
     k_rows, k_view = jax.random.split(key)
     t = tok[sampling.sample_rows(k_rows, tok.shape[0], b)]
-    a, c = fewshot.split_views(k_view, t)
-    emb = fewshot.bag_embed(params, jnp.concatenate([t, t]), jnp.concatenate([a, c]))
+    a, c = sampling.split_views(k_view, t)
+    emb = bag.bag_embed(params, jnp.concatenate([t, t]), jnp.concatenate([a, c]))
     ids = jnp.concatenate([jnp.arange(b), jnp.arange(b)])
     return jnp.mean(losses.ntxent_loss(emb, ids, temperature=0.1))
 
@@ -98,7 +98,7 @@ def test_split_view_loss_matches_the_concatenated_layout():
 @pytest.mark.slow
 def test_split_view_pretraining_learns_and_traces_once():
   tok, labels, vocab = _synthetic()
-  params = fewshot.init_bag(jax.random.key(0), vocab.size, 16)
+  params = bag.init_bag(jax.random.key(0), vocab.size, 16)
   base = recipe.split_view_loss_fn(batch_size=32, temperature=0.1)
   traces = [0]
 
@@ -123,7 +123,7 @@ def test_split_view_pretraining_learns_and_traces_once():
 
 def test_in_batch_finetuning_separates_labelled_classes():
   tok, labels, vocab = _synthetic()
-  params = fewshot.init_bag(jax.random.key(0), vocab.size, 16)
+  params = bag.init_bag(jax.random.key(0), vocab.size, 16)
   loss_fn = recipe.in_batch_loss_fn(temperature=0.1, keep_prob=0.5)
   data = {"tokens": tok, "labels": jnp.asarray(labels)}
   before = _mean_loss(loss_fn, params, data)
@@ -135,12 +135,12 @@ def test_in_batch_finetuning_separates_labelled_classes():
 
 def test_pair_loss_matches_naive_contrastive():
   tok, labels, vocab = _synthetic(per_class=6)
-  params = fewshot.init_bag(jax.random.key(0), vocab.size, 8)
+  params = bag.init_bag(jax.random.key(0), vocab.size, 8)
   pairs, similar = sampling.exhaustive_pairs(jax.random.key(1), labels)
   rows = jnp.array([0, 3, len(pairs) - 1, len(pairs) // 2 + 2])
   data = {"tokens": tok, "pairs": pairs, "similar": similar}
-  got = recipe.pair_loss_fn(fewshot.bag_embed, margin=2.0)(params, {}, data, None, rows)[0]
-  e = np.asarray(fewshot.bag_embed(params, tok), np.float64)
+  got = recipe.pair_loss_fn(bag.bag_embed, margin=2.0)(params, {}, data, None, rows)[0]
+  e = np.asarray(bag.bag_embed(params, tok), np.float64)
   p, y = np.asarray(pairs)[rows], np.asarray(similar)[rows]
   d = np.linalg.norm(e[p[:, 0]] - e[p[:, 1]], axis=1)
   want = np.mean(0.5 * y * d ** 2 + 0.5 * (1 - y) * np.maximum(2.0 - d, 0) ** 2)
@@ -149,14 +149,14 @@ def test_pair_loss_matches_naive_contrastive():
 
 def test_pair_training_pulls_pairs_apart_over_shuffled_epochs():
   tok, labels, vocab = _synthetic(per_class=12)
-  params = fewshot.init_bag(jax.random.key(0), vocab.size, 8)
+  params = bag.init_bag(jax.random.key(0), vocab.size, 8)
   pairs, similar = sampling.exhaustive_pairs(jax.random.key(1), labels)
   data = {"tokens": tok, "pairs": pairs, "similar": similar}
-  loss_fn, prepare = recipe.pair_loss_fn(fewshot.bag_embed, margin=2.0), recipe.pair_prepare(32)
+  loss_fn, prepare = recipe.pair_loss_fn(bag.bag_embed, margin=2.0), recipe.pair_prepare(32)
   per_epoch = pairs.shape[0] // 32
 
   def gap(p):  # mean distance of negative pairs minus that of positive pairs
-    e = fewshot.bag_embed(p, tok)
+    e = bag.bag_embed(p, tok)
     d = distances.euclidean(e[pairs[:, 0]], e[pairs[:, 1]])
     return float(jnp.mean(d[similar == 0]) - jnp.mean(d[similar == 1]))
 

@@ -1,7 +1,7 @@
-"""``python -m siamjax.cpu_kernels build | route``: see :func:`siamjax.cpu_kernels._main`."""
+"""``python -m siamjax.cpu_kernels build | route`` (:func:`siamjax.cpu_kernels._library._main`)."""
 
 import sys
 
-from siamjax.cpu_kernels import _main
+from siamjax.cpu_kernels._library import _main
 
 sys.exit(_main())

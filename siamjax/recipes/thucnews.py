@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from siamjax import (distances, encoders, fewshot, inference, losses, parallel, plotting,
-                     sampling, train)
+from siamjax import (bag, distances, encoders, fewshot, inference, losses, parallel,
+                     plotting, sampling, train)
 from siamjax import results as results_lib
 from siamjax.data import thucnews
 from siamjax.index import Metric
@@ -163,10 +163,10 @@ def split_view_loss_fn(*, batch_size: int, temperature: float):
     k_rows, k_view = jax.random.split(key)
     rows_B = parallel.shard_batch(sampling.sample_rows(k_rows, data["tokens"].shape[0], batch_size))
     tok_BxL = data["tokens"][rows_B]
-    keep_a, keep_b = fewshot.split_views(k_view, tok_BxL)
+    keep_a, keep_b = sampling.split_views(k_view, tok_BxL)
     tok_2BxL = jnp.repeat(tok_BxL, 2, axis=0)
     keep_2BxL = jnp.stack([keep_a, keep_b], axis=1).reshape(tok_2BxL.shape)
-    emb_2BxD = fewshot.bag_embed(params, tok_2BxL, keep_2BxL)
+    emb_2BxD = bag.bag_embed(params, tok_2BxL, keep_2BxL)
     loss = jnp.mean(losses.ntxent_loss(emb_2BxD, ids_2B, temperature=temperature))
     return loss, (model_state, {})
 
@@ -180,7 +180,7 @@ def in_batch_loss_fn(*, temperature: float, keep_prob: float):
 
   def loss_fn(params, model_state, data, key):
     keep_SxL = jax.random.bernoulli(key, keep_prob, data["tokens"].shape)
-    emb_SxD = fewshot.bag_embed(params, data["tokens"], keep_SxL)
+    emb_SxD = bag.bag_embed(params, data["tokens"], keep_SxL)
     loss = jnp.mean(losses.ntxent_loss(emb_SxD, data["labels"], temperature=temperature))
     return loss, (model_state, {})
 
@@ -291,7 +291,7 @@ def _draw(cfg: Config, seed: int, titles, labels, where: Path, out: dict, **kw):
     raise ValueError(f"seed_batch={cfg.seed_batch} exceeds the {pairs.shape[0]} seed pairs")
   k_seed_init, k_seed_run = jax.random.split(k_seed)
   # On the host: each sub-run puts its own copy on the device (train.run donates it).
-  init = jax.device_get(fewshot.init_bag(k_init, vocab.size, cfg.dim))
+  init = jax.device_get(bag.init_bag(k_init, vocab.size, cfg.dim))
   tune = in_batch_loss_fn(temperature=cfg.temperature, keep_prob=cfg.keep_prob)
   labelled = {"tokens": bags[0], "labels": y_tr}
   runs = (  # (name, loss, Adam's lr, initial params (None: the last run's), key, data, steps)
@@ -325,8 +325,8 @@ def _draw(cfg: Config, seed: int, titles, labels, where: Path, out: dict, **kw):
     if name == "splitview_finetune":  # its time includes the pre-training's
       seconds = out["training"][f"{where.name}/splitview"]["time_s"] + seconds
     # Nearest prototype: cosine to the mean; the seed's 1 / (1 + d) (Euclidean), sum and mean.
-    embed_fn, toks = (cnn_embed, chars) if cnn else (fewshot.bag_embed, bags)
-    e_tr, e_te, e_val = (fewshot.embed_all(embed_fn, params, t) for t in toks[:3])
+    embed_fn, toks = (cnn_embed, chars) if cnn else (bag.bag_embed, bags)
+    e_tr, e_te, e_val = (bag.embed_all(embed_fn, params, t) for t in toks[:3])
     for reduce in ("sum", "mean") if cnn else ("mean",):
       protos = fewshot.prototypes(e_tr, jnp.asarray(y_tr), num_classes, reduce=reduce)
       (p_te, d_te), (p_val, d_val) = (
@@ -430,7 +430,7 @@ def load_model(config: dict, workdir, *, which: str = "best",
 
   def apply(variables, tokens):
     return (net.apply(variables, tokens) if cnn
-            else fewshot.bag_embed(variables["params"], tokens))
+            else bag.bag_embed(variables["params"], tokens))
 
   def prepare(raw):
     texts = [raw] if isinstance(raw, str) else list(raw)
