@@ -9,7 +9,6 @@ embeddings of the bag-of-n-grams encoder (:mod:`siamjax.bag`) or the TextCNN.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +17,6 @@ from siamjax import _checks
 from siamjax import distances as _distances
 
 __all__ = ["prototypes", "nearest_prototype", "accuracy", "confusion_matrix"]
-
 
 
 def prototypes(embeddings: jax.Array, labels: jax.Array, num_classes: int, *,

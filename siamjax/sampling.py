@@ -592,7 +592,7 @@ def exhaustive_pairs(key: jax.Array, labels) -> tuple[jax.Array, jax.Array]:
 
 
 def split_views(key: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Splits each title's tokens at random into two disjoint views (a fair coin each).
+  """Splits each row's tokens at random into two disjoint views (a fair coin each).
 
   Unlike SimCSE-style dropout views, two disjoint halves of a bag of n-grams cannot be
   matched by copying, so the pre-training task stays hard.
