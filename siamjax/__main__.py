@@ -131,11 +131,11 @@ def _classes(folder: str, kind: str, per_class: int = 0) -> tuple[list, list[str
 def _prepare(model, items, progress: bool, chunk: int = 256):
   """``model.preprocess`` over ``items`` in chunks, with a progress bar."""
   import numpy as np
-  from siamjax import inference
+  from siamjax import _progress
   if model.inputs.kind == "vectors":
     return model.preprocess(np.stack(items))
   starts = range(0, len(items), chunk)
-  bar = inference._bar(len(items), "read", "item") if progress and len(starts) > 1 else None
+  bar = _progress.bar(len(items), "read", "item") if progress and len(starts) > 1 else None
   out = []
   for s in starts:
     out.append(model.preprocess(items[s:s + chunk]))

@@ -32,6 +32,8 @@ __all__ = [
     "inverse_distance_similarity",
     "exp_similarity",
     "pairwise_distances",
+    "gram_rows",
+    "from_gram",
     "safe_sqrt",
 ]
 
@@ -294,19 +296,36 @@ def _work_dtype(dtype) -> jnp.dtype:
   return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else jnp.dtype(dtype)
 
 
-def _gram_rows(x: jax.Array, distance: str) -> tuple[jax.Array, jax.Array | None]:
-  """The rows that enter the Gram product and their squared norms (private).
+def gram_rows(x: jax.Array, distance: str) -> tuple[jax.Array, jax.Array | None]:
+  """The rows that enter the Gram product for ``distance``, and their squared norms.
 
-  Cosine distances normalise the rows first (norms clamped at 1e-8, so a zero row has
-  similarity 0 with everything) and need no norms; the Euclidean ones use ``x`` as given.
+  With :func:`from_gram`, the two halves of :func:`pairwise_distances` without its checks,
+  centring or dtype round trip: for code that forms a Gram block of its own (a block of
+  anchors against a reference set, say) and turns it into distances. Cosine distances
+  normalise the rows first (norms clamped at 1e-8, so a zero row has similarity 0 with
+  everything) and need no norms (``None``); the Euclidean ones use ``x`` as given.
+
+  >>> import jax.numpy as jnp
+  >>> x, sq = gram_rows(jnp.array([[3.0, 4.0]]), "euclidean")
+  >>> sq.tolist()
+  [25.0]
   """
   if distance == "cosine":
     return x / jnp.maximum(safe_sqrt(jnp.sum(jnp.square(x), -1, keepdims=True)), 1e-8), None
   return x, jnp.sum(jnp.square(x), -1)
 
 
-def _from_gram(dot_NxM: jax.Array, sq_N, sq_M, distance: str) -> jax.Array:
-  """Distances from the Gram block of :func:`_gram_rows`' rows and their norms (private)."""
+def from_gram(dot_NxM: jax.Array, sq_N, sq_M, distance: str) -> jax.Array:
+  """``[N, M]`` distances from the Gram block ``dot_NxM`` of :func:`gram_rows`' rows and
+  their squared norms ``sq_N``, ``sq_M`` (``None`` for cosine); squared Euclidean values
+  are clamped at 0 before the square root.
+
+  >>> import jax.numpy as jnp
+  >>> (x, sq_x), (y, sq_y) = gram_rows(jnp.zeros((1, 2)), "euclidean"), gram_rows(
+  ...     jnp.array([[3.0, 4.0]]), "euclidean")
+  >>> from_gram(x @ y.T, sq_x, sq_y, "euclidean").tolist()
+  [[5.0]]
+  """
   if distance == "cosine":
     return 1.0 - dot_NxM
   sq = jnp.maximum(sq_N[:, None] + sq_M[None, :] - 2.0 * dot_NxM, 0.0)
@@ -314,17 +333,18 @@ def _from_gram(dot_NxM: jax.Array, sq_N, sq_M, distance: str) -> jax.Array:
 
 
 def _pairwise(x: jax.Array, y: jax.Array, distance: str,
-              precision=jax.lax.Precision.HIGHEST, centre: bool = True) -> jax.Array:
+              precision=jax.lax.Precision.HIGHEST) -> jax.Array:
   """:func:`pairwise_distances` without the checks or the dtype round trip (private).
 
   Euclidean distances are translation-invariant, so both sides are first centred on
   the mean of ``y`` (a constant for the gradient, which is exact since the distances do
-  not depend on it): the Gram expansion then cancels no large shared offset.
-  Pass ``centre=False`` when the caller has centred both already. Cosine distances
-  normalise the rows first, so the ``[N, M]`` block sees one product and one subtraction.
+  not depend on it): the Gram expansion then cancels no large shared offset. Cosine
+  distances normalise the rows first, so the ``[N, M]`` block sees one product and one
+  subtraction. Code that centres once itself calls :func:`gram_rows` and
+  :func:`from_gram`.
   """
-  if centre and distance != "cosine":
+  if distance != "cosine":
     mean = jax.lax.stop_gradient(jnp.mean(y, axis=0, keepdims=True))
     x, y = x - mean, y - mean
-  (x, sq_x), (y, sq_y) = _gram_rows(x, distance), _gram_rows(y, distance)
-  return _from_gram(jnp.matmul(x, y.T, precision=precision), sq_x, sq_y, distance)
+  (x, sq_x), (y, sq_y) = gram_rows(x, distance), gram_rows(y, distance)
+  return from_gram(jnp.matmul(x, y.T, precision=precision), sq_x, sq_y, distance)

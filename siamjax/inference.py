@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from siamjax import _progress
 from siamjax import index as _index
 from siamjax import train
 from siamjax.evaluation import verification
@@ -392,7 +393,7 @@ class Model:
     x = self._check("x", x)
     n, outs = x.shape[0], []
     starts = range(0, n, self.batch_size)
-    bar = _bar(len(starts), "embed", "batch") if progress and len(starts) > 1 else None
+    bar = _progress.bar(len(starts), "embed", "batch") if progress and len(starts) > 1 else None
     sharding = NamedSharding(self._mesh, P("data"))
     for start in starts:
       chunk = x[start:start + self.batch_size]
@@ -487,15 +488,6 @@ class Model:
     var = f", variant={self.variant!r}" if self.variant else ""
     return (f"Model({self.recipe}{var}, {self.checkpoint} step {self.step}, D={self.dim}, "
             f"{self.metric.kind})")
-
-
-def _bar(total: int, desc: str, unit: str):
-  import sys
-  from tqdm.auto import tqdm
-  return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
-              disable=not sys.stderr.isatty())
-
-
 
 
 # ---------------------------------------------------------------------------------------

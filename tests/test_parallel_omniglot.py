@@ -53,7 +53,7 @@ def test_sharded_step_equals_single_device(loss):
 
 @pytest.mark.slow
 def test_smoke_script_final_loss_is_independent_of_device_count(tmp_path):
-  """`--preset smoke --devices 4` ends with the `--devices 1` run's final loss (1e-5)."""
+  """`--preset smoke --devices 4` ends with the `--devices 1` run's final loss (1e-4)."""
   import json
   import os
   import pathlib
@@ -71,4 +71,6 @@ def test_smoke_script_final_loss_is_independent_of_device_count(tmp_path):
                     "--workdir", str(workdir), "--no-progress"], env=env, check=True,
                    capture_output=True)
     final[n] = json.loads((workdir / "results.json").read_text())["final_loss"]
-  np.testing.assert_allclose(final[4], final[1], rtol=1e-5)
+  # float32 reductions split over devices round differently, and the steps compound it:
+  # 3e-5 relative seen on an AVX2 CPU
+  np.testing.assert_allclose(final[4], final[1], rtol=1e-4)

@@ -87,11 +87,14 @@ def _query_stats(q_QxD, ql_Q, r_NxD, rl_N, n_rel_Q, *, self_retrieval: bool, top
   ql_KxC = jnp.pad(ql_Q, (0, pad)).reshape(n_chunks, chunk)
   qi_KxC = jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk)  # padded rows: > every i
   nr_KxC = jnp.pad(n_rel_Q, (0, pad)).reshape(n_chunks, chunk)
+  # both sides were centred once in retrieval_metrics: no per-chunk centring or casts
+  r_NxD, sq_N = _distances.gram_rows(r_NxD, distance)
 
   def body(args):
     q_CxD, ql_C, qi_C, nr_C = args
-    # both sides were centred once in retrieval_metrics: no per-chunk centring or casts
-    d_CxN = _distances._pairwise(q_CxD, r_NxD, distance, centre=False)
+    q_CxD, sq_C = _distances.gram_rows(q_CxD, distance)
+    d_CxN = _distances.from_gram(
+        jnp.matmul(q_CxD, r_NxD.T, precision=jax.lax.Precision.HIGHEST), sq_C, sq_N, distance)
     d_CxN = jnp.where(d_CxN == 0, 0.0, d_CxN)  # one zero: -0.0 would rank apart in top_k
     rel_CxN = ql_C[:, None] == rl_N[None, :]
     if self_retrieval:  # the query itself is no candidate: last in every ranking

@@ -237,7 +237,7 @@ def map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
   else:
     partners_R = zero_padding(ref[0].astype(dtype), ref_valid, ref[2])
     labels_R, valid_R = ref[1], ref[2]
-  if distance != "cosine":  # translation-invariant: centre once (see distances._pairwise)
+  if distance != "cosine":  # translation-invariant: centre once (as pairwise_distances does)
     # on the valid partners (padding may be far off); ref_exclude does not change it: the
     # mean only conditions the Gram products, it is no partner of anyone
     w_R = valid_R[:, None].astype(dtype)
@@ -248,12 +248,12 @@ def map_anchor_chunks(reduce, distance: str, emb: jax.Array, labels: jax.Array,
   idx_B = jnp.arange(b)
   idx_R = jnp.arange(partners_R.shape[0])
 
-  x_BxD, sq_B = _distances._gram_rows(emb, distance)
-  p_RxD, sq_R = (x_BxD, sq_B) if ref is None else _distances._gram_rows(partners_R, distance)
+  x_BxD, sq_B = _distances.gram_rows(emb, distance)
+  p_RxD, sq_R = (x_BxD, sq_B) if ref is None else _distances.gram_rows(partners_R, distance)
 
   def body(rows_C, gram_CxR):
     sq_C = None if sq_B is None else sq_B[rows_C]
-    dist_CxR = _distances._from_gram(gram_CxR, sq_C, sq_R, distance)
+    dist_CxR = _distances.from_gram(gram_CxR, sq_C, sq_R, distance)
     same_CxR = labels[rows_C][:, None] == labels_R[None, :]
     partner_CxR = valid_B[rows_C][:, None] & valid_R[None, :]
     if ref is None:
@@ -344,8 +344,8 @@ def mined_distances(select, distance: str, emb: jax.Array, labels: jax.Array,
   def partner_distance(anchors_AxD, partners_RxD, idx_A):
     chosen_AxD = partners_RxD[idx_A]
     if distance == "cosine":
-      x_AxD, _ = _distances._gram_rows(anchors_AxD, distance)
-      p_AxD, _ = _distances._gram_rows(chosen_AxD, distance)
+      x_AxD, _ = _distances.gram_rows(anchors_AxD, distance)
+      p_AxD, _ = _distances.gram_rows(chosen_AxD, distance)
       return 1.0 - jnp.sum(x_AxD * p_AxD, axis=-1)
     sq_A = jnp.sum(jnp.square(anchors_AxD - chosen_AxD), axis=-1)
     return _distances.safe_sqrt(sq_A) if distance == "euclidean" else sq_A
