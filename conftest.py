@@ -11,6 +11,7 @@
   long parameter sweep, spread over the sweep, and a test's compile-heavy variants
   (:data:`FAST_CASES`); ``-m slow`` runs the rest, so the two sets together run every
   case.
+* A persistent compilation cache in ``.jax_cache/tests`` (see below).
 * ``SIAMJAX_DATA_DIR`` made absolute: the script tests run their subprocesses in
   temporary folders, where a relative path (``SIAMJAX_DATA_DIR=../shared/data``) would
   point nowhere.
@@ -21,6 +22,17 @@ import zlib
 
 if os.environ.get("SIAMJAX_DATA_DIR"):
   os.environ["SIAMJAX_DATA_DIR"] = os.path.abspath(os.environ["SIAMJAX_DATA_DIR"])
+
+# One persistent compilation cache for the test runs and the processes their tests start
+# (scripts killed and resumed, command-line runs), in the clone: a program that took over
+# a second to compile (JAX's threshold: the training steps, not the many small programs,
+# whose writes would cost more than they save) is loaded, not compiled again, by a later
+# test, worker or process. JAX keys each entry by the program, the compile options,
+# XLA's flags and the versions, so nothing stale is loaded; a fresh clone starts empty.
+# Delete .jax_cache/ to start over.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.path.dirname(__file__),
+                                                         ".jax_cache", "tests")
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")

@@ -419,6 +419,8 @@ def _env(cache_dir: Path | None, dry_run: bool) -> dict:
   env.pop("SIAMJAX_DATA_DIR", None)  # the stages read --data-dir only, downloads off
   if not dry_run:
     env["JAX_PLATFORMS"] = "cuda"  # a failed CUDA start is an error, never a CPU run
+    # Compile times are reported: every program compiles, none loads from an earlier run.
+    env["SIAMJAX_NO_COMPILATION_CACHE"] = "1"
   if cache_dir is not None:
     env["SIAMJAX_CACHE_DIR"] = str(cache_dir)
   return env

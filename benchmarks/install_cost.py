@@ -75,8 +75,8 @@ def measure(venv: str) -> dict:
                            text=True, check=True, env=env_run, cwd=cache)
     first_use_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = subprocess.run([python, "-m", "siamjax.cpu_kernels", "route"], capture_output=True,
-                           text=True, check=True, env=env_run, cwd=cache)
+    subprocess.run([python, "-m", "siamjax.cpu_kernels", "route"], capture_output=True,
+                   text=True, check=True, env=env_run, cwd=cache)
     cached_s = time.perf_counter() - t0
     koch = subprocess.run([python, "-c", KOCH_ROUTE], capture_output=True, text=True,
                           check=True, env=env_run, cwd=cache)

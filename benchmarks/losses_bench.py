@@ -73,7 +73,8 @@ from siamjax import losses as sj_losses
 from siamjax import results
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import harness  # noqa: E402  (the shared timer, device slug and software record)
+import harness  # noqa: E402  (the device slug and software record)
+from _timing import repeat_until, reset_peak, status_bytes  # noqa: E402
 
 RTOL = 1e-4  # float32: both sides sum O(B^2) terms in different orders
 
@@ -210,15 +211,6 @@ def batch(cfg: Config, b: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int | None:
-  try:
-    with open("/proc/self/status") as f:
-      m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    return int(m.group(1)) if m else None
-  except OSError:
-    return None
-
-
 def _malloc_trim() -> None:
   """Hands the C heap's free pages back to the kernel (glibc ``malloc_trim``), so a call's
   allocations show in its peak RSS even where an earlier call's freed memory was kept."""
@@ -237,17 +229,12 @@ def peak_rss_delta(call: Callable[[], object]) -> tuple[int | None, object]:
   peak read after the call. ``None`` bytes where the kernel does not allow the reset.
   """
   _malloc_trim()
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    before = _status_kib("VmRSS")
-  except OSError:
-    before = None
+  before = status_bytes("VmRSS") if reset_peak() else None
   out = call()
-  peak = _status_kib("VmHWM")
+  peak = status_bytes("VmHWM")
   if before is None or peak is None:
     return None, out
-  return max(peak - before, 0) * 1024, out
+  return max(peak - before, 0), out
 
 
 @contextlib.contextmanager
@@ -255,12 +242,12 @@ def address_space_cap(extra_bytes: int | None):
   """Lets the process map at most ``extra_bytes`` more than it has now (``RLIMIT_AS``), so a
   reference that asks for more fails with an allocation error instead of pushing a shared
   machine into swap or the OOM killer. No-op where the limit cannot be set."""
-  size = _status_kib("VmSize")
+  size = status_bytes("VmSize")
   if extra_bytes is None or size is None:
     yield
     return
   soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-  cap = size * 1024 + extra_bytes
+  cap = size + extra_bytes
   if hard != resource.RLIM_INFINITY:
     cap = min(cap, hard)
   try:
@@ -288,11 +275,7 @@ def clock(run: Callable[[], object], sync: Callable[[object], object], cfg: "Con
   sync(run())
   first = time.perf_counter() - t0
   n = cfg.slow_repeats if first > cfg.slow_s else cfg.repeats
-  times = []
-  while len(times) < n or (sum(times) < cfg.min_total_s and len(times) < cfg.max_repeats):
-    t0 = time.perf_counter()
-    sync(run())
-    times.append(time.perf_counter() - t0)
+  times = repeat_until(lambda: sync(run()), n, cfg.min_total_s, cfg.max_repeats)
   rss, out = peak_rss_delta(lambda: sync(run()))
   return first, times, rss, out
 

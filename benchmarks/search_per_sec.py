@@ -39,37 +39,9 @@ import subprocess
 import sys
 import time
 
+from _timing import repeat_until, reset_peak, status_bytes
+
 K = 10
-
-
-def _proc_status(field: str) -> int:
-  """A ``/proc/self/status`` memory field in bytes (0 where there is none)."""
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 0
-
-
-def _reset_peak() -> None:
-  try:  # Linux: writing 5 resets the peak resident set size (VmHWM) to the current one
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    pass
-
-
-def _clock(fn, repeats: int, min_total_s: float) -> list[float]:
-  times, total = [], 0.0
-  while len(times) < repeats or total < min_total_s:
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-    total += times[-1]
-  return times
 
 
 def _data(n: int, d: int, q: int, seed: int = 0):
@@ -102,24 +74,24 @@ def child(args) -> dict:
     jax.devices()  # the runtime's own memory is not the search's
   else:
     import faiss
-  base_rss = _proc_status("VmRSS")
+  base_rss = (status_bytes("VmRSS") or 0)
   g, q = _data(args.n, args.d, args.queries)
   rows = []
   if args.framework == "siamjax":
     gal = jax.device_put(g)
     jax.block_until_ready(gal)
     del g  # the device copy is now the only one
-    base_rss = min(base_rss, _proc_status("VmRSS"))
+    base_rss = min(base_rss, (status_bytes("VmRSS") or 0))
     for kind in ("squared_euclidean", "dot"):
       index = ix.Index.build(gal, np.zeros(args.n, np.int32), metric=ix.Metric(kind))
-      _reset_peak()
-      before = _proc_status("VmRSS")
+      reset_peak()
+      before = (status_bytes("VmRSS") or 0)
       t = time.perf_counter()
       first = index.search(q, K)
       first_s = time.perf_counter() - t
-      times = _clock(lambda: index.search(q, K), args.repeats, args.min_total_s)
+      times = repeat_until(lambda: index.search(q, K), args.repeats, args.min_total_s)
       rows.append({"metric": kind, "first_call_s": first_s, "times_s": times,
-                   "peak_rss_bytes": _proc_status("VmHWM") - base_rss,
+                   "peak_rss_bytes": (status_bytes("VmHWM") or 0) - base_rss,
                    "rss_before_search_bytes": before - base_rss,
                    "top": first.indices[:args.agree_rows].tolist()})
       del index
@@ -127,10 +99,10 @@ def child(args) -> dict:
     a = jnp.ones((2048, 2048), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
-    t_mm = min(_clock(lambda: mm(a).block_until_ready(), 5, 0.5))
+    t_mm = min(repeat_until(lambda: mm(a).block_until_ready(), 5, 0.5))
     rd = jax.jit(lambda x: jnp.sum(x, axis=0))
     rd(gal).block_until_ready()
-    t_rd = min(_clock(lambda: rd(gal).block_until_ready(), 3, 0.3))
+    t_rd = min(repeat_until(lambda: rd(gal).block_until_ready(), 3, 0.3))
     rates = {"matmul_flops_per_s": 2 * 2048 ** 3 / t_mm,
              "read_bytes_per_s": gal.size * 4 / t_rd}
   else:
@@ -141,15 +113,15 @@ def child(args) -> dict:
       index.add(g)
       if kind == "dot":
         del g  # FAISS holds its own copy; the second index is the last to need it
-        base_rss = min(base_rss, _proc_status("VmRSS"))
-      _reset_peak()
-      before = _proc_status("VmRSS")
+        base_rss = min(base_rss, (status_bytes("VmRSS") or 0))
+      reset_peak()
+      before = (status_bytes("VmRSS") or 0)
       t = time.perf_counter()
       _, top = index.search(q, K)
       first_s = time.perf_counter() - t
-      times = _clock(lambda: index.search(q, K), args.repeats, args.min_total_s)
+      times = repeat_until(lambda: index.search(q, K), args.repeats, args.min_total_s)
       rows.append({"metric": kind, "first_call_s": first_s, "times_s": times,
-                   "peak_rss_bytes": _proc_status("VmHWM") - base_rss,
+                   "peak_rss_bytes": (status_bytes("VmHWM") or 0) - base_rss,
                    "rss_before_search_bytes": before - base_rss,
                    "top": top[:args.agree_rows].tolist()})
       del index
@@ -165,7 +137,7 @@ def approximate(args) -> list[dict]:
   metric = ix.Metric("squared_euclidean")
   exact_index = ix.Index.build(g, labels, metric=metric)
   exact_index.search(q, K)
-  exact_times = _clock(lambda: exact_index.search(q, K), args.repeats, args.min_total_s)
+  exact_times = repeat_until(lambda: exact_index.search(q, K), args.repeats, args.min_total_s)
   exact = exact_index.search(q, K).indices
   out = [{"backend": "exact", "options": {}, "build_s": None, "recall_at_10": 1.0,
           "times_s": exact_times}]
@@ -185,7 +157,7 @@ def approximate(args) -> list[dict]:
                     "recall_at_10": None, "times_s": [], "error": str(e)})
         continue
       recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found, exact)]))
-      times = _clock(lambda: index.search(q, K), args.repeats, args.min_total_s)
+      times = repeat_until(lambda: index.search(q, K), args.repeats, args.min_total_s)
       out.append({"backend": backend, "options": {**opts, knob: v}, "build_s": build_s,
                   "recall_at_10": recall, "times_s": times})
   return out

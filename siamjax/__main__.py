@@ -267,6 +267,8 @@ def _export(args) -> None:
 def main(argv: list[str] | None = None) -> int:
   """Runs the command line; returns the exit status (0, or 2 for bad input)."""
   args = _parser().parse_args(argv)
+  from siamjax import xla
+  xla.enable_compilation_cache()  # each command on the same model compiles it once
   from siamjax import train
   try:
     {"enroll": _enroll, "calibrate": _calibrate, "identify": _identify, "verify": _verify,

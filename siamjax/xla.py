@@ -1,17 +1,13 @@
 """XLA settings for fast convolutional-network training on the CPU, for the programs they help.
 
-XLA:CPU (jaxlib 0.10) routes convolutions through a YNNPACK fusion by default. Its
-weight-gradient convolutions (for the Koch net: a 42x42 window for conv2, 96x96 for
-conv1) are slow, so a Koch network trains about 4x slower than PyTorch on a 2-core CPU.
-:data:`FAST_CPU_FLAGS` turns the YNNPACK fusions off
+XLA:CPU (jaxlib 0.10) routes convolutions through a YNNPACK fusion by default, and its
+weight-gradient convolutions with large windows (the Koch net's conv1 and conv2) are
+slow. :data:`FAST_CPU_FLAGS` turns the YNNPACK fusions off
 (``--xla_cpu_experimental_ynn_fusion_type=``, an empty list), so convolutions run on
 XLA's own kernels, and hands matrix multiplications, batched ones included, to XNNPACK
-(``--xla_cpu_experimental_xnn_fusion_type=dot``). Measured on the project's 2-core
-AMD EPYC: a batched ``[1200, 64, 128] @ [1200, 128, 256]`` product runs at 57 GFLOP/s
-against 24 with YNNPACK doing the dots only (``ynn_fusion_type=individual_dot``, this
-module's earlier choice), which is what :func:`siamjax.fourier.dft_conv2d`'s
-frequency-wise products need; the Omniglot ``quick`` preset's 150 steps took 66 s
-against 78 s. Results are unchanged beyond float rounding.
+(``--xla_cpu_experimental_xnn_fusion_type=dot``), which is what
+:func:`siamjax.fourier.dft_conv2d`'s frequency-wise products need. Results are unchanged
+beyond float rounding.
 
 They do not help everything, so they are set per workload, never globally, where a
 workload's training step was measured faster with them (``benchmarks/xla_flags.py``,
@@ -21,8 +17,8 @@ setting): the convolutional recipes (``omniglot_koch``, ``image_folder``, and
 (``mnist_contrastive``, ``vector_pairs``: XNNPACK's small products) and
 ``benchmarks/pairs_per_sec.py`` set them (``FAST_CPU = True`` in the recipe modules);
 ``mnist_triplet`` and ``thucnews_fewshot`` (no faster) and the in-batch losses of
-:mod:`siamjax.losses` (15-33% slower with them: Gram products and elementwise work) run
-on XLA's own flags, as does ``benchmarks/losses_per_sec.py``. Every results file records
+:mod:`siamjax.losses` (slower with them: Gram products and elementwise work) run on
+XLA's own flags, as does ``benchmarks/losses_per_sec.py``. Every results file records
 ``XLA_FLAGS`` (``machine.xla_flags``). A program of your own measures its step both ways
 and sets them, first thing, only if they help.
 
@@ -47,7 +43,8 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["FAST_CPU_FLAGS", "enable_fast_cpu", "fast_cpu_enabled", "fast_cpu_supported"]
+__all__ = ["FAST_CPU_FLAGS", "enable_fast_cpu", "fast_cpu_enabled", "fast_cpu_supported",
+           "enable_compilation_cache"]
 
 FAST_CPU_FLAGS = ("--xla_cpu_experimental_xnn_fusion_type=dot "
                   "--xla_cpu_experimental_ynn_fusion_type=")
@@ -132,3 +129,37 @@ def enable_fast_cpu() -> bool:
         f'XLA_FLAGS="{FAST_CPU_FLAGS}" set in the environment.')
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_CPU_FLAGS).strip()
   return True
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache for this process.
+
+  A program this machine compiled before is then loaded from disk instead of compiled
+  again: a resumed or repeated run, and each ``python -m siamjax`` command on the same
+  model, skip most of their compile time. JAX keys every entry by the program, the
+  compile options, ``XLA_FLAGS`` and the versions, so a changed program never loads a
+  stale one. Only programs that took at least a second to compile are kept (JAX's
+  default). The ``experiments/`` scripts and ``python -m siamjax`` call this first
+  thing; importing siamjax never does. Delete the directory to reclaim its space.
+
+  Args:
+    directory: where to keep the programs (default ``$SIAMJAX_CACHE_DIR/jax``, that is
+      ``~/.cache/siamjax/jax``).
+
+  Returns:
+    The directory in use, or ``None`` where the cache stays off:
+    ``SIAMJAX_NO_COMPILATION_CACHE=1``. A directory the user already chose
+    (``JAX_COMPILATION_CACHE_DIR``, or ``jax_compilation_cache_dir`` in ``jax.config``)
+    is kept, and returned.
+  """
+  if os.environ.get("SIAMJAX_NO_COMPILATION_CACHE"):
+    return None
+  import jax
+
+  from siamjax._cache import cache_dir
+
+  if jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir
+  directory = directory or os.path.join(cache_dir(), "jax")
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory

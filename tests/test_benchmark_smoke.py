@@ -166,8 +166,10 @@ def test_enable_fast_cpu_after_backend_init(monkeypatch):
 
 @pytest.mark.slow
 def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
-  cfg = harness.Config(batches=(2,), repeats=1, steps=1, modes=("train", "lake"),
-                       dtypes=("float32", "bfloat16"), torch_compile=False, lake_runs=1,
+  # Training rows only: CI's smoke run of benchmarks/pairs_per_sec.py runs the same harness
+  # through every mode (float32), and the bf16 check needs only the training rows.
+  cfg = harness.Config(batches=(2,), repeats=1, steps=1, modes=("train",),
+                       dtypes=("float32", "bfloat16"), torch_compile=False,
                        bank_classes=4, bank_drawers=2, matmul_n=256, compare_direct=False)
   out = tmp_path / "bench.json"
   harness.run(cfg, str(out), str(tmp_path / "bench.png"), "pytest")
@@ -181,7 +183,7 @@ def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
         assert r["bf16_check"]["steps"] == r["train_steps"] > 0
         assert r["bf16_check"]["abs_diff"] == pytest.approx(
             abs(r["loss"] - r["bf16_check"]["loss_float32"]))
-  assert {(e["mode"], e["batch"]) for e in rec["best_vs_best"]} == {("train", 2), ("lake", 20)}
+  assert {(e["mode"], e["batch"]) for e in rec["best_vs_best"]} == {("train", 2)}
   assert all(e["fastest"]["siamjax"] for e in rec["best_vs_best"])
   # each torch row tried both layouts on this machine and names the one it kept
   for r in (r for r in rec["rows"] if r["impl"] == "torch" and not r.get("skipped")):
@@ -192,7 +194,7 @@ def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
   assert all(v == 38_951_745 for v in rec["param_check"]["counted"].values())
   rows = [r for r in rec["rows"] if not r.get("skipped")]
   modes = {(r["impl"], r["mode"]) for r in rows}
-  assert ("siamjax", "train") in modes and ("siamjax", "lake") in modes
+  assert ("siamjax", "train") in modes
   if any(k.startswith("torch") for k in rec["param_check"]["counted"]):
     assert ("torch", "train") in modes
     sj = next(r for r in rows if r["impl"] == "siamjax" and r["mode"] == "train")
@@ -206,7 +208,7 @@ def test_harness_run_writes_json_with_param_check_and_torch_row(tmp_path):
   assert any("ready-made batches" in n for n in rec["notes"])
   if importlib.util.find_spec("keras") is not None:  # the Keras rows are optional
     keras_rows = [r for r in rows if r["impl"] == "keras"]
-    assert {r["mode"] for r in keras_rows} == {"train", "lake"} and len(keras_rows) == 4
+    assert {r["mode"] for r in keras_rows} == {"train"} and len(keras_rows) == 2
     assert all(r["params"] == 38_951_745 for r in keras_rows)
     assert rec["param_check"]["counted"]["keras_float32"] == 38_951_745
     assert next(k for k in sj if k.startswith("vs_keras_")) and rec["software"]["keras_backend"]

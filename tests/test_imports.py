@@ -82,7 +82,7 @@ def test_import_graph_has_no_loop():
 # A module imports only modules of its own layer or lower ones; a new module needs a row.
 LAYERS = {
     # 0: foundations: checks, machine facts, XLA flags, devices, data files, the registry
-    "siamjax._checks": 0, "siamjax._pooling": 0, "siamjax._progress": 0,
+    "siamjax._cache": 0, "siamjax._checks": 0, "siamjax._pooling": 0, "siamjax._progress": 0,
     "siamjax.machine": 0, "siamjax.xla": 0,
     "siamjax.parallel": 0, "siamjax.augment": 0, "siamjax.data": 0, "siamjax.recipes": 0,
     # 1: pure functions: distances, kernels, losses, samplers, search, evaluation, plots

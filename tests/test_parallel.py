@@ -81,8 +81,10 @@ def test_cross_device_loss_gathers_valid(fn):
                          out_specs=(P(), P("data")))(e, labels, valid)
 
   (total, per_anchor), grad = jax.jit(jax.value_and_grad(sharded_mean, has_aux=True))(emb)
-  ref_total, ref_grad = jax.value_and_grad(lambda e: jnp.sum(fn(e, labels, valid=valid)))(emb)
-  np.testing.assert_allclose(per_anchor, fn(emb, labels, valid=valid), rtol=1e-5, atol=1e-6)
+  ref_per_anchor = fn(emb, labels, valid=valid)
+  ref_total, ref_grad = jax.jit(jax.value_and_grad(
+      lambda e: jnp.sum(fn(e, labels, valid=valid))))(emb)
+  np.testing.assert_allclose(per_anchor, ref_per_anchor, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(total, ref_total, rtol=1e-5)
   np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
   assert not np.any(np.asarray(per_anchor)[~np.asarray(valid)])

@@ -50,3 +50,32 @@ def test_flag_benchmark_steps_run():
          **{k: {"step_s": 1.0, "step_s_min": 0.9, "step_s_max": 1.1}
             for k in ("fast_cpu_flags", "xla_defaults")}}
   assert "0.50x" in xla_flags.format_table([row])
+
+
+_CACHE_PROBE = """
+import jax, jax.numpy as jnp, siamjax.xla as sxla
+print(sxla.enable_compilation_cache())
+print(jax.config.jax_compilation_cache_dir)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.jit(lambda x: jnp.sin(x) * 2.0)(jnp.ones(3)).block_until_ready()
+"""
+
+
+@pytest.mark.parametrize("setting", ["default", "own_dir", "off"])
+def test_compilation_cache_default_dir_users_dir_and_opt_out(tmp_path, setting):
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")
+         and k != "SIAMJAX_NO_COMPILATION_CACHE"}
+  env.update(PYTHONPATH=str(ROOT), SIAMJAX_CACHE_DIR=str(tmp_path / "siamjax"))
+  if setting == "own_dir":
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "own")
+  if setting == "off":
+    env["SIAMJAX_NO_COMPILATION_CACHE"] = "1"
+  out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], capture_output=True, text=True,
+                       env=env, timeout=120, check=True).stdout.split("\n")
+  want = {"default": tmp_path / "siamjax" / "jax", "own_dir": tmp_path / "own", "off": None}
+  returned, in_use = out[0], out[1]
+  assert returned == str(want[setting])
+  assert in_use == (str(want[setting]) if want[setting] else "None")
+  if want[setting] is not None:  # the compiled program was written there
+    assert any(p.name.endswith("-cache") for p in want[setting].iterdir())
+  assert not (tmp_path / "siamjax" / "jax").exists() or setting == "default"

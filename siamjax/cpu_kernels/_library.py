@@ -18,6 +18,8 @@ import sysconfig
 
 import jax
 
+from siamjax._cache import cache_dir
+
 MATMUL_TARGET = "siamjax_onednn_matmul_bf16"
 MATMUL_BF16_OUT_TARGET = "siamjax_onednn_matmul_bf16_out"
 CONV_TARGET = "siamjax_onednn_conv_bf16"
@@ -27,11 +29,6 @@ DENSE_TARGET = "siamjax_onednn_dense_f32_weights_bf16"
 _SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
                        "onednn_matmul.cc")
 _state: dict = {}
-
-
-def _cache_dir() -> str:
-  return os.environ.get("SIAMJAX_CACHE_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "siamjax")
 
 
 def _source_tag() -> str:
@@ -48,7 +45,7 @@ def library_path(onednn: str | None = None) -> str:
   """
   libdir, _ = _libdnnl(_onednn_prefix(onednn))
   where = hashlib.sha256(os.path.realpath(libdir).encode()).hexdigest()[:8]
-  return os.path.join(_cache_dir(), f"libsiamjax_onednn-{_source_tag()}-{where}.so")
+  return os.path.join(cache_dir(), f"libsiamjax_onednn-{_source_tag()}-{where}.so")
 
 
 def _built_libraries() -> list[str]:
@@ -58,7 +55,7 @@ def _built_libraries() -> list[str]:
     preferred = [library_path()]
   except FileNotFoundError:
     preferred = []
-  pattern = os.path.join(_cache_dir(), f"libsiamjax_onednn-{_source_tag()}-*.so")
+  pattern = os.path.join(cache_dir(), f"libsiamjax_onednn-{_source_tag()}-*.so")
   return [p for p in preferred if os.path.exists(p)] + [
       p for p in sorted(glob.glob(pattern)) if p not in preferred]
 

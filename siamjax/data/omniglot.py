@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from siamjax import _cache
+
 __all__ = [
     "OmniglotSplit", "LakeRuns", "OmniglotDataError", "load_omniglot", "load_lake_runs",
     "resolve_data_dir", "prepare_arrays", "URLS", "SHA256", "SPLIT_FILES", "IMAGE_SIZE",
@@ -125,7 +127,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
 
 def _cache_dir(cache_dir) -> Path:
   if cache_dir is None:
-    cache_dir = os.environ.get("SIAMJAX_CACHE_DIR") or Path.home() / ".cache" / "siamjax"
+    cache_dir = _cache.cache_dir()
   return Path(cache_dir).expanduser()
 
 

@@ -170,6 +170,17 @@ _MAX_POSITIVES_ARG = """\
 """
 
 
+def log1p_sum_exp(x: jax.Array, mask: jax.Array, axis: int) -> jax.Array:
+  """``log(1 + sum_mask exp(x))`` along ``axis``, stable, with finite gradients.
+
+  0 where the mask is empty. ``log1p`` keeps it exact when every term is tiny.
+  """
+  x_m = jnp.where(mask, x, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.maximum(jnp.max(x_m, axis=axis, keepdims=True), 0.0))
+  total_minus_one = jnp.expm1(-top) + jnp.sum(jnp.exp(x_m - top), axis=axis, keepdims=True)
+  return jnp.squeeze(top + jnp.log1p(total_minus_one), axis)
+
+
 def in_batch_doc(fn):
   """Writes :data:`_IN_BATCH_ARGS` into ``fn``'s docstring at its ``{in_batch_args}`` line
   (and :data:`_MAX_POSITIVES_ARG` at a ``{max_positives_arg}`` line)."""

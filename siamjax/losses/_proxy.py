@@ -17,7 +17,7 @@ import numpy as np
 
 from siamjax import _checks
 from siamjax import distances as _distances
-from siamjax.losses._chunked import compute_dtype, in_batch_inputs
+from siamjax.losses._chunked import compute_dtype, in_batch_inputs, log1p_sum_exp
 
 
 def _proxy_inputs(embeddings, labels, class_name: str, classes, valid):
@@ -118,15 +118,6 @@ def proxy_nca_loss(
   return _softmax_cross_entropy(logits, labels, valid, in_range)
 
 
-def _masked_log1p_sum_exp(x, mask, axis):
-  """``log(1 + sum_{mask} exp(x))`` along ``axis``, stable; 0 where the mask is empty."""
-  x = jnp.where(mask, x, -jnp.inf)
-  shift = jax.lax.stop_gradient(jnp.maximum(jnp.max(x, axis=axis, keepdims=True), 0.0))
-  total = jnp.exp(-shift) + jnp.sum(jnp.where(mask, jnp.exp(x - shift), 0.0), axis=axis,
-                                    keepdims=True)
-  return jnp.squeeze(jnp.log(total) + shift, axis)
-
-
 def proxy_anchor_loss(
     embeddings: jax.Array,
     labels: jax.Array,
@@ -182,8 +173,8 @@ def proxy_anchor_loss(
   target = _target_mask(labels, n_classes)
   pos = target & valid[:, None]
   neg = ~target & valid[:, None]
-  pos_term = _masked_log1p_sum_exp(alpha * (margin - cos), pos, axis=0)  # [C]
-  neg_term = _masked_log1p_sum_exp(alpha * (cos + margin), neg, axis=0)  # [C]
+  pos_term = log1p_sum_exp(alpha * (margin - cos), pos, axis=0)  # [C]
+  neg_term = log1p_sum_exp(alpha * (cos + margin), neg, axis=0)  # [C]
   n_with_pos = jnp.sum(jnp.any(pos, axis=0))
   loss = (jnp.where(n_with_pos > 0, jnp.sum(pos_term) / jnp.maximum(n_with_pos, 1), 0.0)
           + jnp.sum(neg_term) / n_classes)

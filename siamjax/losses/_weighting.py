@@ -7,21 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from siamjax import _checks
-from siamjax.losses._chunked import in_batch_doc, in_batch_inputs, map_anchor_chunks
+from siamjax.losses._chunked import (in_batch_doc, in_batch_inputs, log1p_sum_exp,
+                                     map_anchor_chunks)
 
 
 def _finite_scalar(name: str, value) -> None:
   """Checks a hyper-parameter that may be any finite number (skipped for tracers)."""
   if _checks.is_concrete(value) and not np.isfinite(float(np.asarray(value))):
     raise ValueError(f"{name} must be finite, got {value}")
-
-
-def _log1p_sum_exp(x_CxR, mask_CxR):
-  """``log(1 + sum_mask exp(x))`` per row, stable, with finite gradients (0 on empty rows)."""
-  x_m = jnp.where(mask_CxR, x_CxR, -jnp.inf)
-  top = jax.lax.stop_gradient(jnp.maximum(jnp.max(x_m, axis=1), 0.0))
-  total_minus_one = jnp.expm1(-top) + jnp.sum(jnp.exp(x_m - top[:, None]), axis=1)
-  return top + jnp.log1p(total_minus_one)  # log1p: exact when every term is tiny
 
 
 def _masked_logsumexp(x_CxR, mask_CxR):
@@ -98,8 +91,8 @@ def multi_similarity_loss(
 
   def reduce(dist, pos, neg):
     v = 1.0 - dist if distance == "cosine" else dist
-    pos_term = _log1p_sum_exp(alpha * sign * (v - base), pos) / alpha
-    neg_term = _log1p_sum_exp(beta * sign * (base - v), neg) / beta
+    pos_term = log1p_sum_exp(alpha * sign * (v - base), pos, axis=1) / alpha
+    neg_term = log1p_sum_exp(beta * sign * (base - v), neg, axis=1) / beta
     return pos_term + neg_term
 
   return map_anchor_chunks(reduce, distance, emb, labels, chunk_size, anchor_indices,

@@ -11,7 +11,10 @@ script:
    with them: ``benchmarks/results/xla-flags-*.json``), adds
    :data:`siamjax.xla.FAST_CPU_FLAGS` to ``XLA_FLAGS`` before JAX starts (CPU installs;
    ``SIAMJAX_NO_XLA_FLAGS=1`` skips it); every other recipe runs on XLA's own flags. It
-   starts multi-host JAX when a cluster is detected
+   turns on JAX's persistent compilation cache, so a resumed or repeated run loads the
+   programs it compiled before (:func:`siamjax.xla.enable_compilation_cache`;
+   ``SIAMJAX_NO_COMPILATION_CACHE=1`` skips it), and starts multi-host JAX when a
+   cluster is detected
    (:func:`siamjax.parallel.initialize_distributed`);
 2. builds the config: the preset (``--smoke`` is ``--preset smoke``), then every flag
    named after a ``Config`` field (``--num-steps 2000``, ``--learning-rate 3e-4``;
@@ -27,7 +30,9 @@ script:
    :func:`siamjax.train.fit`: checkpoints, ``metrics.jsonl``, the progress bar, the
    transfer guard, ``--devices``), and writes ``results.json`` with
    :func:`siamjax.results.write_results` (the command, the git commit, the machine with
-   its ``XLA_FLAGS``, and ``fast_cpu_flags``: whether this script set them);
+   its ``XLA_FLAGS``, ``fast_cpu_flags``: whether this script set them, and
+   ``compilation_cache``: whether programs compiled by an earlier run could load from
+   :func:`siamjax.xla.enable_compilation_cache`'s directory);
 5. turns user errors (bad data, a locked or mismatched work directory) into one line,
    ``error: ...``, and exit status 2, and Ctrl-C or SIGTERM into one line and status
    130 (143) after a checkpoint is saved. ``SIAMJAX_TRACEBACK=1`` shows tracebacks.
@@ -193,6 +198,7 @@ def main(recipe, argv: list[str] | None = None, *, presets: Mapping[str, Callabl
   if getattr(recipe, "FAST_CPU", False) and siamjax.xla.enable_fast_cpu():
     print(f"set XLA_FLAGS={os.environ['XLA_FLAGS']} (faster CPU convolutions; "
           f"SIAMJAX_NO_XLA_FLAGS=1 to skip)", file=sys.stderr)
+  compilation_cache = siamjax.xla.enable_compilation_cache() is not None
   from siamjax import parallel, train
   parallel.initialize_distributed()  # multi-host: before any other JAX call; else no-op
   presets = dict(recipe.PRESETS if presets is None else presets)
@@ -257,7 +263,8 @@ def main(recipe, argv: list[str] | None = None, *, presets: Mapping[str, Callabl
                                       hooks=hooks, eval_only=args.eval_only)
       out = {"recipe": recipe.NAME, "preset": preset, **out,
              "wall_time_s": time.perf_counter() - t0, "config": cfg_dict,
-             "fast_cpu_flags": siamjax.xla.fast_cpu_enabled()}
+             "fast_cpu_flags": siamjax.xla.fast_cpu_enabled(),
+             "compilation_cache": compilation_cache}
       path = results_lib.write_results(workdir, out, command=command,
                                        load_average_at_start=load_at_start)
   except train.Interrupted as e:

@@ -408,8 +408,8 @@ def _summary(results: dict) -> str:
 #: The Keras MNIST Siamese example (``experiments/mnist_contrastive.py``).
 contrastive = types.SimpleNamespace(
     NAME="mnist_contrastive", Config=ContrastiveConfig, RESUMABLE=frozenset({"epochs"}),
-    # An MLP, but its step ran 1.06-1.34x faster with siamjax.xla.FAST_CPU_FLAGS in all five
-    # rounds (XNNPACK's small products; benchmarks/results/xla-flags-*.json): set them.
+    # An MLP, but its step ran faster with siamjax.xla.FAST_CPU_FLAGS in every round
+    # (XNNPACK's small products; benchmarks/results/xla-flags-*.json): set them.
     FAST_CPU=True,
     PRESETS={"default": lambda: ContrastiveConfig(preset="default"),
              "smoke": lambda: ContrastiveConfig(preset="smoke", train_images=2000,

@@ -43,8 +43,8 @@ __all__ = ["NAME", "Config", "PRESETS", "RESUMABLE", "HEADS", "load_pairs", "tra
            "train_and_evaluate", "summary", "load_model", "STANDARDIZE_FILE"]
 
 NAME = "vector_pairs"
-# An MLP, but its step ran 1.11-1.76x faster with siamjax.xla.FAST_CPU_FLAGS in all five
-# rounds (XNNPACK's small products; benchmarks/results/xla-flags-*.json): set them.
+# An MLP, but its step ran faster with siamjax.xla.FAST_CPU_FLAGS in every round
+# (XNNPACK's small products; benchmarks/results/xla-flags-*.json): set them.
 FAST_CPU = True
 RESUMABLE = frozenset({"epochs", "checkpoint_every"})  # how long it trains, how often it saves
 HEADS = ("contrastive", "bce")
