@@ -1,4 +1,4 @@
-"""XLA settings for fast convolutional-network training on the CPU, for the programs they help.
+"""XLA settings for fast CPU training, for the programs they help, and the compilation cache.
 
 XLA:CPU (jaxlib 0.10) routes convolutions through a YNNPACK fusion by default, and its
 weight-gradient convolutions with large windows (the Koch net's conv1 and conv2) are

@@ -3,9 +3,8 @@
 XLA:CPU (jaxlib 0.10) with :data:`siamjax.xla.FAST_CPU_FLAGS` converts both operands of
 a bf16 ``dot`` to float32 and multiplies in float32, so a bf16 Koch network trains no
 faster than a float32 one, while PyTorch's bf16 products (oneDNN) run on the CPU's bf16
-instructions at about twice the float32 rate (measured on a 2-core AMD EPYC with
-AVX512-BF16: 2048^2 products at 0.97 TFLOP/s in bf16 against 0.43 in float32;
-``benchmarks/results/cpu-amd-epyc-2core-profile.md``). This module calls oneDNN's
+instructions at about twice the float32 rate on CPUs with AVX512-BF16
+(``benchmarks/results/cpu-amd-epyc-2core-profile.md``). This module calls oneDNN's
 matmul primitive (bf16 inputs, float32 accumulation and output) from a jitted function
 through an XLA FFI custom call, with its own VJP whose two gradient products are again
 bf16 x bf16 -> float32 oneDNN products.

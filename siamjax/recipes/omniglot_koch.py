@@ -146,8 +146,8 @@ def _smoke() -> Config:
 
     python experiments/omniglot_koch.py --preset smoke --workdir /tmp/omniglot_smoke
 
-  Expected: about 15 s on a 2-core CPU (data decode on first use adds ~10 s); Lake 20-way
-  accuracy is meaningless (a few dozen updates of a tiny net).
+  Expected: seconds on a CPU (the first use also decodes the data); Lake 20-way accuracy is
+  meaningless (a few dozen updates of a tiny net).
   SGD with momentum rather than Adam: `--devices 4` must give the `--devices 1` final loss to
   1e-5 (tests/test_parallel_omniglot.py). Adam's early updates are ``lr * sign(g)``, so float
   reduction-order noise in zero gradients (biases before batch norm) moves parameters by
@@ -167,13 +167,11 @@ def _quick() -> Config:
 
     python experiments/omniglot_koch.py --preset quick --workdir runs/omniglot_quick
 
-  Expected: measured 0.8975 [0.864, 0.924] on Lake's 400 trials, 369 s for the whole process
-  on a 2-core AMD EPYC CPU (about 2,230 images/s with siamjax.xla.FAST_CPU_FLAGS): all 3000
-  steps within the 430 s limit on that host; the best validation checkpoint, at step 2800
-  (validation 0.778: other alphabets and drawers), is the one scored
-  (experiments/results/omniglot_koch_quick.json; one seed, so expect a few points either
-  way; a slower host of the same kind stopped at its time limit, step 2200, at 0.8925).
-  NOT the paper's network: a 4-block 32-channel
+  Expected: the accuracy on Lake's 400 trials and the whole process's time are in
+  experiments/results/omniglot_koch_quick.json (one seed, so expect a few points either
+  way). Training stops at 3000 steps or at its 430 s limit, whichever comes first (a
+  slower host stops earlier), and the best validation checkpoint (other alphabets and
+  drawers) is the one scored. NOT the paper's network: a 4-block 32-channel
   conv net with batch norm on 28x28 downsampled images, trained with an in-batch softmax over
   negative squared distances (126 characters x 2 drawers per step, 14 characters at a time
   from 9 alphabets so negatives share an alphabet), scored by nearest neighbour (squared L2)

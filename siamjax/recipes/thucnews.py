@@ -94,8 +94,8 @@ class Config:
 
 # default: python experiments/thucnews_fewshot.py --data-dir ../shared/data: splitview_finetune
 #   78.2 +- 0.3% test over 5 draws, TF-IDF + LR 69.8 +- 0.6%, the seed's 24.3% (mean) / 6.6%
-#   (sum); 224 s for the 5 draws on a 2-core CPU. smoke (--smoke): generated titles, one draw,
-#   15-25 s.
+#   (sum) (experiments/results/thucnews_fewshot.json). smoke (--smoke):
+#   generated titles, one draw, seconds.
 PRESETS = {
     "default": lambda: Config(preset="default"),
     "smoke": lambda: Config(
