@@ -44,6 +44,11 @@ from _timing import repeat_until, reset_peak, status_bytes
 K = 10
 
 
+def _rss(field: str) -> int:
+  """A memory field of this process in bytes; 0 off Linux, so differences stay defined."""
+  return status_bytes(field) or 0
+
+
 def _data(n: int, d: int, q: int, seed: int = 0):
   """Gaussian gallery and query rows: no structure for a search to exploit."""
   import numpy as np
@@ -74,24 +79,24 @@ def child(args) -> dict:
     jax.devices()  # the runtime's own memory is not the search's
   else:
     import faiss
-  base_rss = (status_bytes("VmRSS") or 0)
+  base_rss = _rss("VmRSS")
   g, q = _data(args.n, args.d, args.queries)
   rows = []
   if args.framework == "siamjax":
     gal = jax.device_put(g)
     jax.block_until_ready(gal)
     del g  # the device copy is now the only one
-    base_rss = min(base_rss, (status_bytes("VmRSS") or 0))
+    base_rss = min(base_rss, _rss("VmRSS"))
     for kind in ("squared_euclidean", "dot"):
       index = ix.Index.build(gal, np.zeros(args.n, np.int32), metric=ix.Metric(kind))
       reset_peak()
-      before = (status_bytes("VmRSS") or 0)
+      before = _rss("VmRSS")
       t = time.perf_counter()
       first = index.search(q, K)
       first_s = time.perf_counter() - t
       times = repeat_until(lambda: index.search(q, K), args.repeats, args.min_total_s)
       rows.append({"metric": kind, "first_call_s": first_s, "times_s": times,
-                   "peak_rss_bytes": (status_bytes("VmHWM") or 0) - base_rss,
+                   "peak_rss_bytes": _rss("VmHWM") - base_rss,
                    "rss_before_search_bytes": before - base_rss,
                    "top": first.indices[:args.agree_rows].tolist()})
       del index
@@ -113,15 +118,15 @@ def child(args) -> dict:
       index.add(g)
       if kind == "dot":
         del g  # FAISS holds its own copy; the second index is the last to need it
-        base_rss = min(base_rss, (status_bytes("VmRSS") or 0))
+        base_rss = min(base_rss, _rss("VmRSS"))
       reset_peak()
-      before = (status_bytes("VmRSS") or 0)
+      before = _rss("VmRSS")
       t = time.perf_counter()
       _, top = index.search(q, K)
       first_s = time.perf_counter() - t
       times = repeat_until(lambda: index.search(q, K), args.repeats, args.min_total_s)
       rows.append({"metric": kind, "first_call_s": first_s, "times_s": times,
-                   "peak_rss_bytes": (status_bytes("VmHWM") or 0) - base_rss,
+                   "peak_rss_bytes": _rss("VmHWM") - base_rss,
                    "rss_before_search_bytes": before - base_rss,
                    "top": top[:args.agree_rows].tolist()})
       del index
