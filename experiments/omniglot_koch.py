@@ -1,15 +1,20 @@
 """Omniglot one-shot (Koch et al. 2015) on Lake's 20-way within-alphabet runs.
 
-  python experiments/omniglot_koch.py                      # paper on a GPU, else quick
+  python experiments/omniglot_koch.py                      # paper on a GPU, else cpu
   python experiments/omniglot_koch.py --smoke --workdir /tmp/smoke
   python experiments/omniglot_koch.py --preset quick --num-steps 2000   # any Config knob
   python experiments/omniglot_koch.py --baseline pixels --workdir /tmp/px
   python experiments/omniglot_koch.py --learning-curve OUT.json WORKDIR [WORKDIR ...]
+  python experiments/omniglot_koch.py --compare OUT.json WORKDIR [WORKDIR ...]
 
 ``--learning-curve`` collects finished work directories (their metrics.jsonl and
 results.json) into one JSON of pairs seen against validation accuracy, with a PNG beside
 it (experiments/results/omniglot_koch_learning_curve.json: the evidence behind the
-paper_fast preset).
+paper_fast preset). ``--compare`` puts finished runs side by side (what each changes
+against the first, best validation accuracy, wall time, Lake accuracy where scored and
+the mean over those) in one JSON with a PNG of the validation curves
+(experiments/results/omniglot_koch_cpu_ablations.json and
+experiments/results/omniglot_koch_cpu_seeds.json).
 
 Data: --data-dir, else $SIAMJAX_DATA_DIR (a folder with omniglot/*.zip); a missing zip is
 downloaded from Lake's repository into it (or into ~/.cache/siamjax) with SHA-256
@@ -28,7 +33,7 @@ from siamjax.recipes import cli, learning_curves, omniglot_koch
 
 def _by_device() -> str:
   import jax
-  return "paper" if jax.devices()[0].platform in ("gpu", "cuda", "rocm", "tpu") else "quick"
+  return "paper" if jax.devices()[0].platform in ("gpu", "cuda", "rocm", "tpu") else "cpu"
 
 
 def main(argv=None, hooks=()) -> int:
@@ -41,6 +46,16 @@ def main(argv=None, hooks=()) -> int:
       paper_fast = omniglot_koch.PRESETS["paper_fast"]()
       path = learning_curves.collect(args[1], args[2:], paper_fast=paper_fast)
       print(f"-> {path}")
+    except (ValueError, OSError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    return 0
+  if args[:1] == ["--compare"]:
+    if len(args) < 3:
+      print("error: --compare OUT.json WORKDIR [WORKDIR ...]", file=sys.stderr)
+      return 2
+    try:
+      print(f"-> {learning_curves.compare(args[1], args[2:])}")
     except (ValueError, OSError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2

@@ -3,6 +3,7 @@
 * :func:`sample_affine` / :func:`affine_warp` / :func:`augment`: random affine
   distortions, warped with ``jax.scipy.ndimage.map_coordinates`` (bilinear).
 * :func:`resize_images`: antialiased downsampling of uint8 images.
+* :func:`translations`: every small integer shift of a batch (test-time augmentation).
 
 All are pure functions of a ``jax.random`` key and arrays, so a jitted train step fuses
 them with sampling and encoding (:mod:`siamjax.train`).
@@ -19,7 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["AffineParams", "sample_affine", "affine_warp", "augment", "resize_images"]
+__all__ = ["AffineParams", "sample_affine", "affine_warp", "augment", "resize_images",
+           "translations"]
 
 
 class AffineParams(NamedTuple):
@@ -110,3 +112,29 @@ def resize_images(images: jax.Array, size: int) -> jax.Array:
   x = jax.image.resize(x, (x.shape[0], size, size), method="linear", antialias=True)
   x = jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8)
   return x.reshape(lead + (size, size))
+
+
+def translations(images: jax.Array, max_shift: int) -> jax.Array:
+  """Every shift of ``[B, H, W, ...]`` images by ``-max_shift .. max_shift`` pixels per axis.
+
+  Content moves ``dy`` rows down and ``dx`` columns right; what enters is 0 (background).
+  Returns ``[(2 max_shift + 1) ** 2, B, H, W, ...]``, ordered ``(dy, dx)`` row-major from
+  ``(-max_shift, -max_shift)``; copy ``(2 max_shift + 1) ** 2 // 2`` is the input.
+
+  >>> import jax.numpy as jnp
+  >>> x = jnp.arange(1, 10).reshape(1, 3, 3)
+  >>> t = translations(x, 1)
+  >>> t.shape, bool((t[4] == x).all())
+  ((9, 1, 3, 3), True)
+  >>> t[7, 0].tolist()  # dy = 1, dx = 0: one row down
+  [[0, 0, 0], [1, 2, 3], [4, 5, 6]]
+  """
+  if max_shift < 0 or max_shift >= min(images.shape[1:3]):
+    raise ValueError(f"max_shift must be in [0, {min(images.shape[1:3])}) for images "
+                     f"{images.shape}, got {max_shift}")
+  s = max_shift
+  h, w = images.shape[1:3]
+  pad = [(0, 0), (s, s), (s, s)] + [(0, 0)] * (images.ndim - 3)
+  padded = jnp.pad(images, pad)
+  return jnp.stack([padded[:, s - dy:s - dy + h, s - dx:s - dx + w]
+                    for dy in range(-s, s + 1) for dx in range(-s, s + 1)])

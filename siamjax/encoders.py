@@ -356,22 +356,27 @@ class ConvNet4(nn.Module):
   """Four ``conv 3x3 -> batch norm -> ReLU -> max-pool 2`` blocks, flattened.
 
   The small few-shot backbone (Vinyals et al. 2016; Snell et al. 2017). On ``28x28``
-  inputs with 4 blocks the embedding is ``channels``-dimensional (28 -> 14 -> 7 -> 3 -> 1).
+  inputs with 4 blocks the embedding is ``channels``-dimensional (28 -> 14 -> 7 -> 3 -> 1);
+  without the last block's pooling it is the ``3 x 3 x channels`` map.
   Batch norm needs ``train=True`` and ``mutable=["batch_stats"]`` while training.
 
   Attributes:
     channels: filters per block.
     blocks: number of blocks.
+    pool_last: max-pool after the last block too (False keeps its spatial map).
     dtype, param_dtype: computation and parameter dtypes.
 
   >>> import jax, jax.numpy as jnp
   >>> net = ConvNet4(); v = net.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   >>> net.apply(v, jnp.ones((2, 28, 28, 1))).shape
   (2, 32)
+  >>> ConvNet4(pool_last=False).apply(v, jnp.ones((2, 28, 28, 1))).shape
+  (2, 288)
   """
 
   channels: int = 32
   blocks: int = 4
+  pool_last: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -383,5 +388,7 @@ class ConvNet4(nn.Module):
                   param_dtype=self.param_dtype, name=f"conv{i + 1}")(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
                        param_dtype=self.param_dtype, name=f"bn{i + 1}")(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+      x = nn.relu(x)
+      if self.pool_last or i < self.blocks - 1:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
     return x.reshape(x.shape[0], -1)

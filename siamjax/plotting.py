@@ -183,26 +183,32 @@ def save_oneshot_task_png(path: str | os.PathLike, query: np.ndarray, support: n
   plt.close(fig)
 
 
-def save_learning_curves_png(runs: list[dict], png: str | os.PathLike) -> None:
-  """Validation accuracy and training loss against pairs seen, one line per run.
+def save_learning_curves_png(runs: list[dict], png: str | os.PathLike, *,
+                             x: str = "pairs_seen", xlabel: str = "training pairs seen",
+                             loss_label: str = "training pair BCE",
+                             title: str = "Koch net (38.9M parameters), 105x105, pair BCE, "
+                                          "CPU; chance 0.05") -> None:
+  """Validation accuracy and training loss against training progress, one line per run.
 
   Args:
-    runs: each ``{"name", "validation": [{"pairs_seen", "val_accuracy"}], "train_loss":
-      [{"pairs_seen", "loss"}]}``.
+    runs: each ``{"name", "validation": [{x, "val_accuracy"}], "train_loss": [{x,
+      "loss"}]}``.
     png: the PNG to write.
+    x: the progress key of the records (``"pairs_seen"``, ``"step"``).
+    xlabel, loss_label, title: the axes' and the figure's labels.
   """
   plt = _pyplot()
   fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
   for r in runs:
-    ax[0].plot([v["pairs_seen"] for v in r["validation"]],
-               [v["val_accuracy"] for v in r["validation"]], "o-", label=r["name"])
-    ax[1].plot([v["pairs_seen"] for v in r["train_loss"]], [v["loss"] for v in r["train_loss"]],
+    ax[0].plot([v[x] for v in r["validation"]],
+               [v["val_accuracy"] for v in r["validation"]], "o-", ms=3, label=r["name"])
+    ax[1].plot([v[x] for v in r["train_loss"]], [v["loss"] for v in r["train_loss"]],
                label=r["name"])
   ax[0].axhline(0.05, color="grey", lw=0.8, ls=":")
-  ax[0].set(xlabel="training pairs seen", ylabel="validation 20-way accuracy", ylim=(0, 1))
-  ax[1].set(xlabel="training pairs seen", ylabel="training pair BCE")
+  ax[0].set(xlabel=xlabel, ylabel="validation 20-way accuracy", ylim=(0, 1))
+  ax[1].set(xlabel=xlabel, ylabel=loss_label)
   ax[0].legend(fontsize=7)
-  fig.suptitle("Koch net (38.9M parameters), 105x105, pair BCE, CPU; chance 0.05", fontsize=9)
+  fig.suptitle(title, fontsize=9)
   fig.tight_layout()
   fig.savefig(png, dpi=90)
   plt.close(fig)

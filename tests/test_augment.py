@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from siamjax import augment
 
@@ -48,3 +49,20 @@ def test_augment_keeps_shape_and_range():
   x = jax.random.uniform(jax.random.key(0), (8, 28, 28))
   y = jax.jit(augment.augment)(jax.random.key(1), x)
   assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+def test_translations_move_content_and_fill_with_background():
+  from siamjax.augment import translations
+  x = jax.random.uniform(jax.random.key(0), (2, 6, 5, 1))
+  t = np.asarray(translations(x, 2))
+  assert t.shape == (25, 2, 6, 5, 1)
+  k = 0
+  for dy in range(-2, 3):
+    for dx in range(-2, 3):
+      want = np.zeros_like(np.asarray(x))
+      src = np.asarray(x)[:, max(0, -dy):6 - max(0, dy), max(0, -dx):5 - max(0, dx)]
+      want[:, max(0, dy):max(0, dy) + src.shape[1], max(0, dx):max(0, dx) + src.shape[2]] = src
+      np.testing.assert_array_equal(t[k], want)
+      k += 1
+  with pytest.raises(ValueError, match="max_shift"):
+    translations(x, 5)

@@ -73,3 +73,38 @@ def test_learning_curve_refuses_unfinished_workdirs(tmp_path, capsys):
   with pytest.raises(ValueError, match="no metrics.jsonl"):
     learning_curves.collect(str(tmp_path / "o.json"), [str(w)], paper_fast=None)
   assert not (tmp_path / "o.json").exists()
+
+
+def _run_dir(root, name, *, seed, lake, channels=32):
+  w = _workdir(root, name, batch=8, steps=4)
+  res = json.loads((w / "results.json").read_text())
+  res["config"].update(seed=seed, channels=channels, data_dir=f"/data/{name}")
+  res["machine"].update(cpu_model="AMD EPYC", cpu_isa=["avx2"], nproc=2)
+  res.update(lake_20way_accuracy=lake, lake_20way_ci95=lake and [lake - 0.05, lake + 0.05],
+             validation_best_accuracy=0.3 + seed / 10, wall_time_s=600.0,
+             compile_time_s=3.0, images_per_s=1000.0)
+  results_lib.write_results(w, {k: v for k, v in res.items()
+                                if k not in ("command", "machine", "git_commit", "date")},
+                            command=f"python x.py --seed {seed}")
+  # write_results records this machine; keep the run's own.
+  (w / "results.json").write_text(json.dumps({**json.loads((w / "results.json").read_text()),
+                                              "machine": res["machine"]}))
+  return w
+
+
+def test_compare_names_what_each_run_changes_and_means_the_scored_runs(tmp_path):
+  runs = [_run_dir(tmp_path, f"s{s}", seed=s, lake=0.9 + s / 100) for s in range(3)]
+  wide = _run_dir(tmp_path, "wide", seed=0, lake=None, channels=64)
+  out = tmp_path / "out" / "cmp.json"
+  assert _script().main(["--compare", str(out), *map(str, runs), str(wide)]) == 0
+  d = json.loads(out.read_text())
+  assert [r["changed"] for r in d["runs"]] == [{}, {"seed": 1}, {"seed": 2}, {"channels": 64}]
+  s = d["summary"]
+  assert s["runs"] == 4 and s["lake_scored_runs"] == 3
+  assert s["lake_20way_mean"] == pytest.approx(0.91)
+  assert (s["lake_20way_min"], s["lake_20way_max"]) == (0.9, 0.92)
+  assert d["runs"][3]["lake_20way_accuracy"] is None and d["runs"][3]["wall_time_min"] == 10
+  assert d["runs"][1]["validation"][-1] == {"step": 4, "val_accuracy": pytest.approx(0.4)}
+  assert d["runs"][0]["cpu"]["cpu_isa"] == ["avx2"] and d["command"]
+  assert out.with_suffix(".png").stat().st_size > 1000
+  assert _script().main(["--compare", str(out)]) == 2

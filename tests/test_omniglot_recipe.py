@@ -13,7 +13,7 @@ def _preset(name):  # the presets experiments/omniglot_koch.py offers
   return ok.PRESETS[name]()
 
 
-@pytest.mark.parametrize("name", ["smoke", "quick", "paper", "paper_fast"])
+@pytest.mark.parametrize("name", ["smoke", "quick", "cpu", "paper", "paper_fast"])
 def test_presets_build(name):
   cfg = _preset(name)
   assert cfg.preset == name
@@ -98,3 +98,61 @@ def test_early_stopping(tmp_path):
                      patience=3, progress=False)
   assert res["stopped_early"] and res["steps"] == 5
   assert res["best"] == 0.6 and res["best_step"] == 2
+
+
+def test_rotated_classes_are_new_characters_of_new_alphabets():
+  images = np.random.default_rng(0).integers(0, 256, (3, 4, 28, 28), dtype=np.uint8)
+  ids = np.array([0, 1, 1])
+  cfg = ok.Config(rotate_classes=True, chars_per_alphabet=1, train_drawers=(0, 2))
+  data = ok.training_data(images, ids, cfg)
+  assert data["images"].shape == (48, 28, 28)
+  table, counts = np.asarray(data["classes"].table), np.asarray(data["classes"].counts)
+  assert table.shape == (12, 2) and (counts == 2).all()
+  for k in range(4):
+    for c in range(3):
+      for slot, d in enumerate((0, 2)):  # only the training drawers are sampled
+        np.testing.assert_array_equal(data["images"][table[3 * k + c, slot]],
+                                      np.rot90(images[c, d], k))
+  groups = data["groups"]
+  members = [set(np.asarray(groups.table)[a, :int(n)].tolist())
+             for a, n in enumerate(np.asarray(groups.counts))]
+  # Alphabet a turned by k quarter turns is alphabet a + 2k, holding those characters.
+  assert members == [{0}, {1, 2}, {3}, {4, 5}, {6}, {7, 8}, {9}, {10, 11}]
+  plain = ok.training_data(images, ids, cfg.replace(rotate_classes=False))
+  np.testing.assert_array_equal(plain["images"], data["images"][:12])
+
+
+def test_temperature_divides_the_softmax_distances():
+  cfg = ok.PRESETS["smoke"]().replace(temperature=2.0, augment=False)
+  model = ok.Model(cfg)
+  images = np.random.default_rng(1).integers(0, 256, (30, 20, 28, 28), dtype=np.uint8)
+  data = ok.training_data(images, np.repeat(np.arange(2), 15), cfg)
+  state = ok.init_state(model, cfg)
+  params, ms = state["params"], state["model_state"]
+  key = jax.random.key(3)
+  loss_t, _ = ok.make_loss_fn(model)(params, ms, data, key)
+  # The same batch with embeddings scaled by 1/sqrt(2) at temperature 1.
+  plain = ok.Model(cfg.replace(temperature=1.0))
+  apply = plain.train_apply
+  plain.train_apply = lambda *a, **k: (lambda o: (o[0] / np.sqrt(2.0), o[1]))(apply(*a, **k))
+  loss_1, _ = ok.make_loss_fn(plain)(params, ms, data, key)
+  np.testing.assert_allclose(float(loss_t), float(loss_1), rtol=1e-5)
+
+
+def test_test_time_shifts_average_the_plain_embeddings_of_each_image_alone():
+  cfg = ok.PRESETS["smoke"]().replace(tta_shift=1)
+  model = ok.Model(cfg)
+  state = ok.init_state(model, cfg)
+  variables = {"params": state["params"], **state["model_state"]}
+  images = np.random.default_rng(2).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+  padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
+  shifted = [padded[:, 1 - dy:29 - dy, 1 - dx:29 - dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+  want = np.mean([np.asarray(model.embed_plain(variables, s)) for s in shifted], axis=0)
+  got = np.asarray(model.embed(variables, images))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # One image alone gets the embedding it gets among others (no transduction).
+  np.testing.assert_allclose(np.asarray(model.embed(variables, images[1:2]))[0], got[1],
+                             rtol=1e-5, atol=1e-6)
+  plain = ok.Model(cfg.replace(tta_shift=0))
+  np.testing.assert_array_equal(np.asarray(plain.embed(variables, images)),
+                                np.asarray(model.embed_plain(variables, images)))

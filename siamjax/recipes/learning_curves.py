@@ -6,14 +6,24 @@ validation accuracy against pairs seen) and ``results.json`` (Lake accuracy, thr
 the machine's load) become one results JSON (through :mod:`siamjax.results`) with a PNG
 beside it, plus the GPU plan that the ``paper_fast`` preset is sized for.
 (experiments/results/omniglot_koch_learning_curve.json was made this way.)
+
+``python experiments/omniglot_koch.py --compare OUT.json WORKDIR [WORKDIR ...]`` calls
+:func:`compare`: runs of any preset side by side, each with what its config changes
+against the first run, its best validation accuracy, its wall time and, where it was
+scored, its Lake accuracy; the mean over the scored runs (seeds of one config); a PNG of
+the validation curves beside it. The ablation table and the seeds file of the default
+CPU preset are made this way.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import statistics
+
 from siamjax import plotting, train
 from siamjax import results as results_lib
+from siamjax.recipes import cli
 
 # What the paper_fast preset is sized for (see siamjax.recipes.omniglot_koch.PRESETS):
 FLOPS_PER_TRAINING_PAIR = 10.9e9  # Koch net forward + backward, both images of the pair
@@ -90,4 +100,66 @@ def collect(out: str, workdirs: list[str], *, paper_fast) -> Path:
               "GPU plan below is what paper_fast is sized for (unmeasured).",
       "gpu_plan": plan, "runs": runs}, name=Path(out).name)
   plotting.save_learning_curves_png(runs, path.with_suffix(".png"))
+  return path
+
+
+def _compared(workdir: Path, first: dict | None) -> dict:
+  res = results_lib.read_results(workdir)
+  if res is None:
+    raise ValueError(f"workdirs: {workdir} holds no results.json (train it first)")
+  recs = train.read_metrics(workdir)
+  cfg = res["config"]
+  skip = cli.ALWAYS_RESUMABLE | {"preset"}
+  changed = {k: v for k, v in cfg.items()
+             if first is not None and k not in skip and first.get(k) != v}
+  return {
+      "name": workdir.name, "command": res["command"], "git_commit": res.get("git_commit"),
+      "preset": cfg.get("preset"), "seed": cfg.get("seed"), "changed": changed,
+      "validation_best_accuracy": res["validation_best_accuracy"],
+      "validation_best_step": res["validation_best_step"],
+      # The scored checkpoint on validation with the final embedding (test-time shifts).
+      "validation_scored_accuracy": res.get("validation_scored_accuracy"),
+      "lake_20way_accuracy": res["lake_20way_accuracy"],
+      "lake_20way_ci95": res["lake_20way_ci95"],
+      "wall_time_min": res["wall_time_s"] / 60, "train_time_s": res["train_time_s"],
+      "compile_time_s": res["compile_time_s"], "images_per_s": res.get("images_per_s"),
+      "steps": res["steps"], "end": res["end"],
+      "cpu": {k: res["machine"].get(k) for k in ("cpu_model", "cpu_isa", "nproc")},
+      "machine_load": [res["machine"]["load_average_at_start"],
+                       res["machine"]["load_average_at_end"]],
+      "validation": [{"step": r["step"], "val_accuracy": r["val_accuracy"]} for r in recs
+                     if r["kind"] == "eval"],
+      "train_loss": [{"step": r["step"], "loss": r["loss"]} for r in recs
+                     if r["kind"] == "train"]}
+
+
+def compare(out: str, workdirs: list[str], *, figure: str = "") -> Path:
+  """Writes ``out`` (JSON) and the PNG beside it from finished ``workdirs``; returns the path.
+
+  Args:
+    out: the results file to write (its folder is created).
+    workdirs: finished Omniglot work directories; the first is the reference that every
+      run's ``changed`` fields are measured against.
+    figure: what the runs are (stored in the file and used as the plot's title).
+
+  Raises:
+    ValueError: a work directory is not finished (one line naming it).
+  """
+  if not workdirs:
+    raise ValueError("workdirs: pass at least one finished work directory")
+  first = results_lib.read_results(workdirs[0])
+  runs = [_compared(Path(w), first and first["config"]) for w in workdirs]
+  scored = [r["lake_20way_accuracy"] for r in runs if r["lake_20way_accuracy"] is not None]
+  val = [r["validation_best_accuracy"] for r in runs]
+  summary = {"runs": len(runs), "validation_best_mean": statistics.fmean(val),
+             "wall_time_min_max": max(r["wall_time_min"] for r in runs)}
+  if scored:
+    summary.update(lake_scored_runs=len(scored), lake_20way_mean=statistics.fmean(scored),
+                   lake_20way_min=min(scored), lake_20way_max=max(scored))
+  path = results_lib.write_results(Path(out).parent, {
+      "figure": figure or "Omniglot runs side by side", "summary": summary, "runs": runs},
+      name=Path(out).name)
+  plotting.save_learning_curves_png(runs, path.with_suffix(".png"), x="step",
+                                    xlabel="training step", loss_label="training loss",
+                                    title=figure or "Omniglot runs; chance 0.05")
   return path

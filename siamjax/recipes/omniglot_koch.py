@@ -1,7 +1,7 @@
 """Omniglot one-shot learning after Koch et al. (2015), evaluated on Lake's 20 runs.
 
 :func:`train_and_evaluate` takes a :class:`Config` (:data:`PRESETS`: ``smoke``,
-``quick``, ``paper`` and ``paper_fast``) and a work directory, and:
+``quick``, ``cpu``, ``paper`` and ``paper_fast``) and a work directory, and:
 
 1. loads the background set (training: ``train_drawers`` of the 30 alphabets), the
    evaluation set, and Lake's runs; the validation tasks are 20-way within-alphabet
@@ -44,7 +44,7 @@ from siamjax.evaluation import oneshot, verification
 from siamjax.index import Metric
 from siamjax.models import SiameseNet, koch_siamese
 from siamjax.recipes import cli
-from siamjax.augment import augment, resize_images
+from siamjax.augment import augment, resize_images, translations
 from siamjax.sampling import grid_table, index_table, sample_groups, sample_pairs
 
 __all__ = ["Config", "Model", "make_loss_fn", "training_data", "optimizer", "learning_rate",
@@ -58,7 +58,7 @@ FAST_CPU = True
 # Config fields that may change between runs of one work directory: how long it trains
 # and what it evaluates at the end, not what it computes up to a given step.
 RESUMABLE = frozenset({"num_steps", "train_time_limit_s", "time_budget_s", "checkpoint_every",
-                       "extra_evals"})
+                       "extra_evals", "test", "tta_shift"})
 
 @dataclasses.dataclass
 class Config:
@@ -70,6 +70,7 @@ class Config:
   # head, unused by the softmax loss).
   model: str = "conv4"
   channels: int = 32
+  pool_last: bool = True  # conv4: False keeps the last block's 3x3 map (9x the dimensions)
   image_size: int = 28  # 105 = no downsampling (required by "koch")
   dtype: str = "float32"
   # "koch": conv2-4 as DFT products ("dft") or direct convolutions ("direct"); "auto" picks
@@ -82,6 +83,10 @@ class Config:
   n_chars: int = 126  # softmax: characters per step
   n_per_char: int = 2  # softmax: drawers per character
   chars_per_alphabet: int = 14  # softmax: characters drawn together from one alphabet
+  temperature: float = 1.0  # softmax: divides the negative squared distances
+  # Background characters turned by 90, 180 and 270 degrees become new characters of new
+  # alphabets (4x the classes; Vinyals et al. 2016). Still the background set only.
+  rotate_classes: bool = False
   train_drawers: tuple[int, ...] = tuple(range(20))
   val_drawers: tuple[int, ...] = tuple(range(12, 16))
   # Koch's affine distortions (pixels at the training resolution).
@@ -91,6 +96,11 @@ class Config:
   scale: tuple[float, float] = (0.8, 1.2)
   translation: float = 2.0
   augment_prob: float = 0.5
+  # Test-time augmentation: the evaluation embedding of an image is the mean embedding of
+  # its shifts by up to this many pixels per axis ((2 s + 1)^2 copies; 0: the image alone).
+  # Each support and query image is augmented alone (no transduction). Validation during
+  # training uses the plain embedding; the final scores and a loaded model use this one.
+  tta_shift: int = 0
   # Optimiser: "adam", "sgd" (momentum 0.9) or "koch_sgd".
   optimizer: str = "adam"
   learning_rate: float = 1e-3
@@ -117,6 +127,9 @@ class Config:
   extra_evals: bool = True  # random N-way tasks and pair verification after training
   time_budget_s: float = 0.0  # informational: the preset's expected wall time
   train_time_limit_s: float = 0.0  # stop training after this much wall time (0: never)
+  # False: choose-on-validation runs; Lake's trials and the extra evaluations are not
+  # scored, so an ablation cannot peek at the test set.
+  test: bool = True
   # "pixels": no training; 1-NN on raw 105x105 pixels (L2), the anchor any model must beat.
   baseline: str = ""
   # Data.
@@ -159,7 +172,9 @@ def _smoke() -> Config:
       preset="smoke", model="conv4", channels=8, image_size=28, loss="softmax",
       n_chars=28, n_per_char=2, chars_per_alphabet=14, optimizer="sgd",
       learning_rate=0.05, num_steps=20, steps_per_call=5, eval_every=10, val_tasks=2,
-      checkpoint_every=10, extra_evals=False, time_budget_s=60)
+      checkpoint_every=10, extra_evals=False, time_budget_s=60,
+      # The default CPU preset's rotated classes and test-time shifts, at smoke size.
+      rotate_classes=True, tta_shift=1)
 
 
 def _quick() -> Config:
@@ -190,6 +205,29 @@ def _quick() -> Config:
       # so the whole run (load, compile, evaluation) stays under 10 minutes.
       num_steps=3000, steps_per_call=10, eval_every=200, val_tasks=20, patience=0,
       checkpoint_every=200, log_every=5, time_budget_s=600, train_time_limit_s=430)
+
+
+def _cpu() -> Config:
+  """cpu preset, the default on a CPU: <= 15 minutes on 2 cores, with test-time shifts.
+
+    python experiments/omniglot_koch.py --preset cpu --workdir runs/omniglot_koch_cpu
+
+  Expected: the three seeds' accuracies on Lake's 400 trials, their mean and the whole
+  process's times are in experiments/results/omniglot_koch_cpu_seeds.json. The `quick`
+  preset's network, loss, episodes and distortions, trained up to 3000 steps or for at
+  most 720 s, whichever comes first (a slower host stops earlier), with validation on
+  1000 trials (50 tasks) to choose the checkpoint. The one lever validation kept
+  (experiments/results/omniglot_koch_cpu_ablations.json, docs/omniglot-presets.md):
+  test-time shifts. Each support and query image is embedded as the mean embedding of
+  its 25 shifts by up to 2 pixels (at 28x28), alone: no image of a task sees another.
+  Rotated characters as new classes and a cosine decay gained nothing there and are off.
+  No random N-way or pair-verification extras (``--extra-evals`` adds them, ~1-2 min).
+
+  Reasoning and evidence: ``docs/omniglot-presets.md``.
+  """
+  return _quick().replace(
+      preset="cpu", tta_shift=2, val_tasks=50, extra_evals=False, num_steps=3000,
+      train_time_limit_s=720, time_budget_s=900)
 
 
 def _paper() -> Config:
@@ -242,7 +280,8 @@ def _paper_fast() -> Config:
       train_time_limit_s=300)
 
 
-PRESETS = {"smoke": _smoke, "quick": _quick, "paper": _paper, "paper_fast": _paper_fast}
+PRESETS = {"smoke": _smoke, "quick": _quick, "cpu": _cpu, "paper": _paper,
+           "paper_fast": _paper_fast}
 """``{name: () -> Config}``: each preset's docstring gives its command and what it gives."""
 
 
@@ -253,7 +292,8 @@ def _network(cfg: Config) -> SiameseNet:
       raise ValueError(f"model='koch' needs image_size=105, got {cfg.image_size}")
     return koch_siamese(dtype=dtype, conv=cfg.conv)
   if cfg.model == "conv4":
-    return SiameseNet(encoder=ConvNet4(channels=cfg.channels, dtype=dtype))
+    return SiameseNet(encoder=ConvNet4(channels=cfg.channels, pool_last=cfg.pool_last,
+                                       dtype=dtype))
   raise ValueError(f"model must be 'koch' or 'conv4', got {cfg.model!r}")
 
 
@@ -313,10 +353,19 @@ class Model:
       images_uint8 = resize_images(images_uint8, self.cfg.image_size)
     return (images_uint8.astype(jnp.float32) / 255.0)[..., None]
 
-  def embed(self, variables, images_uint8):
-    """``[N, H, W]`` uint8 images -> ``[N, D]`` embeddings (evaluation mode)."""
+  def embed_plain(self, variables, images_uint8):
+    """``[N, H, W]`` uint8 images -> ``[N, D]`` embeddings (evaluation mode, no TTA)."""
     return self.net.apply(variables, self.prepare(images_uint8), method=self.net.embed,
                           **self.eval_kw)
+
+  def embed(self, variables, images_uint8):
+    """:meth:`embed_plain`, averaged over ``cfg.tta_shift``'s shifts of each image."""
+    if not self.cfg.tta_shift:
+      return self.embed_plain(variables, images_uint8)
+    copies = translations(self.prepare(images_uint8), self.cfg.tta_shift)
+    h = jax.lax.map(lambda x: self.net.apply(variables, x, method=self.net.embed,
+                                             **self.eval_kw), copies)
+    return jnp.mean(h, axis=0)
 
   def score(self, variables, h_q, h_s):
     """Scores of query against support embeddings, higher = more alike."""
@@ -343,16 +392,27 @@ def training_data(images, alphabet_ids, cfg: Config) -> dict:
 
   Returns:
     ``{"images": [C * D, S, S] uint8, "classes": IndexTable over the training drawers,
-    "groups": IndexTable of each alphabet's characters}``.
+    "groups": IndexTable of each alphabet's characters}``; with ``cfg.rotate_classes``,
+    ``4 C`` characters of ``4 A`` alphabets (copy ``k`` turned by ``k`` x 90 degrees).
+
+  >>> cfg = Config(image_size=4, rotate_classes=True, chars_per_alphabet=1)
+  >>> d = training_data(np.zeros((3, 2, 4, 4), np.uint8), np.array([0, 0, 1]), cfg)
+  >>> d["images"].shape, d["groups"].counts.tolist()
+  ((24, 4, 4), [2, 1, 2, 1, 2, 1, 2, 1])
   """
   c, d = images.shape[:2]
   flat = jnp.asarray(images).reshape((c * d,) + tuple(images.shape[2:]))
   if cfg.image_size != flat.shape[-1]:
     flat = jax.jit(resize_images, static_argnums=1)(flat, cfg.image_size)
+  flat, alphabet_ids = np.asarray(flat), np.asarray(alphabet_ids)
+  if cfg.rotate_classes:
+    n_alphabets = int(alphabet_ids.max()) + 1
+    flat = np.concatenate([np.rot90(flat, k, axes=(-2, -1)) for k in range(4)])
+    alphabet_ids = np.concatenate([alphabet_ids + k * n_alphabets for k in range(4)])
+    c *= 4
   min_size = cfg.chars_per_alphabet if cfg.loss == "softmax" else 2
-  return {"images": np.asarray(flat), "classes": grid_table(c, d, cfg.train_drawers),
-          "groups": index_table(np.asarray(alphabet_ids), min_size=min_size,
-                                name="alphabet_ids")}
+  return {"images": flat, "classes": grid_table(c, d, cfg.train_drawers),
+          "groups": index_table(alphabet_ids, min_size=min_size, name="alphabet_ids")}
 
 
 def make_loss_fn(model: Model):
@@ -381,7 +441,8 @@ def make_loss_fn(model: Model):
       pos, labels = parallel.shard_batch((pos, labels))
       x = distort(k_a, data["images"][pos])[..., None]
       emb, model_state = model.train_apply(params, model_state, x, method=model.net.embed)
-      return jnp.mean(losses.in_batch_softmax_loss(emb, labels)), (model_state, {})
+      loss = losses.in_batch_softmax_loss(emb, labels, temperature=cfg.temperature)
+      return jnp.mean(loss), (model_state, {})
     pairs, similar = sample_pairs(k_s, data["classes"], cfg.batch_pairs,
                                   groups=data["groups"] if cfg.within_alphabet else None)
     pairs, similar = parallel.shard_batch((pairs, similar))
@@ -504,7 +565,7 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
 
   def eval_fn(state):
     v = {"params": state["params"], **state["model_state"]}
-    r = oneshot.evaluate_oneshot(model.embed, model.score, v, val_support, val_query,
+    r = oneshot.evaluate_oneshot(model.embed_plain, model.score, v, val_support, val_query,
                                  val_answers)
     return {"val_accuracy": r.accuracy}
 
@@ -521,13 +582,17 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
   best = train.restore_best(workdir, state)
   final = best if best is not None else state
   variables = {"params": final["params"], **final["model_state"]}
-  lake_support, lake_query = jnp.asarray(runs.support), jnp.asarray(runs.query)
-  r = oneshot.evaluate_oneshot(model.embed, model.score, variables, lake_support, lake_query,
-                               runs.answers)
-  pred = np.asarray(oneshot.oneshot_predictions(model.embed, model.score, variables,
-                                                lake_support, lake_query))
-  nway = pair_verification = None
-  if cfg.extra_evals:
+  # The scored checkpoint on validation with the final embedding (test-time shifts, if any).
+  val_final = oneshot.evaluate_oneshot(model.embed, model.score, variables, val_support,
+                                       val_query, val_answers)
+  r = pred = nway = pair_verification = None
+  if cfg.test:
+    lake_support, lake_query = jnp.asarray(runs.support), jnp.asarray(runs.query)
+    r = oneshot.evaluate_oneshot(model.embed, model.score, variables, lake_support,
+                                 lake_query, runs.answers)
+    pred = np.asarray(oneshot.oneshot_predictions(model.embed, model.score, variables,
+                                                  lake_support, lake_query))
+  if cfg.test and cfg.extra_evals:
     nway = _random_nway(model, variables, evaluation, cfg.seed)
     lake = sorted(omniglot.lake_alphabets(evaluation, runs))
     in_lake = np.isin(evaluation.alphabet_ids, lake)
@@ -538,10 +603,11 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
   positives = per_step // 2 if unit == "pairs" else cfg.n_chars * (
       cfg.n_per_char * (cfg.n_per_char - 1)) // 2
   results = {
-      "lake_20way_accuracy": r.accuracy, "lake_20way_ci95": [r.low, r.high],
-      "lake_trials": r.trials,
+      # None with test=False: a run that chooses on validation never scores Lake's trials.
+      "lake_20way_accuracy": r and r.accuracy, "lake_20way_ci95": r and [r.low, r.high],
+      "lake_trials": r and r.trials,
       "protocols": {
-          "lake_20way_accuracy": oneshot.LAKE_PROTOCOL,
+          "lake_20way_accuracy": oneshot.LAKE_PROTOCOL if r else "not scored (test=False)",
           "scoring": scoring,
           "validation": (f"{cfg.val_tasks} random 20-way within-alphabet tasks x 20 queries "
                          f"on evaluation alphabets not in Lake's runs "
@@ -554,6 +620,8 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
       "random_nway": nway,
       "pair_verification": pair_verification,
       "validation_best_accuracy": fit["best"], "validation_best_step": fit["best_step"],
+      "validation_scored_accuracy": val_final.accuracy,
+      "tta_shift": cfg.tta_shift,
       "evaluated_checkpoint": "best" if best is not None else "final",
       "model": cfg.model, "loss": cfg.loss,
       "device": str(jax.devices()[0]),
@@ -572,25 +640,36 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
   }
   if jax.process_index() == 0:
     try:
+      title = (f"{cfg.preset}: Lake 20-way {r.accuracy:.3f}" if r else
+               f"{cfg.preset}: best validation {fit['best']:.3f}")
       plotting.save_training_png(workdir / "learning_curves.png",
                                  train.read_metrics(workdir, kind="train"), fit["history"],
-                                 title=f"{cfg.preset}: Lake 20-way {r.accuracy:.3f}")
-      plotting.save_oneshot_task_png(
-          workdir / "oneshot_task.png", runs.query[0, 0], runs.support[0], int(pred[0, 0]),
-          int(runs.answers[0, 0]), title="Lake run 1, item 1: 20-way within-alphabet task")
-      results["plots"] = ["learning_curves.png", "oneshot_task.png"]
+                                 title=title)
+      results["plots"] = ["learning_curves.png"]
+      if r:
+        plotting.save_oneshot_task_png(
+            workdir / "oneshot_task.png", runs.query[0, 0], runs.support[0], int(pred[0, 0]),
+            int(runs.answers[0, 0]), title="Lake run 1, item 1: 20-way within-alphabet task")
+        results["plots"].append("oneshot_task.png")
     except ImportError:
       results["plots"] = []
   return results
 
 
 def summary(results: dict) -> str:
-  """One line: Lake's accuracy with its interval, trials, wall time."""
-  lo, hi = results["lake_20way_ci95"]
-  return json.dumps({"preset": results.get("preset"),
-                     "lake_20way_accuracy": results["lake_20way_accuracy"],
-                     "ci95": [round(lo, 4), round(hi, 4)], "lake_trials": results["lake_trials"],
-                     "wall_time_s": round(results.get("wall_time_s") or 0.0, 1)})
+  """One line: Lake's accuracy with its interval (or the best validation accuracy of a
+  ``test=False`` run), trials, wall time."""
+  ci = results["lake_20way_ci95"]
+  line = {"preset": results.get("preset"),
+          "lake_20way_accuracy": results["lake_20way_accuracy"],
+          "ci95": ci and [round(ci[0], 4), round(ci[1], 4)],
+          "lake_trials": results["lake_trials"]}
+  if results["lake_20way_accuracy"] is None:
+    line = {"preset": results.get("preset"),
+            "validation_best_accuracy": results.get("validation_best_accuracy"),
+            "validation_best_step": results.get("validation_best_step"),
+            "validation_scored_accuracy": results.get("validation_scored_accuracy")}
+  return json.dumps({**line, "wall_time_s": round(results.get("wall_time_s") or 0.0, 1)})
 
 
 def _drawing(im, where: str) -> np.ndarray:
