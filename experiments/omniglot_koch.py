@@ -26,6 +26,7 @@ flags, the work directory and the exit codes are those of every script
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from siamjax.recipes import cli, learning_curves, omniglot_koch
@@ -55,7 +56,8 @@ def main(argv=None, hooks=()) -> int:
       print("error: --compare OUT.json WORKDIR [WORKDIR ...]", file=sys.stderr)
       return 2
     try:
-      print(f"-> {learning_curves.compare(args[1], args[2:])}")
+      defaults = dataclasses.asdict(omniglot_koch.Config())
+      print(f"-> {learning_curves.compare(args[1], args[2:], defaults=defaults)}")
     except (ValueError, OSError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2

@@ -95,6 +95,25 @@ def test_finished_rerun_eval_only_and_another_config(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_validation_only_run_never_scores_lake_until_asked(tmp_path):
+  w = tmp_path / "w"
+  first = _run(tmp_path, "--workdir", str(w), "--no-test")
+  assert first.returncode == 0, first.stderr[-3000:]
+  res = _strict(w / "results.json")
+  assert res["lake_20way_accuracy"] is None and res["lake_trials"] is None
+  assert res["protocols"]["lake_20way_accuracy"] == "not scored (test=False)"
+  assert 0 <= res["validation_scored_accuracy"] <= 1 and res["tta_shift"] == 1
+  assert json.loads(first.stdout)["validation_scored_accuracy"] == res[
+      "validation_scored_accuracy"]
+  # test and tta_shift change what is evaluated, not what was trained.
+  scored = _run(tmp_path, "--workdir", str(w), "--test", "--tta-shift", "0", "--eval-only")
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  res2 = _strict(w / "results.json")
+  assert res2["lake_trials"] == 400 and res2["steps"] == res["steps"]
+  assert res2["tta_shift"] == 0
+
+
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_130_with_one_line(tmp_path):
   w = tmp_path / "w"
   stopped = _run(tmp_path, "--workdir", str(w), sigint_at=10)

@@ -103,15 +103,16 @@ def collect(out: str, workdirs: list[str], *, paper_fast) -> Path:
   return path
 
 
-def _compared(workdir: Path, first: dict | None) -> dict:
+def _compared(workdir: Path, first: dict | None, defaults: dict) -> dict:
   res = results_lib.read_results(workdir)
   if res is None:
     raise ValueError(f"workdirs: {workdir} holds no results.json (train it first)")
   recs = train.read_metrics(workdir)
-  cfg = res["config"]
+  # A field a run's config lacks (added to Config after that run) had its default.
+  cfg = {**defaults, **res["config"]}
+  first = {**defaults, **(first or cfg)}
   skip = cli.ALWAYS_RESUMABLE | {"preset"}
-  changed = {k: v for k, v in cfg.items()
-             if first is not None and k not in skip and first.get(k) != v}
+  changed = {k: v for k, v in cfg.items() if k not in skip and first.get(k) != v}
   return {
       "name": workdir.name, "command": res["command"], "git_commit": res.get("git_commit"),
       "preset": cfg.get("preset"), "seed": cfg.get("seed"), "changed": changed,
@@ -133,13 +134,15 @@ def _compared(workdir: Path, first: dict | None) -> dict:
                      if r["kind"] == "train"]}
 
 
-def compare(out: str, workdirs: list[str], *, figure: str = "") -> Path:
+def compare(out: str, workdirs: list[str], *, defaults=None, figure: str = "") -> Path:
   """Writes ``out`` (JSON) and the PNG beside it from finished ``workdirs``; returns the path.
 
   Args:
     out: the results file to write (its folder is created).
     workdirs: finished Omniglot work directories; the first is the reference that every
       run's ``changed`` fields are measured against.
+    defaults: the config's field defaults (``dataclasses.asdict(Config())``): the value of
+      a field that a run's ``config.json`` predates.
     figure: what the runs are (stored in the file and used as the plot's title).
 
   Raises:
@@ -148,7 +151,8 @@ def compare(out: str, workdirs: list[str], *, figure: str = "") -> Path:
   if not workdirs:
     raise ValueError("workdirs: pass at least one finished work directory")
   first = results_lib.read_results(workdirs[0])
-  runs = [_compared(Path(w), first and first["config"]) for w in workdirs]
+  runs = [_compared(Path(w), first and first["config"], cli._normal(defaults or {}))
+          for w in workdirs]
   scored = [r["lake_20way_accuracy"] for r in runs if r["lake_20way_accuracy"] is not None]
   val = [r["validation_best_accuracy"] for r in runs]
   summary = {"runs": len(runs), "validation_best_mean": statistics.fmean(val),
@@ -156,10 +160,13 @@ def compare(out: str, workdirs: list[str], *, figure: str = "") -> Path:
   if scored:
     summary.update(lake_scored_runs=len(scored), lake_20way_mean=statistics.fmean(scored),
                    lake_20way_min=min(scored), lake_20way_max=max(scored))
+  figure = figure or (f"{len(runs)} Omniglot runs side by side: what each changes against "
+                      f"{runs[0]['name']}, its validation accuracy and wall time, and Lake's "
+                      f"accuracy where it was scored")
   path = results_lib.write_results(Path(out).parent, {
-      "figure": figure or "Omniglot runs side by side", "summary": summary, "runs": runs},
-      name=Path(out).name)
-  plotting.save_learning_curves_png(runs, path.with_suffix(".png"), x="step",
-                                    xlabel="training step", loss_label="training loss",
-                                    title=figure or "Omniglot runs; chance 0.05")
+      "figure": figure, "summary": summary, "runs": runs}, name=Path(out).name)
+  plotting.save_learning_curves_png(
+      runs, path.with_suffix(".png"), x="step", xlabel="training step",
+      loss_label="training loss",
+      title="Omniglot: validation during training (plain embedding); chance 0.05")
   return path
