@@ -17,9 +17,8 @@ CPU preset are made this way.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import statistics
+from pathlib import Path
 
 from siamjax import plotting, train
 from siamjax import results as results_lib
@@ -143,7 +142,7 @@ def compare(out: str, workdirs: list[str], *, defaults=None, figure: str = "") -
       run's ``changed`` fields are measured against.
     defaults: the config's field defaults (``dataclasses.asdict(Config())``): the value of
       a field that a run's ``config.json`` predates.
-    figure: what the runs are (stored in the file and used as the plot's title).
+    figure: what the runs are, stored in the file (default: a sentence naming the first).
 
   Raises:
     ValueError: a work directory is not finished (one line naming it).
