@@ -37,27 +37,23 @@ def _by_device() -> str:
   return "paper" if jax.devices()[0].platform in ("gpu", "cuda", "rocm", "tpu") else "cpu"
 
 
+# The collectors of finished work directories: flag -> (OUT.json, [WORKDIR, ...]) -> path.
+_COLLECTORS = {
+    "--learning-curve": lambda out, workdirs: learning_curves.collect(
+        out, workdirs, paper_fast=omniglot_koch.PRESETS["paper_fast"]()),
+    "--compare": lambda out, workdirs: learning_curves.compare(
+        out, workdirs, defaults=dataclasses.asdict(omniglot_koch.Config())),
+}
+
+
 def main(argv=None, hooks=()) -> int:
   args = sys.argv[1:] if argv is None else list(argv)
-  if args[:1] == ["--learning-curve"]:
+  if args[:1] and args[0] in _COLLECTORS:
     if len(args) < 3:
-      print("error: --learning-curve OUT.json WORKDIR [WORKDIR ...]", file=sys.stderr)
+      print(f"error: {args[0]} OUT.json WORKDIR [WORKDIR ...]", file=sys.stderr)
       return 2
     try:
-      paper_fast = omniglot_koch.PRESETS["paper_fast"]()
-      path = learning_curves.collect(args[1], args[2:], paper_fast=paper_fast)
-      print(f"-> {path}")
-    except (ValueError, OSError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
-    return 0
-  if args[:1] == ["--compare"]:
-    if len(args) < 3:
-      print("error: --compare OUT.json WORKDIR [WORKDIR ...]", file=sys.stderr)
-      return 2
-    try:
-      defaults = dataclasses.asdict(omniglot_koch.Config())
-      print(f"-> {learning_curves.compare(args[1], args[2:], defaults=defaults)}")
+      print(f"-> {_COLLECTORS[args[0]](args[1], args[2:])}")
     except (ValueError, OSError) as e:
       print(f"error: {e}", file=sys.stderr)
       return 2

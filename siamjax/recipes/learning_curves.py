@@ -31,13 +31,19 @@ PLANNED_FRACTION = 0.30           # of that peak, for a conv net of this size
 COMPILE_S_ASSUMED = 30.0
 
 
-def _run(workdir: Path) -> dict:
+def _finished(workdir: Path) -> tuple[dict, list[dict]]:
+  """A finished work directory's ``results.json`` and ``metrics.jsonl`` records."""
   res = results_lib.read_results(workdir)
   if res is None:
     raise ValueError(f"workdirs: {workdir} holds no results.json (train it first)")
   recs = train.read_metrics(workdir)
   if not recs:
     raise ValueError(f"workdirs: {workdir} holds no metrics.jsonl")
+  return res, recs
+
+
+def _run(workdir: Path) -> dict:
+  res, recs = _finished(workdir)
   cfg = res["config"]
   per_step = cfg["batch_pairs"]
   return {
@@ -103,10 +109,7 @@ def collect(out: str, workdirs: list[str], *, paper_fast) -> Path:
 
 
 def _compared(workdir: Path, first: dict | None, defaults: dict) -> dict:
-  res = results_lib.read_results(workdir)
-  if res is None:
-    raise ValueError(f"workdirs: {workdir} holds no results.json (train it first)")
-  recs = train.read_metrics(workdir)
+  res, recs = _finished(workdir)
   # A field a run's config lacks (added to Config after that run) had its default.
   cfg = {**defaults, **res["config"]}
   first = {**defaults, **(first or cfg)}

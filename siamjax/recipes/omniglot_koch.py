@@ -354,18 +354,19 @@ class Model:
       images_uint8 = resize_images(images_uint8, self.cfg.image_size)
     return (images_uint8.astype(jnp.float32) / 255.0)[..., None]
 
+  def _embed_prepared(self, variables, x):
+    return self.net.apply(variables, x, method=self.net.embed, **self.eval_kw)
+
   def embed_plain(self, variables, images_uint8):
     """``[N, H, W]`` uint8 images -> ``[N, D]`` embeddings (evaluation mode, no TTA)."""
-    return self.net.apply(variables, self.prepare(images_uint8), method=self.net.embed,
-                          **self.eval_kw)
+    return self._embed_prepared(variables, self.prepare(images_uint8))
 
   def embed(self, variables, images_uint8):
     """:meth:`embed_plain`, averaged over ``cfg.tta_shift``'s shifts of each image."""
     if not self.cfg.tta_shift:
       return self.embed_plain(variables, images_uint8)
     copies = translations(self.prepare(images_uint8), self.cfg.tta_shift)
-    h = jax.lax.map(lambda x: self.net.apply(variables, x, method=self.net.embed,
-                                             **self.eval_kw), copies)
+    h = jax.lax.map(lambda x: self._embed_prepared(variables, x), copies)
     return jnp.mean(h, axis=0)
 
   def score(self, variables, h_q, h_s):
@@ -661,16 +662,15 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
 def summary(results: dict) -> str:
   """One line: Lake's accuracy with its interval (or the best validation accuracy of a
   ``test=False`` run), trials, wall time."""
-  ci = results["lake_20way_ci95"]
-  line = {"preset": results.get("preset"),
-          "lake_20way_accuracy": results["lake_20way_accuracy"],
-          "ci95": ci and [round(ci[0], 4), round(ci[1], 4)],
-          "lake_trials": results["lake_trials"]}
+  line = {"preset": results.get("preset")}
   if results["lake_20way_accuracy"] is None:
-    line = {"preset": results.get("preset"),
-            "validation_best_accuracy": results.get("validation_best_accuracy"),
-            "validation_best_step": results.get("validation_best_step"),
-            "validation_scored_accuracy": results.get("validation_scored_accuracy")}
+    line.update((k, results.get(k)) for k in ("validation_best_accuracy",
+                                              "validation_best_step",
+                                              "validation_scored_accuracy"))
+  else:
+    lo, hi = results["lake_20way_ci95"]
+    line.update(lake_20way_accuracy=results["lake_20way_accuracy"],
+                ci95=[round(lo, 4), round(hi, 4)], lake_trials=results["lake_trials"])
   return json.dumps({**line, "wall_time_s": round(results.get("wall_time_s") or 0.0, 1)})
 
 
