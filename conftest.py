@@ -2,6 +2,9 @@
 
 * Eight fake CPU devices, so sharded code paths run in CI (a correctness check only,
   never a speed claim). Must be set before JAX initialises its backends.
+* XLA's backend (LLVM) optimisation off: a third less compile time (see below). Tests that
+  start processes with their own device count append it to these flags (the last value
+  wins); the multi-process tests keep XLA's default level.
 * Implicit rank promotion raises: a broadcasting bug fails loudly instead of silently
   building a ``[B, B]`` array.
 * A test module's ``RNG`` (a numpy ``Generator`` at module level) is re-seeded before
@@ -11,7 +14,7 @@
   long parameter sweep, spread over the sweep, and a test's compile-heavy variants
   (:data:`FAST_CASES`); ``-m slow`` runs the rest, so the two sets together run every
   case.
-* A persistent compilation cache in ``.jax_cache/tests`` (see below).
+* A persistent compilation cache in ``.jax_cache/tests``, of every program (see below).
 * ``SIAMJAX_DATA_DIR`` made absolute: the script tests run their subprocesses in
   temporary folders, where a relative path (``SIAMJAX_DATA_DIR=../shared/data``) would
   point nowhere.
@@ -24,20 +27,28 @@ if os.environ.get("SIAMJAX_DATA_DIR"):
   os.environ["SIAMJAX_DATA_DIR"] = os.path.abspath(os.environ["SIAMJAX_DATA_DIR"])
 
 # One persistent compilation cache for the test runs and the processes their tests start
-# (scripts killed and resumed, command-line runs), in the clone: a program that took over
-# a second to compile (JAX's threshold: the training steps, not the many small programs,
-# whose writes would cost more than they save) is loaded, not compiled again, by a later
-# test, worker or process. JAX keys each entry by the program, the compile options,
-# XLA's flags and the versions, so nothing stale is loaded; a fresh clone starts empty.
-# Delete .jax_cache/ to start over.
+# (scripts killed and resumed, command-line runs), in the clone: every program, however
+# quick to compile, is loaded, not compiled again, by a later test, worker or process.
+# A script's smoke run compiles about a hundred small programs, and the slow tests start
+# the same smoke runs many times; caching them all costs no time where nothing repeats.
+# JAX keys each entry by the program, the compile options, XLA's flags and the versions,
+# so nothing stale is loaded; a fresh clone starts empty. Delete .jax_cache/ to start over.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.path.dirname(__file__),
                                                          ".jax_cache", "tests")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags += " --xla_force_host_platform_device_count=8"
+# Compiling is most of the tests' time, and LLVM's optimisation of the compiled code most of
+# that: tests compile with it off. XLA's own passes (fusion, layout, simplification) run
+# as they do for a user, so the tests check the programs users run; only the generated
+# machine code is slower. Set the flag yourself (3 is XLA's default) to test at another level.
+if "xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 import jax  # noqa: E402
 

@@ -126,8 +126,9 @@ REQUIRED_MODULES = (("jax", "jax"), ("jaxlib", "jaxlib"), ("flax", "flax"),
                     ("chex", "chex"), ("numpy", "numpy"))
 OPTIONAL_MODULES = (("torch", "torch"), ("triton", "triton"), ("pillow", "PIL"),
                     ("matplotlib", "matplotlib"), ("tqdm", "tqdm"))
-# Tiny sizes of --dry-run: the same commands, seconds each on a 2-core CPU.
-DRY_BENCH = ["--smoke", "--batches", "2", "--modes", "train", "infer", "lake"]
+# Tiny sizes of --dry-run: the same commands, seconds each on a 2-core CPU. The bench's
+# rows are the real run's: not the direct-convolution rows a CPU run adds (--no-direct).
+DRY_BENCH = ["--smoke", "--batches", "2", "--modes", "train", "infer", "lake", "--no-direct"]
 DRY_PAPER_FAST = ["--batch-pairs", "4", "--num-steps", "4", "--steps-per-call", "2",
                   "--warmup-steps", "1", "--val-tasks", "2"]
 REAL_BENCH = ["--batches", "512", "128", "--modes", "train", "infer", "lake",

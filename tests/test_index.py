@@ -19,6 +19,8 @@ import pytest
 from siamjax import index as ix
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The test run's XLA flags (conftest.py); a later device count overrides its own.
+_XLA = os.environ.get("XLA_FLAGS", "")
 KINDS = ["squared_euclidean", "euclidean", "cosine", "dot", "weighted_l1"]
 
 
@@ -202,7 +204,7 @@ def test_sharded_over_four_devices_equals_one_device():
   for n in (1, 4):
     p = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True,
                        timeout=120, env=_env(
-                           XLA_FLAGS=f"--xla_force_host_platform_device_count={n}"))
+                           XLA_FLAGS=_XLA + f" --xla_force_host_platform_device_count={n}"))
     assert p.returncode == 0, p.stderr[-2000:]
     runs.append(json.loads(p.stdout))
   one, four = runs

@@ -63,7 +63,8 @@ def test_smoke_script_final_loss_is_independent_of_device_count(tmp_path):
   if not os.environ.get("SIAMJAX_DATA_DIR"):
     pytest.skip("needs Omniglot: set SIAMJAX_DATA_DIR")
   script = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "omniglot_koch.py"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")  # conftest.py's, then:
+             + " --xla_force_host_platform_device_count=4")
   final = {}
   for n in (1, 4):
     workdir = tmp_path / f"d{n}"
