@@ -2,9 +2,9 @@
 
 * Eight fake CPU devices, so sharded code paths run in CI (a correctness check only,
   never a speed claim). Must be set before JAX initialises its backends.
-* XLA's backend (LLVM) optimisation off: a third less compile time (see below). Tests that
-  start processes with their own device count append it to these flags (the last value
-  wins); the multi-process tests keep XLA's default level.
+* XLA's backend (LLVM) optimisation off: the compile-heavy tests take about a third less
+  time (see below). Tests that start processes with their own device count append it to
+  these flags (the last value wins); the multi-process tests keep XLA's default level.
 * Implicit rank promotion raises: a broadcasting bug fails loudly instead of silently
   building a ``[B, B]`` array.
 * A test module's ``RNG`` (a numpy ``Generator`` at module level) is re-seeded before
@@ -30,7 +30,7 @@ if os.environ.get("SIAMJAX_DATA_DIR"):
 # (scripts killed and resumed, command-line runs), in the clone: every program, however
 # quick to compile, is loaded, not compiled again, by a later test, worker or process.
 # A script's smoke run compiles about a hundred small programs, and the slow tests start
-# the same smoke runs many times; caching them all costs no time where nothing repeats.
+# the same smoke runs many times; caching them all made no test measurably slower.
 # JAX keys each entry by the program, the compile options, XLA's flags and the versions,
 # so nothing stale is loaded; a fresh clone starts empty. Delete .jax_cache/ to start over.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
