@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -63,10 +64,8 @@ def _strict(path):
 
 
 @pytest.mark.slow
-def test_finished_rerun_eval_only_and_another_config(tmp_path):
-  w = tmp_path / "w"
-  first = _run(tmp_path, "--workdir", str(w))
-  assert first.returncode == 0, first.stderr[-3000:]
+def test_finished_rerun_eval_only_and_another_config(smoke_run, tmp_path):
+  w = pathlib.Path(shutil.copytree(smoke_run("omniglot_koch.py"), tmp_path / "w"))
   results = _strict(w / "results.json")
   assert results["final_loss"] is not None and results["images_per_s"] > 0
   config = (w / "config.json").read_bytes()

@@ -46,11 +46,8 @@ def test_omniglot_groups_keep_scored_classes_out_of_calibration():
 
 
 @pytest.mark.slow
-def test_script_enrols_calibrates_scores_and_reruns_as_a_no_op(tmp_path):
-  run = tmp_path / "run"
-  subprocess.run([sys.executable, str(ROOT / "experiments/omniglot_koch.py"), "--smoke",
-                  "--workdir", str(run), "--no-progress"], check=True, capture_output=True,
-                 cwd=ROOT, timeout=900)
+def test_script_enrols_calibrates_scores_and_reruns_as_a_no_op(smoke_run, tmp_path):
+  run = smoke_run("omniglot_koch.py")  # read only: enrolment writes to its own --workdir
   cmd = [sys.executable, str(ROOT / "experiments/enrolment.py"), "--smoke", "--model-workdir",
          str(run), "--workdir", str(tmp_path / "out"), "--no-progress"]
   first = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT, timeout=600)

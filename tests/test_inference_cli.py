@@ -31,10 +31,11 @@ def _train(workdir: pathlib.Path, script="image_folder.py", *extra) -> pathlib.P
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """Two image-folder smoke runs (seeds 0 and 1): two models of one architecture."""
-  base = tmp_path_factory.mktemp("runs")
-  return _train(base / "seed0"), _train(base / "seed1", "image_folder.py", "--seed", "1")
+def trained(smoke_run, tmp_path_factory):
+  """Two image-folder smoke runs, seeds 0 (``conftest.smoke_run``'s, read only) and 1: two
+  models of one architecture."""
+  seed1 = tmp_path_factory.mktemp("runs") / "seed1"
+  return smoke_run("image_folder.py"), _train(seed1, "image_folder.py", "--seed", "1")
 
 
 @pytest.fixture
@@ -194,9 +195,9 @@ def test_a_threshold_asked_for_before_calibration(run, tmp_path, capsys):
 
 
 @pytest.mark.skipif(not HAS_DATA, reason="needs SIAMJAX_DATA_DIR (MNIST)")
-def test_an_image_of_another_mode_or_size(tmp_path, capsys):
+def test_an_image_of_another_mode_or_size(smoke_run, tmp_path, capsys):
   from PIL import Image
-  w = _train(tmp_path / "mnist", "mnist_contrastive.py")
+  w = smoke_run("mnist_contrastive.py")  # verify only reads the work directory
   Image.new("RGB", (28, 28)).save(tmp_path / "colour.png")
   Image.new("L", (32, 32)).save(tmp_path / "big.png")
   Image.new("L", (28, 28)).save(tmp_path / "ok.png")

@@ -1,6 +1,7 @@
-"""Every recipe's smoke work directory loads in a fresh process and embeds its inputs as
-the recipe's own evaluation does: ``embed(preprocess(raw files or texts))`` equals the
-evaluation's embeddings of the same items, computed here with the recipe's own code."""
+"""Every recipe's smoke work directory (``conftest.smoke_run``) loads in a fresh process and
+embeds its inputs as the recipe's own evaluation does: ``embed(preprocess(raw files or
+texts))`` equals the evaluation's embeddings of the same items, computed here with the
+recipe's own code."""
 
 from __future__ import annotations
 
@@ -37,13 +38,6 @@ _LOAD = textwrap.dedent("""
 """)
 
 
-def _smoke(script: str, workdir: pathlib.Path) -> pathlib.Path:
-  subprocess.run([sys.executable, str(ROOT / "experiments" / script), "--smoke", "--workdir",
-                  str(workdir), "--no-progress"], check=True, capture_output=True, timeout=900,
-                 cwd=ROOT)
-  return workdir
-
-
 def _loaded(workdir, raw: dict, tmp_path) -> tuple[np.ndarray, dict]:
   """Embeddings from a fresh process that knows only the work directory."""
   out = tmp_path / "loaded.npy"
@@ -63,10 +57,10 @@ def _close(got, want):
 
 
 @pytest.mark.skipif(not HAS_DATA, reason="needs SIAMJAX_DATA_DIR (Omniglot zips)")
-def test_omniglot(tmp_path):
+def test_omniglot(smoke_run, tmp_path):
   from siamjax.data import omniglot
   from siamjax.recipes import omniglot_koch as ok
-  w = _smoke("omniglot_koch.py", tmp_path / "run")
+  w = smoke_run("omniglot_koch.py")
   zpath = omniglot._locate("images_evaluation.zip", None, False, None)
   with zipfile.ZipFile(zpath) as zf:
     members = [m for m in zf.namelist() if m.endswith(".png")][::2000][:7]
@@ -88,11 +82,11 @@ def test_omniglot(tmp_path):
 
 @pytest.mark.skipif(not HAS_DATA, reason="needs SIAMJAX_DATA_DIR (MNIST)")
 @pytest.mark.parametrize("script", ["mnist_contrastive.py", "mnist_triplet.py"])
-def test_mnist(tmp_path, script):
+def test_mnist(smoke_run, tmp_path, script):
   from PIL import Image
   from siamjax.data import mnist as mnist_data
   from siamjax.recipes import mnist
-  w = _smoke(script, tmp_path / "run")
+  w = smoke_run(script)
   x = mnist_data.load_mnist("test")[0][:9]
   files = []
   for i, img in enumerate(x):
@@ -112,12 +106,12 @@ def test_mnist(tmp_path, script):
   assert info["variant"] == (rule if triplet else None)
 
 
-def test_vector_pairs(tmp_path):
+def test_vector_pairs(smoke_run, tmp_path):
   import jax
   from siamjax import encoders, models
   from siamjax.data import folders, splits
   from siamjax.recipes import vector_pairs as vp
-  w = _smoke("vector_pairs.py", tmp_path / "run")
+  w = smoke_run("vector_pairs.py")
   cfg = cli.config_from_dict(vp.Config, _config(w))
   left, right, _ = folders.load_vector_pairs_csv(w / "pairs.csv", left_columns=cfg.left_columns,
                                                  right_columns=cfg.right_columns or None)
@@ -137,11 +131,11 @@ def test_vector_pairs(tmp_path):
   assert info["variant"] == head
 
 
-def test_image_folder(tmp_path):
+def test_image_folder(smoke_run, tmp_path):
   from siamjax import encoders, models
   from siamjax.data import folders
   from siamjax.recipes import image_folder as imf
-  w = _smoke("image_folder.py", tmp_path / "run")
+  w = smoke_run("image_folder.py")
   cfg = cli.config_from_dict(imf.Config, _config(w))
   images, _, _, paths = folders.load_image_folder(w / "synthetic_folder",
                                                   size=(cfg.size, cfg.size),
@@ -153,11 +147,11 @@ def test_image_folder(tmp_path):
   _close(got, want)
 
 
-def test_thucnews(tmp_path):
+def test_thucnews(smoke_run, tmp_path):
   from siamjax import bag
   from siamjax.data import thucnews
   from siamjax.recipes import thucnews as tn
-  w = _smoke("thucnews_fewshot.py", tmp_path / "run")
+  w = smoke_run("thucnews_fewshot.py")
   cfg = cli.config_from_dict(tn.Config, _config(w))
   titles, labels = thucnews.synthetic_titles(per_class=cfg.synthetic_per_class)
   split = thucnews.draw_split(labels, cfg.seed, shots=cfg.shots, max_test=cfg.max_test,

@@ -1,6 +1,7 @@
 """Every experiment script at smoke size survives a crash and behaves like the others.
 
-For each script: run it uninterrupted; run it again in another work directory, killed
+For each script: its uninterrupted smoke run (``conftest.smoke_run``, the command CI and
+users run); run it again in another work directory, killed
 with SIGKILL right after its first checkpoint is on disk (a ``fit`` hook, so the kill
 lands at the same place every time); re-run that command, which resumes; the resumed run
 must end with the uninterrupted run's final parameters (every checkpoint, bitwise) and
@@ -97,21 +98,21 @@ def run_script(tmp_path, script, args, workdir, *, kill=False, extra=()):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args,needs_data", SCRIPTS, ids=[s[0] for s in SCRIPTS])
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, script, args, needs_data):
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, smoke_run, script, args,
+                                                      needs_data):
   if needs_data and not HAS_DATA:
     pytest.skip("needs the real data: set SIAMJAX_DATA_DIR")
-  full = run_script(tmp_path, script, args, tmp_path / "full")
-  assert full.returncode == 0, full.stderr[-3000:]
+  full = smoke_run(script)
   killed = run_script(tmp_path, script, args, tmp_path / "killed", kill=True)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert not (tmp_path / "killed" / "results.json").exists()
   resumed = run_script(tmp_path, script, args, tmp_path / "killed")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
 
-  want, got = _strict_json(tmp_path / "full" / "results.json"), _strict_json(
+  want, got = _strict_json(full / "results.json"), _strict_json(
       tmp_path / "killed" / "results.json")
   assert _stable(got) == _stable(want)
-  a, b = _final_checkpoints(tmp_path / "full"), _final_checkpoints(tmp_path / "killed")
+  a, b = _final_checkpoints(full), _final_checkpoints(tmp_path / "killed")
   assert a and a.keys() == b.keys()
   for run in a:
     assert a[run].keys() == b[run].keys(), run
