@@ -37,11 +37,11 @@ def _both_paths(monkeypatch, f, *args):
 
 
 def _weighted(fn, labels, **kw):
-  """``e -> (loss, d(sum w * loss)/de)`` with unequal weights per anchor."""
+  """``e -> (loss, d(sum w * loss)/de)``, jitted, with unequal weights per anchor."""
   def objective(e):
     out = fn(e, labels, **kw)
     return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
-  return lambda e: jax.value_and_grad(objective, has_aux=True)(e)
+  return jax.jit(lambda e: jax.value_and_grad(objective, has_aux=True)(e))
 
 
 def _assert_same(whole, chunked):
