@@ -89,7 +89,7 @@ import pytest  # noqa: E402
 
 try:
   import fcntl  # noqa: E402
-except ImportError:  # not on Windows: each worker makes its own smoke runs there
+except ImportError:  # Windows has none: there each worker makes its own smoke runs
   fcntl = None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
