@@ -103,6 +103,18 @@ def _fresh_module_rng(request):
     module.RNG = np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
+# experiments/<script> with a smoke run of its own (experiments/enrolment.py enrols a trained
+# model instead): whether it needs the real data in $SIAMJAX_DATA_DIR.
+SMOKE_EXPERIMENTS = {
+    "omniglot_koch.py": True,
+    "mnist_contrastive.py": True,
+    "mnist_triplet.py": True,
+    "thucnews_fewshot.py": False,  # generated titles
+    "vector_pairs.py": False,  # generates its CSV in the workdir
+    "image_folder.py": False,  # writes a synthetic folder in the workdir
+}
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
   """``smoke_run("omniglot_koch.py")``: the work directory of that experiment script's plain

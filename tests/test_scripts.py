@@ -22,18 +22,14 @@ import textwrap
 import numpy as np
 import pytest
 
+import conftest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_DATA = bool(os.environ.get("SIAMJAX_DATA_DIR"))
 
 # (script, smoke arguments, needs the real data in $SIAMJAX_DATA_DIR)
-SCRIPTS = [
-    ("omniglot_koch.py", ["--smoke"], True),
-    ("mnist_contrastive.py", ["--smoke"], True),
-    ("mnist_triplet.py", ["--smoke"], True),
-    ("thucnews_fewshot.py", ["--smoke"], False),  # generated titles
-    ("vector_pairs.py", ["--smoke"], False),  # generates its CSV in the workdir
-    ("image_folder.py", ["--smoke"], False),  # writes a synthetic folder in the workdir
-]
+SCRIPTS = [(script, ["--smoke"], needs_data)
+           for script, needs_data in conftest.SMOKE_EXPERIMENTS.items()]
 
 _DRIVER = textwrap.dedent("""
     import importlib.util, os, pathlib, signal, sys

@@ -18,13 +18,13 @@ import sys
 
 import pytest
 
+import conftest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HAS_DATA = bool(os.environ.get("SIAMJAX_DATA_DIR"))
 pytestmark = pytest.mark.slow
 
-# experiments/<script>: needs the real data in $SIAMJAX_DATA_DIR
-EXPERIMENTS = {"omniglot_koch.py": True, "mnist_contrastive.py": True, "mnist_triplet.py": True,
-               "thucnews_fewshot.py": False, "vector_pairs.py": False, "image_folder.py": False}
+EXPERIMENTS = conftest.SMOKE_EXPERIMENTS
 # experiments/enrolment.py needs a trained model: tests/test_enrolment.py runs its smoke mode
 # on the Omniglot smoke run.
 ENROLMENT = "enrolment.py"
