@@ -27,17 +27,22 @@ def _name(f):
   return f.__name__
 
 
-def _both_paths(monkeypatch, f, *args):
-  """``f(*args)`` with the one-block path forced, then with the chunked path forced."""
-  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", 2**62)
-  whole = f(*args)
-  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", 0)
-  chunked = f(*args)
-  return whole, chunked
+def _both_paths(monkeypatch, fn, labels, emb, **kw):
+  """``_weighted(fn, labels, **kw)(emb)`` with the one-block path forced, then with the
+  chunked path forced. Each path gets a program of its own: a jitted function keeps the
+  path of its first trace when the budget changes afterwards."""
+  out = []
+  for budget in (2**62, 0):
+    monkeypatch.setattr(L, "FULL_BLOCK_BYTES", budget)
+    out.append(_weighted(fn, labels, **kw)(emb))
+  return out
 
 
 def _weighted(fn, labels, **kw):
-  """``e -> (loss, d(sum w * loss)/de)``, jitted, with unequal weights per anchor."""
+  """``e -> (loss, d(sum w * loss)/de)``, jitted, with unequal weights per anchor.
+
+  A new program on every call (a new function to trace), so it sees the current
+  ``FULL_BLOCK_BYTES`` and ``POSITIVE_SLOTS``."""
   def objective(e):
     out = fn(e, labels, **kw)
     return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
@@ -57,7 +62,7 @@ def _assert_same(whole, chunked):
 def test_one_block_and_chunked_paths_agree(monkeypatch, fn, chunk_size):
   emb = jnp.asarray(RNG.normal(size=(13, 6)), jnp.float32)
   labels = jnp.asarray(RNG.integers(0, 4, size=13), jnp.int32)
-  _assert_same(*_both_paths(monkeypatch, _weighted(fn, labels, chunk_size=chunk_size), emb))
+  _assert_same(*_both_paths(monkeypatch, fn, labels, emb, chunk_size=chunk_size))
 
 
 @pytest.mark.parametrize("fn", WITH_DISTANCE, ids=_name)
@@ -65,8 +70,7 @@ def test_one_block_and_chunked_paths_agree(monkeypatch, fn, chunk_size):
 def test_paths_agree_for_every_distance(monkeypatch, fn, distance):
   emb = jnp.asarray(RNG.normal(size=(12, 5)), jnp.float32)
   labels = jnp.asarray(np.arange(12) % 3, jnp.int32)
-  f = _weighted(fn, labels, distance=distance, chunk_size=5)
-  _assert_same(*_both_paths(monkeypatch, f, emb))
+  _assert_same(*_both_paths(monkeypatch, fn, labels, emb, distance=distance, chunk_size=5))
 
 
 @pytest.mark.slow
@@ -76,16 +80,14 @@ def test_paths_agree_with_valid_anchor_indices_and_a_reference_set(monkeypatch, 
   labels = jnp.asarray(RNG.integers(0, 3, size=10), jnp.int32)
   valid = jnp.asarray(RNG.random(10) < 0.8)
   rows = jnp.asarray([7, 1, 1, 4, 9, 0, 2], jnp.int32)
-  _assert_same(*_both_paths(monkeypatch, _weighted(fn, labels, valid=valid, chunk_size=3),
-                            emb))
-  _assert_same(*_both_paths(monkeypatch,
-                            _weighted(fn, labels, anchor_indices=rows, chunk_size=3), emb))
+  _assert_same(*_both_paths(monkeypatch, fn, labels, emb, valid=valid, chunk_size=3))
+  _assert_same(*_both_paths(monkeypatch, fn, labels, emb, anchor_indices=rows, chunk_size=3))
   ref = jnp.concatenate([emb, jnp.asarray(RNG.normal(size=(6, 4)), jnp.float32)])
   ref_labels = jnp.concatenate([labels, jnp.asarray(RNG.integers(0, 3, size=6), jnp.int32)])
   kw = dict(ref_embeddings=ref, ref_labels=ref_labels,
             ref_valid=jnp.asarray(RNG.random(16) < 0.9), ref_exclude=jnp.arange(10),
             chunk_size=4)
-  _assert_same(*_both_paths(monkeypatch, _weighted(fn, labels, **kw), emb))
+  _assert_same(*_both_paths(monkeypatch, fn, labels, emb, **kw))
 
 
 @pytest.mark.parametrize("fn", [L.batch_hard_triplet_loss, L.ntxent_loss, L.circle_loss,
@@ -94,7 +96,7 @@ def test_paths_agree_at_distance_zero(monkeypatch, fn):
   base = jnp.asarray(RNG.normal(size=(4, 3)), jnp.float32)
   emb = jnp.concatenate([base, base])  # every embedding twice: distances of exactly 0
   labels = jnp.asarray([0, 1, 2, 0, 0, 1, 2, 1], jnp.int32)
-  whole, chunked = _both_paths(monkeypatch, _weighted(fn, labels, chunk_size=3), emb)
+  whole, chunked = _both_paths(monkeypatch, fn, labels, emb, chunk_size=3)
   assert bool(jnp.all(jnp.isfinite(whole[1])))
   _assert_same(whole, chunked)
 
@@ -223,28 +225,34 @@ def _irregular_batch(ties):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fn", MINED, ids=_name)
-@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
-@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("ties,distance", [(False, "euclidean"), (True, "cosine")],
+                         ids=["distinct-euclidean", "ties-cosine"])
 def test_default_chooses_slots_per_chunk_under_jit_with_the_sorts_values_and_gradients(
     monkeypatch, fn, distance, ties):
   """max_positives=None: concrete labels choose once on the host (no switch); traced
-  labels choose per chunk with lax.switch. Both equal the sort, values and gradients."""
+  labels choose per chunk with lax.switch. Both equal the sort, values and gradients.
+
+  The choice of slots reads the labels only: each distance and the ties are checked once
+  here, and every distance with and without ties against the sort in
+  test_max_positives_gives_the_sorting_paths_values_and_gradients."""
   emb, labels = _irregular_batch(ties)
   kw = dict(distance=distance, margin=0.7, chunk_size=9)
 
-  def weighted(e, y):
-    out = fn(e, y, **kw)
-    return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
-  grad = jax.value_and_grad(weighted, has_aux=True)
+  def make_grad():  # a new function to trace: it sees the current budget and slots
+    def weighted(e, y):
+      out = fn(e, y, **kw)
+      return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
+    return jax.value_and_grad(weighted, has_aux=True)
+  grad = make_grad()
   traced = jax.jit(grad)(emb, labels)
   assert "cond" in str(jax.make_jaxpr(grad)(emb, labels))
-  host = grad(emb, labels)
+  host = jax.jit(lambda e: grad(e, labels))(emb)  # labels concrete at trace time
   assert "cond" not in str(jax.make_jaxpr(lambda e: grad(e, labels))(emb))
-  for budget in (2**62, 0):
-    monkeypatch.setattr(L, "FULL_BLOCK_BYTES", budget)
-    _assert_same(traced, jax.jit(grad)(emb, labels))
+  # traced took the one-block path (the default budget's, at this size); now the chunked one
+  monkeypatch.setattr(L, "FULL_BLOCK_BYTES", 0)
+  _assert_same(traced, jax.jit(make_grad())(emb, labels))
   monkeypatch.setattr(L, "POSITIVE_SLOTS", ())
-  sorting = grad(emb, labels)
+  sorting = jax.jit(make_grad())(emb, labels)
   _assert_same(sorting, traced)
   _assert_same(sorting, host)
 
@@ -315,10 +323,11 @@ def test_nan_or_inf_padding_changes_no_value_or_gradient(monkeypatch, fn, budget
   valid, ref_valid = jnp.arange(12) != 5, jnp.arange(6) != 2
   for kw in (dict(valid=valid),
              dict(valid=valid, ref_labels=ref_labels, ref_valid=ref_valid)):
-    def run(e, r):
+    def objective(e, r, kw=kw):
       extra = {"ref_embeddings": r} if "ref_labels" in kw else {}
-      return _weighted(lambda e_, y, **k: fn(e_, y, **extra, **k), labels, chunk_size=5,
-                       **kw)(e)
+      out = fn(e, labels, chunk_size=5, **extra, **kw)
+      return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
+    run = jax.jit(jax.value_and_grad(objective, has_aux=True))  # one program for both
     clean = run(emb, ref)
     dirty = run(emb.at[5].set(jnp.nan), ref.at[2].set(jnp.inf))
     _assert_same(clean, dirty)
