@@ -62,7 +62,7 @@ preflight      <= 90        imports and JAX's start ~10 s, torch's CUDA start ~5
 paper_fast     left - 110   start ~10 s (prepared arrays, no PNG; 212 MB to the
                (<= 420)     device); training 300 s, its ~30 s compile inside; after
                             it ~35 s: final validation (1 program), two ~470 MB saves
-                            and a restore, Lake's evaluation (2 programs): ~345 s
+                            and a restore, Lake's evaluation (1 program): ~345 s
 bench          left - 10    the matmul peak and the FLOP count (4 XLA programs, ~10 s);
                             per dtype, siamjax's 5 XLA programs (2 train, 2 inference,
                             Lake: ~65 s) and ~5 s timed (a batch-512 training row is 60

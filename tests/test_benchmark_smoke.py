@@ -84,7 +84,7 @@ from siamjax import koch_siamese, losses
 net = koch_siamese()
 k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
 x1 = jax.random.uniform(k1, (1, 105, 105, 1)); x2 = jax.random.uniform(k2, (1, 105, 105, 1))
-params = net.init(k3, x1, x2)
+params = jax.jit(net.init)(k3, x1, x2)
 enc = params["params"]["encoder"]
 for name in ("conv1", "conv2", "conv3", "conv4"):
   enc[name]["kernel"] = enc[name]["kernel"] * 10.0
@@ -264,7 +264,7 @@ def test_keras_reference_is_the_koch_net():
 def test_siamjax_lake_finds_the_identical_image():
   net = koch_siamese()
   x = jnp.zeros((1, 105, 105, 1))
-  params = net.init(jax.random.key(0), x, x)
+  params = jax.jit(net.init)(jax.random.key(0), x, x)
   # A head that scores smaller L1 distances higher: an identical image must win.
   params["params"]["head"]["kernel"] = -jnp.abs(params["params"]["head"]["kernel"])
   test = jax.random.uniform(jax.random.key(1), (1, 20, 105, 105, 1))

@@ -252,8 +252,8 @@ def test_dense_rounds_float32_weights_inside_the_call_only_when_not_differentiat
 @pytest.mark.slow
 def test_koch_bf16_parameters_are_the_float32_nets():
   x = jnp.zeros((1, 105, 105, 1))
-  got = Koch(dtype=jnp.bfloat16).init(jax.random.key(1), x)
-  ref = Koch().init(jax.random.key(1), x)
+  got = jax.jit(Koch(dtype=jnp.bfloat16).init)(jax.random.key(1), x)
+  ref = jax.jit(Koch().init)(jax.random.key(1), x)
   assert jax.tree.structure(got) == jax.tree.structure(ref)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(g, r)
@@ -348,10 +348,10 @@ def test_koch_bf16_route_and_float32_agreement():
   net = Koch(dtype=jnp.bfloat16)
   assert net.route() == ("dft+onednn-bf16" if ROUTE == "onednn-bf16" else "direct")
   x = jax.random.uniform(jax.random.key(0), (2, 105, 105, 1))
-  params = Koch().init(jax.random.key(1), x)
-  ref = Koch().apply(params, x)
-  err = jnp.abs(net.apply(params, x).astype(jnp.float32) - ref)
-  direct = jnp.abs(Koch(dtype=jnp.bfloat16, conv="direct").apply(params, x) - ref)
+  params = jax.jit(Koch().init)(jax.random.key(1), x)
+  ref = jax.jit(Koch().apply)(params, x)
+  err = jnp.abs(jax.jit(net.apply)(params, x).astype(jnp.float32) - ref)
+  direct = jnp.abs(jax.jit(Koch(dtype=jnp.bfloat16, conv="direct").apply)(params, x) - ref)
   # bf16 tolerance: the sigmoid outputs of bf16 towers differ from float32 by ~1e-3 on
   # average (measured 1.3e-3 direct, 1.5e-3 dft; the largest 0.023 / 0.035)
   assert float(err.mean()) < 1.5 * float(direct.mean()) + 1e-4
@@ -361,7 +361,7 @@ def test_koch_bf16_route_and_float32_agreement():
 @pytest.mark.slow
 def test_koch_bf16_route_gradients_match_float32():
   x = jax.random.uniform(jax.random.key(0), (2, 105, 105, 1))
-  params = Koch().init(jax.random.key(1), x)
+  params = jax.jit(Koch().init)(jax.random.key(1), x)
   ct = jax.random.normal(jax.random.key(2), (2, 4096))
 
   def grads(net):

@@ -23,6 +23,7 @@ def test_hand_built_task_known_answer():
                                jnp.array([[2, 0, 1], [0, 2, 0]]))
   assert (r.correct, r.trials) == (5, 6) and r.accuracy == 5 / 6
   assert r.low < 5 / 6 < r.high
+  assert r.predictions.tolist() == pred.tolist()  # the predictions it counted
 
 
 def test_score_fn_with_variables_head():

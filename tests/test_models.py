@@ -25,7 +25,7 @@ def _images(b, seed=0):
 @pytest.fixture(scope="module")
 def koch_params():
   x = jnp.zeros((1, 105, 105, 1))
-  return models.koch_siamese().init(KEY, x, x)
+  return jax.jit(models.koch_siamese().init)(KEY, x, x)  # one program, not one per op
 
 
 def test_koch_parameter_counts_without_allocating():
@@ -84,13 +84,13 @@ def test_koch_forward_is_symmetric_and_equivariant(koch_params):
 def test_koch_bf16_compute_keeps_float32_params(koch_params):
   net16 = models.koch_siamese(dtype=jnp.bfloat16)
   x1, x2 = _images(2, 3), _images(2, 4)
-  params16 = net16.init(KEY, x1, x2)
+  params16 = jax.eval_shape(net16.init, KEY, x1, x2)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
-  out16 = net16.apply(koch_params, x1, x2)
+  out16 = jax.jit(net16.apply)(koch_params, x1, x2)
   assert out16.dtype == jnp.float32
-  h16 = net16.apply(koch_params, x1, method=net16.embed)
+  h16 = jax.jit(lambda p, x: net16.apply(p, x, method=net16.embed))(koch_params, x1)
   assert h16.dtype == jnp.bfloat16
-  out32 = models.koch_siamese().apply(koch_params, x1, x2)
+  out32 = jax.jit(models.koch_siamese().apply)(koch_params, x1, x2)
   # bf16 keeps ~3 significant digits; logits are sums over 4096 weighted differences.
   np.testing.assert_allclose(out16, out32, rtol=0.05, atol=0.5)
 

@@ -6,7 +6,8 @@ with SIGKILL right after its first checkpoint is on disk (a ``fit`` hook, so the
 lands at the same place every time); re-run that command, which resumes; the resumed run
 must end with the uninterrupted run's final parameters (every checkpoint, bitwise) and
 results (every figure but timings). A second re-run of the finished work directory
-exits 0 without training and leaves ``results.json`` as it was.
+exits 0 without training, says so, prints the run's summary again and leaves
+``results.json`` as it was.
 """
 
 from __future__ import annotations
@@ -118,8 +119,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, smoke_run, scr
   before = (tmp_path / "killed" / "results.json").read_bytes()
   again = run_script(tmp_path, script, args, tmp_path / "killed")
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "finished run" in again.stderr
+  assert "holds a finished run" in again.stderr
   assert (tmp_path / "killed" / "results.json").read_bytes() == before
+  assert _stable(json.loads(again.stdout)) == _stable(json.loads(resumed.stdout))  # its summary
   for log in (tmp_path / "killed").rglob("metrics.jsonl"):  # no record written twice
     keys = [(r["kind"], r["step"]) for r in map(json.loads, log.read_text().splitlines())]
     assert len(keys) == len(set(keys)), log

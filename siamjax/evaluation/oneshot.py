@@ -41,13 +41,15 @@ LAKE_PROTOCOL = "lake-20way-within-alphabet (Lake et al. 2015 all_runs: 20 runs 
 
 
 class OneShotResult(NamedTuple):
-  """Accuracy of a task set with its 95% (Wilson) interval."""
+  """Accuracy of a task set with its 95% (Wilson) interval, and the predictions it counts
+  (``[T, Q]`` support indices, a numpy array; ``None`` when built by hand)."""
 
   accuracy: float
   low: float
   high: float
   trials: int
   correct: int
+  predictions: np.ndarray | None = None
 
 
 def neg_squared_euclidean(variables, h_query: jax.Array, h_support: jax.Array) -> jax.Array:
@@ -168,7 +170,7 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
     answers: ``[T, Q]`` int index of each query's class in ``support``.
 
   Returns:
-    :class:`OneShotResult` (fractions, Wilson interval).
+    :class:`OneShotResult` (fractions, Wilson interval, and the predictions).
 
   Raises:
     ValueError: empty tasks, fewer than two classes, ``answers`` of the wrong shape or
@@ -212,8 +214,9 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
     _refuse_queries_in_support(support, query)
   pred, bad_emb, bad_scores = _predict(embed_fn, score_fn, variables, support, query,
                                        chunk_size=chunk_size)
-  correct, bad_emb, bad_scores = (int(v) for v in jax.device_get(
-      (jnp.sum(pred == answers), bad_emb, bad_scores)))
+  pred, correct, bad_emb, bad_scores = jax.device_get(
+      (pred, jnp.sum(pred == answers), bad_emb, bad_scores))
+  correct, bad_emb, bad_scores = int(correct), int(bad_emb), int(bad_scores)
   if bad_emb or bad_scores:
     raise ValueError(
         f"embed_fn / score_fn: {bad_emb} of {t * (n + q)} embeddings and {bad_scores} of "
@@ -221,4 +224,4 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
         f"images and the model's parameters")
   trials = int(answers.size)
   low, high = accuracy_interval(correct, trials)
-  return OneShotResult(correct / trials, low, high, trials, correct)
+  return OneShotResult(correct / trials, low, high, trials, correct, np.asarray(pred))

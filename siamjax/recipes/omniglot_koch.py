@@ -459,13 +459,16 @@ def make_loss_fn(model: Model):
 
 
 def init_state(model: Model, cfg: Config) -> dict:
-  """A fresh train state for ``model`` (parameters, optimiser, batch statistics, key)."""
-  k_init, k_run = jax.random.split(jax.random.key(cfg.seed))
-  x0 = jnp.zeros((2, cfg.image_size, cfg.image_size, 1), jnp.float32)
-  variables = model.net.init(k_init, x0, x0, **model.eval_kw)
-  model_state = {k: v for k, v in variables.items() if k != "params"}
-  return train.init_state(variables["params"], optimizer(cfg), key=k_run,
-                          model_state=model_state)
+  """A fresh train state for ``model`` (parameters, optimiser, batch statistics, key),
+  made by one compiled program (not one per initialiser)."""
+  def build(key):
+    k_init, k_run = jax.random.split(key)
+    x0 = jnp.zeros((2, cfg.image_size, cfg.image_size, 1), jnp.float32)
+    variables = model.net.init(k_init, x0, x0, **model.eval_kw)
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return train.init_state(variables["params"], optimizer(cfg), key=k_run,
+                            model_state=model_state)
+  return jax.jit(build)(jax.random.key(cfg.seed))
 
 
 def _val_tasks(cfg: Config, evaluation, runs):
@@ -592,8 +595,7 @@ def train_and_evaluate(cfg: Config, workdir, *, progress: bool = True, hooks=(),
     lake_support, lake_query = jnp.asarray(runs.support), jnp.asarray(runs.query)
     r = oneshot.evaluate_oneshot(model.embed, model.score, variables, lake_support,
                                  lake_query, runs.answers)
-    pred = np.asarray(oneshot.oneshot_predictions(model.embed, model.score, variables,
-                                                  lake_support, lake_query))
+    pred = r.predictions
   if cfg.test and cfg.extra_evals:
     nway = _random_nway(model, variables, evaluation, cfg.seed)
     lake = sorted(omniglot.lake_alphabets(evaluation, runs))
