@@ -5,7 +5,7 @@ prepared beforehand in ``device_data/`` (``--prepare-data``, below)::
 
     PYTHONPATH=$PWD python3 benchmarks/device_suite.py --out $OUT --commit SHA
 
-On this project's CPU machines and in CI, the same code paths at tiny sizes (~70 s)::
+On this project's CPU machines and in CI, the same code paths at tiny sizes (2-3 minutes)::
 
     python benchmarks/device_suite.py --dry-run --out /tmp/suite
 
