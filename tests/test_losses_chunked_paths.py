@@ -38,14 +38,19 @@ def _both_paths(monkeypatch, fn, labels, emb, **kw):
   return out
 
 
+def _weighted_sum(out):
+  """``(sum w * out, out)`` with unequal weights per anchor: an objective whose gradient
+  tells the anchors apart (``jax.value_and_grad(..., has_aux=True)``)."""
+  return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
+
+
 def _weighted(fn, labels, **kw):
-  """``e -> (loss, d(sum w * loss)/de)``, jitted, with unequal weights per anchor.
+  """``e -> (loss, d(sum w * loss)/de)``, jitted (:func:`_weighted_sum`).
 
   A new program on every call (a new function to trace), so it sees the current
   ``FULL_BLOCK_BYTES`` and ``POSITIVE_SLOTS``."""
   def objective(e):
-    out = fn(e, labels, **kw)
-    return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
+    return _weighted_sum(fn(e, labels, **kw))
   return jax.jit(lambda e: jax.value_and_grad(objective, has_aux=True)(e))
 
 
@@ -239,10 +244,7 @@ def test_default_chooses_slots_per_chunk_under_jit_with_the_sorts_values_and_gra
   kw = dict(distance=distance, margin=0.7, chunk_size=9)
 
   def make_grad():  # a new function to trace: it sees the current budget and slots
-    def weighted(e, y):
-      out = fn(e, y, **kw)
-      return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
-    return jax.value_and_grad(weighted, has_aux=True)
+    return jax.value_and_grad(lambda e, y: _weighted_sum(fn(e, y, **kw)), has_aux=True)
   grad = make_grad()
   traced = jax.jit(grad)(emb, labels)
   assert "cond" in str(jax.make_jaxpr(grad)(emb, labels))
@@ -325,8 +327,7 @@ def test_nan_or_inf_padding_changes_no_value_or_gradient(monkeypatch, fn, budget
              dict(valid=valid, ref_labels=ref_labels, ref_valid=ref_valid)):
     def objective(e, r, kw=kw):
       extra = {"ref_embeddings": r} if "ref_labels" in kw else {}
-      out = fn(e, labels, chunk_size=5, **extra, **kw)
-      return jnp.sum(out * jnp.arange(1.0, out.shape[0] + 1.0)), out
+      return _weighted_sum(fn(e, labels, chunk_size=5, **extra, **kw))
     run = jax.jit(jax.value_and_grad(objective, has_aux=True))  # one program for both
     clean = run(emb, ref)
     dirty = run(emb.at[5].set(jnp.nan), ref.at[2].set(jnp.inf))

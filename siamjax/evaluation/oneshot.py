@@ -224,4 +224,4 @@ def evaluate_oneshot(embed_fn: Callable, score_fn: Callable, variables, support,
         f"images and the model's parameters")
   trials = int(answers.size)
   low, high = accuracy_interval(correct, trials)
-  return OneShotResult(correct / trials, low, high, trials, correct, np.asarray(pred))
+  return OneShotResult(correct / trials, low, high, trials, correct, pred)
