@@ -573,7 +573,8 @@ def _paper_fast(suite: Suite, args, env: dict, data: Path, tmp: Path) -> None:
   limit = min(args.paper_fast_limit_s, suite.left() - BENCH_RESERVE_S - END_S)
   train_limit = min(args.train_time_limit_s, limit - PAPER_FAST_EXTRA_S)
   if train_limit < 30:
-    suite.warn(f"paper_fast skipped: {suite.left():.0f} s left, too few to train")
+    suite.warn(f"paper_fast skipped: its limit of {limit:.0f} s leaves {train_limit:.0f} s to "
+               f"train, under 30 s ({suite.left():.0f} s left in all)")
     return
   work = tmp / "paper_fast"
   cmd = [sys.executable, str(ROOT / "experiments" / "omniglot_koch.py"),

@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 
-from siamjax.recipes import cli
+from siamjax.recipes import cli, omniglot_koch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "omniglot_koch.py"
@@ -64,8 +64,7 @@ def _strict(path):
 
 
 @pytest.mark.slow
-def test_a_finished_run_evaluated_again_refused_another_config_given_more_steps(smoke_run,
-                                                                              tmp_path):
+def test_a_finished_run_evaluated_again_and_refused_another_config(smoke_run, tmp_path):
   w = pathlib.Path(shutil.copytree(smoke_run("omniglot_koch.py"), tmp_path / "w"))
   results = _strict(w / "results.json")
   assert results["final_loss"] is not None and results["images_per_s"] > 0
@@ -85,10 +84,9 @@ def test_a_finished_run_evaluated_again_refused_another_config_given_more_steps(
       f"error: workdir {w} holds a run with another config (channels: 8 in the workdir, "
       f"16 now); pass another --workdir, or delete it to start over"]
   assert (w / "config.json").read_bytes() == config  # not overwritten
-
-  more = _run(tmp_path, "--workdir", str(w), "--num-steps", "30")  # a resumable change
-  assert more.returncode == 0, more.stderr[-3000:]
-  assert _strict(w / "results.json")["steps"] == 30
+  # More steps is a change a run resumes from (the recipe's RESUMABLE): checked by
+  # test_config_diff_names_fields_and_ignores_resumable_ones below, and the resume itself by
+  # tests/test_workdir.py's test_more_steps_continue_a_finished_run.
 
 
 @pytest.mark.slow
@@ -121,9 +119,8 @@ def test_ctrl_c_saves_and_exits_130_with_one_line(tmp_path):
   assert "Traceback" not in stopped.stderr
   from siamjax import train
   assert train.checkpoint_steps(w)[-1] == 15
-  resumed = _run(tmp_path, "--workdir", str(w))
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert _strict(w / "results.json")["resumed_from"] == 15
+  # That a re-run resumes from such a checkpoint to the uninterrupted result:
+  # tests/test_workdir.py (sigint_at_14 and sigint_at_18) and tests/test_scripts.py.
 
 
 @pytest.mark.slow
@@ -155,6 +152,7 @@ def test_config_diff_names_fields_and_ignores_resumable_ones():
   assert cli.config_diff({"a": 1}, {"a": 2, "c": 3}) == [
       "a: 1 in the workdir, 2 now", "c: (absent) in the workdir, 3 now"]
   assert cli.config_diff({"num_steps": 1}, {"num_steps": 2}, {"num_steps"}) == []
+  assert {"num_steps", "train_time_limit_s", "test"} <= omniglot_koch.RESUMABLE
   # A field added to Config after the run: no difference at its default, one otherwise.
   assert cli.config_diff({"a": 1}, {"a": 1, "c": None}, added={"c": None}) == []
   assert cli.config_diff({"a": 1}, {"a": 1, "c": True}, added={"c": None}) == [

@@ -86,6 +86,8 @@ def test_prepare_data_writes_arrays_that_load_without_pillow(prepared, tmp_path)
           "r = o.load_lake_runs(data_dir=sys.argv[1]); "
           "assert s.images.shape == (659, 20, 105, 105) and s.images.max() == 255; "
           "assert r.support.shape == (20, 20, 105, 105) and r.answers.shape == (20, 20); "
+          # what paper_fast imports, with Pillow and matplotlib absent (its plots are skipped)
+          "import siamjax.recipes.cli, siamjax.recipes.omniglot_koch; "
           "print('ok')")
   proc = subprocess.run([sys.executable, "-c", code, str(prepared)], capture_output=True,
                         text=True, env=_blocked_env(tmp_path), timeout=120)
@@ -142,24 +144,23 @@ def test_preflight_refuses_a_cpu_backend_unless_dry_run():
 
 
 @pytest.mark.slow
-def test_dry_run_over_budget_without_optional_packages_keeps_paper_fast_and_bench_rows(
-    prepared, tmp_path):
+def test_dry_run_over_budget_without_optional_packages_keeps_the_bench_rows(prepared, tmp_path):
+  """The bench overruns its limit (torch's import hangs): the rows it finished are kept.
+  paper_fast is left out by its own limit; the plain dry run (tests/test_smoke_runs.py) runs
+  it."""
   out = tmp_path / "out"
-  proc = subprocess.run(_suite_cmd(out, prepared, "--bench-limit-s", "20"), capture_output=True,
-                        text=True, timeout=600, env=_blocked_env(tmp_path))
+  proc = subprocess.run(_suite_cmd(out, prepared, "--bench-limit-s", "20",
+                                   "--paper-fast-limit-s", "100"),
+                        capture_output=True, text=True, timeout=600, env=_blocked_env(tmp_path))
   log = proc.stdout + proc.stderr
   summary = json.loads((out / "summary.json").read_text())
   status = {s["stage"]: s["status"] for s in summary["stages"]}
-  assert status == {"preflight": "ok", "paper_fast": "ok", "bench": "timed_out"}, log[-3000:]
-  assert summary["finished"] == ["preflight", "paper_fast"] and summary["running"] is None
+  assert status == {"preflight": "ok", "bench": "timed_out"}, log[-3000:]
+  assert summary["finished"] == ["preflight"] and summary["running"] is None
   assert proc.returncode == 1 and summary["commit"] == "abc123"
+  assert any(w.startswith("paper_fast skipped: its limit of 100 s") for w in summary["warnings"])
   optional = summary["preflight"]["optional"]
   assert all(optional[k].startswith("absent") for k in ("pillow", "matplotlib", "torch"))
-  res = json.loads((out / "paper_fast.json").read_text())
-  assert res["preset"] == "paper_fast" and res["lake_trials"] == 400
-  assert res["git_commit"] == "abc123" and res["device_suite"]["commit"] == "abc123"
-  assert "figure: paper_fast Lake 20-way" in log
-  assert (out / "paper_fast_metrics.jsonl").read_text().count('"train"') >= 1
   bench = json.loads((out / "bench.json").read_text())
   rows = [r for r in bench["rows"] if not r.get("skipped")]
   assert bench["complete"] is False and bench["git_commit"] == "abc123"
@@ -173,7 +174,9 @@ def test_dry_run_over_budget_without_optional_packages_keeps_paper_fast_and_benc
   compiled = len([r for r in rows if r["compile_and_first_s"] is not None])
   assert compiled == counts["xla"] - 4 if got == order else compiled <= counts["xla"] - 4
   assert summary["bench_first_calls"]["count"] == len(rows)
-  assert suite.check_outputs(out) == ["bench.png was not written"]  # no matplotlib
+  assert suite.check_outputs(out) == ["bench.png was not written",  # no matplotlib
+                                      "paper_fast.json was not written",
+                                      "paper_fast_metrics.jsonl was not written"]
 
 
 @pytest.mark.slow
