@@ -134,8 +134,8 @@ class Koch(nn.Module):
     Recognition", ICML Deep Learning Workshop 2015, figure 4 and section 4.
 
   >>> import jax, jax.numpy as jnp
-  >>> params = Koch().init(jax.random.key(0), jnp.zeros((1, 105, 105, 1)))
-  >>> sum(p.size for p in jax.tree.leaves(params))
+  >>> shapes = jax.eval_shape(Koch().init, jax.random.key(0), jnp.zeros((1, 105, 105, 1)))
+  >>> sum(p.size for p in jax.tree.leaves(shapes))  # parameters, without computing them
   38947648
   """
 

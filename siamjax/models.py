@@ -121,8 +121,8 @@ def koch_siamese(*, dtype: Any = jnp.float32, shared: bool = True,
 
   >>> import jax, jax.numpy as jnp
   >>> net = koch_siamese(); x = jnp.zeros((1, 105, 105, 1))
-  >>> params = net.init(jax.random.key(0), x, x)
-  >>> sum(p.size for p in jax.tree.leaves(params))
+  >>> shapes = jax.eval_shape(net.init, jax.random.key(0), x, x)
+  >>> sum(p.size for p in jax.tree.leaves(shapes))  # parameters, without computing them
   38951745
   """
   return SiameseNet(

@@ -262,7 +262,8 @@ def cross_device_loss(loss_fn: Callable, *, axis_name: str = DATA_AXIS) -> Calla
   >>> from jax.sharding import PartitionSpec as P
   >>> from siamjax.losses import batch_hard_triplet_loss
   >>> mesh = make_mesh(1); loss = cross_device_loss(batch_hard_triplet_loss)
-  >>> f = jax.shard_map(loss, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+  >>> f = jax.jit(jax.shard_map(loss, mesh=mesh, in_specs=(P("data"), P("data")),
+  ...                           out_specs=P("data")))
   >>> f(jnp.array([[0.0], [0.5], [1.0], [3.0]]), jnp.array([0, 0, 1, 1])).tolist()
   [0.5, 1.0, 2.5, 0.5]
   """
