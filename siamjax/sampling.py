@@ -32,6 +32,7 @@ The images' random distortions and resizing live in :mod:`siamjax.augment`.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -406,8 +407,7 @@ def sample_oneshot_tasks(key: jax.Array, images: jax.Array, alphabet_ids: np.nda
   if min(drawer_list) < 0 or max(drawer_list) >= d:
     raise ValueError(f"drawers must be in [0, {d}) (images has {d} drawers), got "
                      f"{tuple(drawer_list)}")
-  drawer_ids = jnp.asarray(drawer_list)
-  k_char, k_draw = jax.random.split(key)
+  table = counts = None
   if within_alphabet:
     alphabet_ids = np.asarray(alphabet_ids)
     if alphabet_ids.shape != (c,):
@@ -419,7 +419,16 @@ def sample_oneshot_tasks(key: jax.Array, images: jax.Array, alphabet_ids: np.nda
                        f"{int(sizes.min())} characters; within_alphabet tasks need n_way in "
                        f"every alphabet (lower n_way or pass within_alphabet=False)")
     table, counts = index_table(ids, min_size=n_way, name="alphabet_ids")
-    table, counts = jnp.asarray(table), jnp.asarray(counts)
+  return _draw_tasks(key, images, np.asarray(drawer_list), table, counts, n_way=n_way,
+                     n_tasks=n_tasks)
+
+
+@functools.partial(jax.jit, static_argnames=("n_way", "n_tasks"))
+def _draw_tasks(key, images, drawer_ids, table, counts, *, n_way: int, n_tasks: int):
+  """:func:`sample_oneshot_tasks`' draws and gathers, one program (``table`` None: any
+  characters)."""
+  k_char, k_draw = jax.random.split(key)
+  if table is not None:
     k_a, k_c = jax.random.split(k_char)
     alph = jax.random.randint(k_a, (n_tasks,), 0, table.shape[0])
     u = jax.random.uniform(k_c, (n_tasks, table.shape[1]))
