@@ -26,6 +26,7 @@ from siamjax import _checks
 from siamjax._pooling import max_pool2
 from siamjax import cpu_kernels
 from siamjax import fourier
+from siamjax import machine
 
 __all__ = ["Koch", "MLP", "SmallCNN", "TextCNN", "ConvNet4", "normal_init"]
 
@@ -66,13 +67,56 @@ def _images(x, name: str = "x") -> jax.Array:
   return x
 
 
+@jax.custom_vjp
+def _add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+  """``y + b`` over the last axis, whose bias gradient is one product with a ones vector.
+
+  XLA:CPU splits the plain bias gradient (a sum over every position of a
+  ``[B, H, W, O]`` gradient) into a slow windowed reduction.
+  """
+  return y + b.astype(y.dtype).reshape((1,) * (y.ndim - 1) + b.shape)
+
+
+def _add_bias_fwd(y, b):
+  return _add_bias(y, b), jnp.zeros((0,), b.dtype)
+
+
+def _add_bias_bwd(res, dy):
+  rows = dy.reshape(-1, dy.shape[-1])
+  return dy, (jnp.ones((rows.shape[0],), rows.dtype) @ rows).astype(res.dtype)
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+class _ConvBias(nn.Module):
+  """``nn.Conv(..., padding="VALID")`` as :func:`siamjax.cpu_kernels.bf16_conv2d` plus a bias.
+
+  The parameters are nn.Conv's (``kernel`` ``[kh, kw, C, O]``, then ``bias`` ``[O]``, with
+  the same initialisers), so the parameter tree and its values are those of that layer.
+  """
+
+  features: int
+  kernel_size: tuple[int, int]
+  kernel_init: Callable
+  bias_init: Callable
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    return _add_bias(cpu_kernels.bf16_conv2d(x, kernel), bias.astype(jnp.float32))
+
+
 class _ConvReluPool(nn.Module):
   """``max_pool2(relu(nn.Conv(..., padding="VALID")(x)))`` with the oneDNN bf16 block.
 
   The parameters (``kernel`` ``[kh, kw, C, O]``, ``bias`` ``[O]``) are nn.Conv's, made in
   the same order with the same initialisers, so the parameter tree and its values are
   those of the unfused layer; :func:`siamjax.cpu_kernels.bf16_conv_relu_pool` computes it
-  (one oneDNN call when not differentiated).
+  (fused on oneDNN, forward and gradient).
   """
 
   features: int
@@ -105,18 +149,21 @@ class Koch(nn.Module):
     conv: how conv2 .. conv4 are computed: ``"direct"`` (``lax.conv_general_dilated``),
       ``"dft"`` (:func:`siamjax.fourier.dft_conv2d`: the same function with about 4x
       fewer FLOPs for these layers, equal to float32 rounding) or ``"auto"`` (default:
-      ``"dft"`` on the CPU backend in float32, where it trains about twice as fast, and
-      in bf16 where :func:`siamjax.cpu_kernels.matmul_route` is ``"onednn-bf16"``;
-      ``"direct"`` elsewhere, e.g. cuDNN on GPUs). conv1 (one input channel) is
+      ``"dft"`` on the CPU backend in float32, where it trains about twice as fast; in
+      bf16 where :func:`siamjax.cpu_kernels.matmul_route` is ``"onednn-bf16"``,
+      ``"direct"`` on CPUs with AMX, whose bf16 tiles run oneDNN's direct convolutions
+      faster than the DFT route's fewer but smaller products, and ``"dft"`` on the
+      others; ``"direct"`` elsewhere, e.g. cuDNN on GPUs). conv1 (one input channel) is
       always direct. The parameters are the same either way. In bf16 on the
       ``"onednn-bf16"`` route the matrix work runs on oneDNN's bf16 kernels with float32
-      accumulation (:mod:`siamjax.cpu_kernels`): conv1 as a oneDNN bf16 convolution
-      (forward and weight gradient; when not differentiated, i.e. in inference, conv1,
-      its ReLU and pooling are one call,
-      :func:`siamjax.cpu_kernels.bf16_conv_relu_pool`, which never stores conv1's
-      full-size output), conv2 .. conv4 as DFT convolutions whose transforms
-      and frequency-wise products are bf16 x bf16 -> float32 products
-      (``fourier.dft_conv2d(..., products="bf16", transforms="bf16")``), and the dense
+      accumulation (:mod:`siamjax.cpu_kernels`): conv1, its ReLU and pooling as one
+      oneDNN block, :func:`siamjax.cpu_kernels.bf16_conv_relu_pool`, forward and weight
+      gradient, which never stores conv1's full-size output; conv2 .. conv4 as oneDNN
+      bf16 convolutions (``"direct"``: conv2 and conv3 with their ReLU and pooling as
+      the same block, conv4 as :func:`siamjax.cpu_kernels.bf16_conv2d`) or as DFT
+      convolutions whose transforms and frequency-wise products are bf16 x bf16 ->
+      float32 products (``"dft"``: ``fourier.dft_conv2d(..., products="bf16",
+      transforms="bf16")``), and the dense
       layer; the activations between them (ReLU, pooling) stay float32, as PyTorch's
       bf16 autocast does (bf16 elementwise work is slower than float32 on XLA:CPU); the
       output is bf16.
@@ -151,8 +198,10 @@ class Koch(nn.Module):
       return self.conv
     if jax.default_backend() != "cpu":
       return "direct"
-    if jnp.dtype(self.dtype) == jnp.float32 or self._onednn():
+    if jnp.dtype(self.dtype) == jnp.float32:
       return "dft"
+    if self._onednn():
+      return "direct" if "amx_bf16" in machine.cpu_isa() else "dft"
     return "direct"
 
   def _onednn(self) -> bool:
@@ -179,17 +228,25 @@ class Koch(nn.Module):
     conv = functools.partial(
         nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
         dtype=work, param_dtype=self.param_dtype)
-    dft = (functools.partial(fourier.conv_general_dilated, products="bf16", transforms="bf16")
-           if onednn else fourier.conv_general_dilated)
-    big = {"conv_general_dilated": dft} if self.conv_impl() == "dft" else {}
+    big = {"conv_general_dilated": functools.partial(
+        fourier.conv_general_dilated, products="bf16", transforms="bf16")
+           if onednn else fourier.conv_general_dilated} if self.conv_impl() == "dft" else {}
+    if onednn and self.conv_impl() == "direct":  # conv2 .. conv4 on oneDNN
+      conv = functools.partial(_ConvBias, kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
+                               param_dtype=self.param_dtype)
     x = x.astype(work)
     if onednn:  # conv1, ReLU and pooling as one oneDNN call in inference
       x = _ConvReluPool(64, (10, 10), normal_init(0.0, 1e-2), bias,
                         param_dtype=self.param_dtype, name="conv1")(x)  # 96 -> 48
     else:
       x = max_pool2(nn.relu(conv(64, (10, 10), name="conv1")(x)))  # 96 -> 48
-    x = max_pool2(nn.relu(conv(128, (7, 7), name="conv2", **big)(x)))  # 42 -> 21
-    x = max_pool2(nn.relu(conv(128, (4, 4), name="conv3", **big)(x)))  # 18 -> 9
+    if onednn and self.conv_impl() == "direct":  # conv, ReLU and pooling fused both ways
+      block = functools.partial(_ConvReluPool, kernel_init=normal_init(0.0, 1e-2),
+                                bias_init=bias, param_dtype=self.param_dtype)
+    else:
+      block = lambda *a, **kw: lambda x: max_pool2(nn.relu(conv(*a, **kw)(x)))  # noqa: E731
+    x = block(128, (7, 7), name="conv2", **big)(x)  # 42 -> 21
+    x = block(128, (4, 4), name="conv3", **big)(x)  # 18 -> 9
     x = nn.relu(conv(256, (4, 4), name="conv4", **big)(x))  # 6x6x256 = 9216
     x = x.reshape(x.shape[0], -1)
     fast = {"dot_general": cpu_kernels.dense_dot_general} if onednn else {}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from siamjax import cpu_kernels, fourier
+from siamjax import cpu_kernels, fourier, machine
 from siamjax.cpu_kernels import _library
 from siamjax.encoders import Koch
 
@@ -197,17 +197,25 @@ def test_bf16_conv_relu_pool_equals_the_unfused_block(n, c):
   np.testing.assert_allclose(out, ref, rtol=0, atol=2 ** -8 * float(np.abs(conv).max()))
 
 
-def test_bf16_conv_relu_pool_grads_are_the_unfused_blocks():
-  x = jax.random.normal(jax.random.key(0), (3, 13, 10, 1))
-  w = jax.random.normal(jax.random.key(1), (4, 3, 1, 5))
-  b = jax.random.normal(jax.random.key(2), (5,))
-  ct = jax.random.normal(jax.random.key(3), (3, 5, 4, 5))
-  got = jax.jit(jax.grad(lambda w, b: jnp.sum(ct * cpu_kernels.bf16_conv_relu_pool(x, w, b)),
-                         (0, 1)))(w, b)
-  ref = jax.jit(jax.grad(lambda w, b: jnp.sum(ct * _unfused_block(x, w, b)), (0, 1)))(w, b)
-  for g, r in zip(got, ref):
-    np.testing.assert_array_equal(g, r)
-  assert float(jnp.abs(got[0]).max()) > 0
+@pytest.mark.parametrize("n,c", [(3, 1), (9, 2)])  # 9: two chunks and a short one
+def test_bf16_conv_relu_pool_grads_are_the_unfused_blocks(n, c):
+  # Inputs on a coarse grid, so that pooled blocks have exactly tied maxima.
+  x = jnp.round(jax.random.uniform(jax.random.key(0), (n, 13, 10, c)) * 2) / 2
+  w = jnp.round(jax.random.normal(jax.random.key(1), (4, 3, c, 5)) * 2) / 4
+  b = jnp.array([-0.5, 0.0, 0.25, 0.5, 1.0])
+  ct = jax.random.normal(jax.random.key(3), (n, 5, 4, 5))
+  y = _unfused_block(x, w, b)
+  full = jax.nn.relu(cpu_kernels.bf16_conv2d(x, w) + b[None, None, None])
+  ties = (full.reshape(n, 5, 2, 4, 2, 5) == y[:, :, None, :, None]).sum((2, 4))
+  assert int(((ties > 1) & (y > 0)).sum()) > 0  # the test covers split gradients
+  f = lambda x, w, b: jnp.sum(ct * cpu_kernels.bf16_conv_relu_pool(x, w, b))  # noqa: E731
+  r = lambda x, w, b: jnp.sum(ct * _unfused_block(x, w, b))  # noqa: E731
+  got = jax.jit(jax.grad(f, (0, 1, 2)))(x, w, b)
+  ref = jax.jit(jax.grad(r, (0, 1, 2)))(x, w, b)
+  for g, rr in zip(got, ref):  # the same sums, in float32, in another order
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, rr, rtol=1e-5, atol=1e-5 * float(jnp.abs(rr).max()))
+  assert float(jnp.abs(got[1]).max()) > 0
 
 
 def test_bf16_conv_relu_pool_rejects_bad_shapes():
@@ -221,17 +229,20 @@ def test_bf16_conv_relu_pool_rejects_bad_shapes():
 
 
 @onednn
-def test_bf16_conv_relu_pool_is_one_call_only_when_not_differentiated():
+def test_bf16_conv_relu_pool_is_fused_both_ways():
   x = jax.random.normal(jax.random.key(0), (2, 13, 10, 1))
   w = jax.random.normal(jax.random.key(1), (4, 3, 1, 5))
   b = jnp.zeros(5)
   fwd = jax.jit(cpu_kernels.bf16_conv_relu_pool).lower(x, w, b).as_text()
   assert "siamjax_onednn_conv_relu_pool_bf16" in fwd
   assert "siamjax_onednn_conv_bf16" not in fwd
-  grad = jax.jit(jax.grad(lambda w: jnp.sum(cpu_kernels.bf16_conv_relu_pool(x, w, b))))
-  hlo = grad.lower(w).as_text()
-  assert "siamjax_onednn_conv_relu_pool_bf16" not in hlo
-  assert "siamjax_onednn_conv_bf16" in hlo and "siamjax_onednn_conv_bwd_weights_bf16" in hlo
+  grad = jax.jit(jax.value_and_grad(
+      lambda w: jnp.sum(cpu_kernels.bf16_conv_relu_pool(x, w, b) ** 2)))
+  hlo = grad.lower(w).compile().as_text()
+  assert "siamjax_onednn_conv_relu_pool_bf16" in hlo
+  assert "siamjax_onednn_conv_relu_pool_bwd_bf16" in hlo
+  # the unfused layer, there for the input gradient, is removed when that is unused
+  assert "siamjax_onednn_conv_bf16" not in hlo and " convolution(" not in hlo
 
 
 @onednn
@@ -333,6 +344,14 @@ def test_onednn_conv_custom_calls_and_unused_input_gradient_is_dropped():
   hlo = wgrad.lower(x, w).compile().as_text()
   assert "siamjax_onednn_conv_bwd_weights_bf16" in hlo
   assert " convolution(" not in hlo  # XLA's input-gradient convolution was removed
+  x2 = jax.random.normal(jax.random.key(2), (2, 12, 10, 3))
+  w2 = jax.random.normal(jax.random.key(3), (5, 4, 3, 6))
+  both = jax.jit(jax.grad(lambda x, w: jnp.sum(ct * cpu_kernels.bf16_conv2d(x, w)), (0, 1)))
+  hlo = both.lower(x2, w2).compile().as_text()
+  assert "siamjax_onednn_conv_bwd_data_bf16" in hlo  # the input gradient on oneDNN too
+  assert " convolution(" not in hlo
+  wgrad = jax.jit(lambda x, w: jax.vjp(lambda w: cpu_kernels.bf16_conv2d(x, w), w)[1](ct))
+  assert "siamjax_onednn_conv_bwd_data_bf16" not in wgrad.lower(x2, w2).compile().as_text()
 
 
 @onednn
@@ -340,13 +359,16 @@ def test_onednn_route_runs_the_custom_call():
   a, b = _operands()
   hlo = jax.jit(cpu_kernels.bf16_matmul).lower(a, b).as_text()
   assert "siamjax_onednn_matmul_bf16" in hlo
-  assert Koch(dtype=jnp.bfloat16).route() == "dft+onednn-bf16"
+  amx = "amx_bf16" in machine.cpu_isa()  # oneDNN's direct convolutions on AMX
+  assert Koch(dtype=jnp.bfloat16).route() == ("direct" if amx else "dft") + "+onednn-bf16"
+  assert Koch(dtype=jnp.bfloat16, conv="dft").route() == "dft+onednn-bf16"
 
 
 @pytest.mark.slow
 def test_koch_bf16_route_and_float32_agreement():
   net = Koch(dtype=jnp.bfloat16)
-  assert net.route() == ("dft+onednn-bf16" if ROUTE == "onednn-bf16" else "direct")
+  assert net.route() == (net.conv_impl() + "+onednn-bf16" if ROUTE == "onednn-bf16"
+                         else "direct")
   x = jax.random.uniform(jax.random.key(0), (2, 105, 105, 1))
   params = jax.jit(Koch().init)(jax.random.key(1), x)
   ref = jax.jit(Koch().apply)(params, x)
@@ -461,7 +483,8 @@ def _fake_onednn(root, name):
 class _FakeLib:  # what ctypes.CDLL returns, for the cache tests: the handler symbols
   SiamjaxOnednnMatmulBf16 = SiamjaxOnednnConvBf16 = SiamjaxOnednnConvBwdWeightsBf16 = 0
   SiamjaxOnednnMatmulBf16Out = SiamjaxOnednnConvReluPoolBf16 = 0
-  SiamjaxOnednnDenseF32WeightsBf16 = 0
+  SiamjaxOnednnDenseF32WeightsBf16 = SiamjaxOnednnConvBwdDataBf16 = 0
+  SiamjaxOnednnConvReluPoolBwdBf16 = SiamjaxPoolReluBiasBf16 = SiamjaxPoolReluBiasBwdBf16 = 0
 
 
 def test_each_onednn_gets_its_own_cached_library(monkeypatch, tmp_path):
@@ -495,7 +518,7 @@ def test_a_cached_library_that_no_longer_loads_is_rebuilt(monkeypatch, tmp_path)
   monkeypatch.setattr(jax.ffi, "pycapsule", lambda f: f)
   monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: registered.append(a[0]))
   assert isinstance(_library._load(), _FakeLib)
-  assert built == [None] and len(registered) == 6
+  assert built == [None] and len(registered) == 10
 
 
 def test_a_missing_library_is_built_on_first_use(monkeypatch, tmp_path):

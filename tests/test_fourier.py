@@ -149,9 +149,11 @@ def test_max_pool2_equals_flax_max_pool():
 def test_koch_conv_auto_resolves_by_backend_and_dtype():
   assert jax.default_backend() == "cpu"
   assert encoders.Koch().conv_impl() == "dft"
-  # bf16: the DFT path only where its products run on the oneDNN bf16 kernel.
-  from siamjax import cpu_kernels
-  bf16 = "dft" if cpu_kernels.matmul_route() == "onednn-bf16" else "direct"
+  # bf16: the DFT path only where its products run on the oneDNN bf16 kernel, and not on
+  # CPUs with AMX, where oneDNN's direct convolutions are faster.
+  from siamjax import cpu_kernels, machine
+  onednn = cpu_kernels.matmul_route() == "onednn-bf16"
+  bf16 = "dft" if onednn and "amx_bf16" not in machine.cpu_isa() else "direct"
   assert encoders.Koch(dtype=jnp.bfloat16).conv_impl() == bf16
   assert encoders.Koch(conv="direct").conv_impl() == "direct"
   with pytest.raises(ValueError, match="conv must be"):

@@ -26,8 +26,10 @@ built or loaded (no C++ compiler, no oneDNN), one line on standard error says th
 runs on XLA and how to get the fast route; ``python -m siamjax.cpu_kernels route``
 prints the route and why. With the kernel, :func:`matmul_route` returns ``"onednn-bf16"``, and
 :class:`siamjax.encoders.Koch` in bf16 with ``conv="auto"`` sends its matrix work through
-it: conv1 as a oneDNN bf16 convolution (:func:`bf16_conv2d`), the DFT transforms
-(:func:`bf16_transform`) and Fourier-domain products of :mod:`siamjax.fourier`, and the
+it: its convolutional blocks as oneDNN bf16 convolutions fused with their ReLU and
+pooling (:func:`bf16_conv_relu_pool`, :func:`bf16_conv2d`; forward, weight and input
+gradients) on CPUs with AMX, elsewhere conv1 so and conv2-4 as the DFT transforms
+(:func:`bf16_transform`) and Fourier-domain products of :mod:`siamjax.fourier`; and the
 dense layer.
 Everywhere else -- no compiler, no oneDNN, no bf16 instructions, a GPU backend, or
 ``SIAMJAX_ONEDNN=0`` -- :func:`matmul_route` returns ``"xla"`` and nothing else changes:

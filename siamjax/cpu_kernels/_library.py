@@ -24,7 +24,11 @@ MATMUL_TARGET = "siamjax_onednn_matmul_bf16"
 MATMUL_BF16_OUT_TARGET = "siamjax_onednn_matmul_bf16_out"
 CONV_TARGET = "siamjax_onednn_conv_bf16"
 CONV_BWD_WEIGHTS_TARGET = "siamjax_onednn_conv_bwd_weights_bf16"
+CONV_BWD_DATA_TARGET = "siamjax_onednn_conv_bwd_data_bf16"
 CONV_RELU_POOL_TARGET = "siamjax_onednn_conv_relu_pool_bf16"
+CONV_RELU_POOL_BWD_TARGET = "siamjax_onednn_conv_relu_pool_bwd_bf16"
+POOL_RELU_BIAS_TARGET = "siamjax_pool_relu_bias_bf16"
+POOL_RELU_BIAS_BWD_TARGET = "siamjax_pool_relu_bias_bwd_bf16"
 DENSE_TARGET = "siamjax_onednn_dense_f32_weights_bf16"
 _SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc",
                        "onednn_matmul.cc")
@@ -175,7 +179,11 @@ def _load() -> ctypes.CDLL | None:
                            (MATMUL_BF16_OUT_TARGET, lib.SiamjaxOnednnMatmulBf16Out),
                            (CONV_TARGET, lib.SiamjaxOnednnConvBf16),
                            (CONV_BWD_WEIGHTS_TARGET, lib.SiamjaxOnednnConvBwdWeightsBf16),
+                           (CONV_BWD_DATA_TARGET, lib.SiamjaxOnednnConvBwdDataBf16),
                            (CONV_RELU_POOL_TARGET, lib.SiamjaxOnednnConvReluPoolBf16),
+                           (CONV_RELU_POOL_BWD_TARGET, lib.SiamjaxOnednnConvReluPoolBwdBf16),
+                           (POOL_RELU_BIAS_TARGET, lib.SiamjaxPoolReluBiasBf16),
+                           (POOL_RELU_BIAS_BWD_TARGET, lib.SiamjaxPoolReluBiasBwdBf16),
                            (DENSE_TARGET, lib.SiamjaxOnednnDenseF32WeightsBf16)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except (OSError, RuntimeError, FileNotFoundError, AttributeError) as e:

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from siamjax.cpu_kernels._library import (CONV_BWD_WEIGHTS_TARGET, CONV_RELU_POOL_TARGET,
+from siamjax.cpu_kernels._library import (CONV_BWD_DATA_TARGET, CONV_BWD_WEIGHTS_TARGET,
+                                          CONV_RELU_POOL_BWD_TARGET, CONV_RELU_POOL_TARGET,
+                                          POOL_RELU_BIAS_BWD_TARGET, POOL_RELU_BIAS_TARGET,
                                           CONV_TARGET, DENSE_TARGET, MATMUL_BF16_OUT_TARGET,
                                           MATMUL_TARGET, matmul_route)
 
@@ -165,14 +167,17 @@ def _xla_conv_rounded(x, w):  # the oneDNN route's forward: float32 sums rounded
   return _xla_conv(x, w).astype(jnp.bfloat16).astype(jnp.float32)
 
 
-def _conv(x, w):
-  if matmul_route() != "onednn-bf16":
-    return _xla_conv_rounded(x, w)
+def _onednn_conv(x, w):  # bf16 [N, Ho, Wo, O]
   n, h, wd, _ = x.shape
   kh, kw, _, o = w.shape
   out = jax.ShapeDtypeStruct((n, h - kh + 1, wd - kw + 1, o), jnp.bfloat16)
-  y = jax.ffi.ffi_call(CONV_TARGET, out)(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-  return y.astype(jnp.float32)  # fuses into the consumer: the stored output is bf16
+  return jax.ffi.ffi_call(CONV_TARGET, out)(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _conv(x, w):
+  if matmul_route() != "onednn-bf16":
+    return _xla_conv_rounded(x, w)
+  return _onednn_conv(x, w).astype(jnp.float32)  # fuses into the consumer: stored as bf16
 
 
 @jax.custom_vjp
@@ -186,15 +191,24 @@ def _conv_fwd(x, w):
 
 def _conv_bwd(res, dy):
   x, w = res
+  return _conv_grads(x, w, dy)
+
+
+def _conv_grads(x, w, dy):
+  """The convolution's input and weight gradients from ``dy``, rounded to bf16."""
   xb = x.astype(jnp.bfloat16)
   if matmul_route() == "onednn-bf16":
     out = jax.ShapeDtypeStruct(w.shape, jnp.float32)
     dw = jax.ffi.ffi_call(CONV_BWD_WEIGHTS_TARGET, out)(xb, dy.astype(jnp.bfloat16))
   else:
     dw = jax.vjp(lambda w: _xla_conv(xb, w), w.astype(jnp.bfloat16))[1](dy)[0]
-  # The input gradient (XLA's transposed convolution) is removed by XLA's dead-code
-  # elimination when nothing uses it, e.g. for a first layer whose input is the data.
-  dx = jax.vjp(lambda x: _xla_conv(x, w.astype(jnp.bfloat16)), xb)[1](dy)[0]
+  # The input gradient is removed by XLA's dead-code elimination when nothing uses it,
+  # e.g. for a first layer whose input is the data (one channel: always XLA's).
+  if matmul_route() == "onednn-bf16" and x.shape[3] > 1:
+    dx = jax.ffi.ffi_call(CONV_BWD_DATA_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bfloat16))(
+        w.astype(jnp.bfloat16), dy.astype(jnp.bfloat16))
+  else:
+    dx = jax.vjp(lambda x: _xla_conv(x, w.astype(jnp.bfloat16)), xb)[1](dy)[0]
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -263,32 +277,65 @@ def _conv_relu_pool(x, w, b):
 
 
 def _conv_relu_pool_fwd(x, w, b):
-  # Differentiated: the unfused route (its VJP needs the full-size convolution output).
-  y, pullback = jax.vjp(_conv_relu_pool_xla, x, w, b)
-  return y, pullback
+  if matmul_route() != "onednn-bf16":
+    return jax.vjp(_conv_relu_pool_xla, x, w, b)
+  if x.shape[3] == 1:  # a first layer: its gradient forms the (cheap) convolution again
+    return _conv_relu_pool(x, w, b), (x, w, b, None)
+  conv = _onednn_conv(x, w)  # kept (bf16) for the gradient
+  y = jax.ffi.ffi_call(POOL_RELU_BIAS_TARGET, jax.ShapeDtypeStruct(
+      (x.shape[0], conv.shape[1] // 2, conv.shape[2] // 2, w.shape[3]), jnp.float32))(
+          conv, b.astype(jnp.float32))
+  return y, (x, w, b, conv)
 
 
-def _conv_relu_pool_bwd(pullback, dy):
-  return pullback(dy)
+def _conv_relu_pool_bwd(res, dy):
+  if not isinstance(res, tuple):  # the unfused route's pullback
+    return res(dy)
+  x, w, b, conv = res
+  dy = dy.astype(jnp.float32)
+  if conv is not None:
+    dconv, db = jax.ffi.ffi_call(POOL_RELU_BIAS_BWD_TARGET, (
+        jax.ShapeDtypeStruct(conv.shape, jnp.bfloat16),
+        jax.ShapeDtypeStruct(b.shape, jnp.float32)))(conv, b.astype(jnp.float32), dy)
+    dx, dw = _conv_grads(x, w, dconv)
+    return dx, dw, db.astype(b.dtype)
+  out = (jax.ShapeDtypeStruct(w.shape, jnp.float32), jax.ShapeDtypeStruct(b.shape, jnp.float32))
+  dw, db = jax.ffi.ffi_call(CONV_RELU_POOL_BWD_TARGET, out)(
+      x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), b.astype(jnp.float32), dy)
+  # The input gradient, through the unfused layer, is removed by XLA's dead-code
+  # elimination when nothing uses it (a first layer whose input is the data).
+  dx = jax.vjp(_conv_relu_pool_xla, x, w, b)[1](dy)[0]
+  return dx, dw.astype(w.dtype), db.astype(b.dtype)
 
 
 _conv_relu_pool.defvjp(_conv_relu_pool_fwd, _conv_relu_pool_bwd)
 
 
 def bf16_conv_relu_pool(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-  """``max_pool_2x2(relu(bf16_conv2d(x, w) + b))``, in one oneDNN call when not differentiated.
+  """``max_pool_2x2(relu(bf16_conv2d(x, w) + b))``: a convolutional block, fused on oneDNN.
 
-  The first block of a convolutional tower: :func:`bf16_conv2d` (bf16 operands, float32
-  sums rounded once to bf16), a per-channel bias in float32, ReLU and 2x2 max-pooling
-  with stride 2. Where :func:`matmul_route` is ``"onednn-bf16"`` and nothing
-  differentiates the call (inference), one FFI call convolves a few images at a time
-  into a cache-sized bf16 buffer and pools from there, so the full-size convolution
-  output (``[B, Ho, Wo, O]``) never goes to memory; the result is the unfused
-  computation's (the bias is per channel and ReLU monotone, so both commute with the
-  max), up to one bf16 rounding of the convolution where a chunk's float32 sums are
-  accumulated in another order than the whole batch's. Under differentiation
-  (``jax.grad``, ``jax.vjp``) the unfused computation runs, with :func:`bf16_conv2d`'s
-  weight gradient. Reverse mode only.
+  A block of a convolutional tower: :func:`bf16_conv2d` (bf16 operands, float32 sums
+  rounded once to bf16), a per-channel bias in float32, ReLU and 2x2 max-pooling with
+  stride 2. Where :func:`matmul_route` is ``"onednn-bf16"``:
+
+  - Not differentiated (inference): one FFI call convolves a few images at a time into a
+    cache-sized bf16 buffer and pools from there, so the full-size convolution output
+    (``[B, Ho, Wo, O]``) never goes to memory.
+  - Differentiated (``jax.grad``, ``jax.vjp``; reverse mode only), with one input channel
+    (a first layer on grey images): the same forward call, and a gradient call that forms
+    the convolution again a few images at a time, sends each pooled gradient to its 2x2
+    block's maximum (split evenly between exact ties; none where that maximum is not
+    positive) and feeds that bf16 gradient to oneDNN's weight gradient, so again no
+    full-size tensor goes to memory. With several channels the bf16 convolution output
+    is kept for the gradient instead, which forms the block's gradient in one pass and
+    runs oneDNN's weight and input gradients on it. The input gradient of a one-channel
+    input is the unfused computation's, computed only when used.
+
+  The result is the unfused computation's (the bias is per channel and ReLU monotone, so
+  both commute with the max), up to one bf16 rounding of the convolution where a chunk's
+  float32 sums are accumulated in another order than the whole batch's; the gradients
+  are the unfused computation's up to the order of float32 sums. Elsewhere the unfused
+  computation runs.
 
   Args:
     x: ``[B, H, W, C]`` floating.

@@ -8,14 +8,16 @@
 // reports which ISA it dispatches to. Built on demand by siamjax.cpu_kernels (python -m siamjax.cpu_kernels build).
 //
 // Also a 'valid', stride-1 2-D convolution (NHWC input, HWIO kernel, NHWC output) with
-// bf16 operands and float32 accumulation: forward (bf16 result) and weight gradient
-// (float32 result), oneDNN's convolution primitives with the kernel in oneDNN's own
-// layout (reordered from / to HWIO).
+// bf16 operands and float32 accumulation: forward (bf16 result), input gradient (bf16
+// result) and weight gradient (float32 result), oneDNN's convolution primitives with the
+// kernel in oneDNN's own layout (reordered from / to HWIO).
 //
-// And, for inference, that convolution followed by bias, ReLU and 2x2 max-pooling in one
-// call (float32 result): the batch is convolved a few images at a time into a bf16 buffer
-// that stays in the cache, and each chunk is pooled from there, so the full-size
-// convolution output is never written to memory.
+// And that convolution followed by bias, ReLU and 2x2 max-pooling in one call (float32
+// result): the batch is convolved a few images at a time into a bf16 buffer that stays in
+// the cache, and each chunk is pooled from there, so the full-size convolution output is
+// never written to memory; its weight and bias gradient in one call that forms the
+// convolution again the same way; and the pooling block alone, forward and gradient, for
+// a convolution output kept from the forward pass.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -111,6 +113,12 @@ struct ConvBwdW {
   dnnl::reorder to_user;  // diff_weights -> user HWIO (f32)
 };
 
+struct ConvBwdD {
+  dnnl::convolution_backward_data prim;
+  dnnl::memory::desc weights;
+  dnnl::reorder to_prim;  // user HWIO -> weights
+};
+
 struct ConvDescs {
   dnnl::memory::desc src, dst_f32, dst_bf16, w_any_bf16, w_any_f32, w_user_bf16, w_user_f32;
   dnnl::memory::dims strides{1, 1}, padding{0, 0};
@@ -167,6 +175,23 @@ ConvBwdW& BwdWPrimitive(const ConvKey& key) {
   ConvBwdW b{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc(),
              dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), pd.diff_weights_desc(),
                                                           Engine(), d.w_user_f32))};
+  return cache.emplace(key, std::move(b)).first->second;
+}
+
+ConvBwdD& BwdDPrimitive(const ConvKey& key) {
+  static std::mutex mu;
+  static std::map<ConvKey, ConvBwdD> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  ConvDescs d = MakeConvDescs(key);
+  auto hint = FwdPd(d);
+  dnnl::convolution_backward_data::primitive_desc pd(
+      Engine(), dnnl::algorithm::convolution_direct, d.src, d.w_any_bf16, d.dst_bf16,
+      d.strides, d.padding, d.padding, hint);
+  ConvBwdD b{dnnl::convolution_backward_data(pd), pd.weights_desc(),
+             dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), d.w_user_bf16, Engine(),
+                                                          pd.weights_desc()))};
   return cache.emplace(key, std::move(b)).first->second;
 }
 
@@ -261,7 +286,34 @@ ffi::Error ConvBwdWeightsBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> d
 }
 
 
-// ---- inference: y = maxpool2x2(relu(conv(x, w) + b)), dst f32[N, Ho/2, Wo/2, O].
+// dx[N, H, W, C] (bf16: float32 sums rounded once) from w[KH, KW, C, O] and dy[N, Ho, Wo, O].
+// Not for a one-channel input (nothing differentiates with respect to the data there).
+ffi::Error ConvBwdDataBf16(ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::BF16> dy,
+                           ffi::ResultBuffer<ffi::BF16> dx) {
+  auto sx = dx->dimensions(), sy = dy.dimensions(), sw = w.dimensions();
+  if (!ValidConvShapes(sx, sw, sy))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "conv operand shapes do not match");
+  try {
+    ConvKey key{sx[0], sx[1], sx[2], sx[3], sw[0], sw[1], sw[3]};
+    ConvBwdD& b = BwdDPrimitive(key);
+    ConvDescs d = MakeConvDescs(key);
+    dnnl::stream stream(Engine());
+    dnnl::memory wu(d.w_user_bf16, Engine(), w.untyped_data());
+    dnnl::memory wp(b.weights, Engine());
+    b.to_prim.execute(stream, wu, wp);
+    dnnl::memory ddst(d.dst_bf16, Engine(), dy.untyped_data());
+    dnnl::memory dsrc(d.src, Engine(), dx->untyped_data());
+    b.prim.execute(stream, {{DNNL_ARG_DIFF_DST, ddst}, {DNNL_ARG_WEIGHTS, wp},
+                            {DNNL_ARG_DIFF_SRC, dsrc}});
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// ---- y = maxpool2x2(relu(conv(x, w) + b)), dst f32[N, Ho/2, Wo/2, O] (the forward pass of
+// a one-channel first layer, and inference).
 // The convolution's bf16 output (float32 sums rounded once, as ConvFwdBf16) is formed
 // `kChunk` images at a time in a reused buffer; bias and ReLU commute with the max
 // (the same bias per channel, monotone), so the result is pool(relu(float(conv_bf16) + b))
@@ -345,6 +397,169 @@ ffi::Error ConvReluPoolBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, e.what());
   }
+  return ffi::Error::Success();
+}
+
+// ---- its training gradient: dw f32[KH, KW, C, O] and db f32[O] of
+// sum(dy * maxpool2x2(relu(conv(x, w) + b))) for dy f32[N, Ho/2, Wo/2, O]. The convolution
+// is formed again `kChunk` images at a time (as ConvReluPoolBf16); in each 2x2 block the
+// output gradient goes to the positions of the block's maximum, split evenly between exact
+// ties, and nowhere where that maximum is not positive (ReLU), as the unfused layer's
+// gradient; the chunk's bf16 convolution-output gradient feeds oneDNN's weight gradient,
+// summed over chunks in float32. Neither full-size tensor goes to memory.
+
+// One image: conv [Ho, Wo, O] bf16 and dy [Ho/2, Wo/2, O] -> dconv [Ho, Wo, O] bf16, db += .
+__attribute__((target("avx512f,avx512bw"))) void PoolReluBiasGrad(
+    const uint16_t* __restrict__ conv, const float* __restrict__ bias,
+    const float* __restrict__ dy, uint16_t* __restrict__ dconv, float* __restrict__ db,
+    int64_t ho, int64_t wo, int64_t o) {
+  int64_t hp = ho / 2, wp = wo / 2;
+  for (int64_t i = 0; i < hp; ++i) {
+    for (int64_t j = 0; j < wp; ++j) {
+      int64_t p0 = (2 * i * wo + 2 * j) * o, p2 = p0 + wo * o;
+      const uint16_t *a0 = conv + p0, *a1 = conv + p0 + o, *a2 = conv + p2, *a3 = conv + p2 + o;
+      uint16_t *d0 = dconv + p0, *d1 = dconv + p0 + o, *d2 = dconv + p2, *d3 = dconv + p2 + o;
+      const float* g = dy + (i * wp + j) * o;
+      for (int64_t k = 0; k < o; ++k) {
+        float v0 = Bf16ToF32(a0[k]) + bias[k], v1 = Bf16ToF32(a1[k]) + bias[k];
+        float v2 = Bf16ToF32(a2[k]) + bias[k], v3 = Bf16ToF32(a3[k]) + bias[k];
+        float m = std::max(std::max(v0, v1), std::max(v2, v3));
+        float ties = static_cast<float>(v0 == m) + static_cast<float>(v1 == m) +
+                     static_cast<float>(v2 == m) + static_cast<float>(v3 == m);
+        float share = m > 0.0f ? g[k] / ties : 0.0f;
+        uint32_t u;
+        std::memcpy(&u, &share, sizeof(u));
+        uint16_t sb = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        d0[k] = v0 == m ? sb : 0;
+        d1[k] = v1 == m ? sb : 0;
+        d2[k] = v2 == m ? sb : 0;
+        d3[k] = v3 == m ? sb : 0;
+        db[k] += share * ties;
+      }
+    }
+  }
+}
+
+ffi::Error ConvReluPoolBwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                               ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db) {
+  auto dx = x.dimensions(), sw = w.dimensions(), sy = dy.dimensions();
+  int64_t ho = dx.size() == 4 && sw.size() == 4 ? dx[1] - sw[0] + 1 : -1;
+  int64_t wo = dx.size() == 4 && sw.size() == 4 ? dx[2] - sw[1] + 1 : -1;
+  auto sdw = dw->dimensions();
+  if (dx.size() != 4 || sw.size() != 4 || sy.size() != 4 || sw[2] != dx[3] ||
+      ho % 2 || wo % 2 || sy[0] != dx[0] || sy[1] != ho / 2 || sy[2] != wo / 2 ||
+      sy[3] != sw[3] || b.element_count() != sw[3] || db->element_count() != sw[3] ||
+      sdw.size() != 4 || sdw[0] != sw[0] || sdw[1] != sw[1] || sdw[2] != sw[2] ||
+      sdw[3] != sw[3])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "conv_relu_pool gradient operand shapes do not match");
+  try {
+    int64_t n = dx[0], h = dx[1], o = sw[3];
+    bool widen = dx[3] == 1 && sw[1] > 1;
+    int64_t chunk = std::min(n, kChunk);
+    ConvKey key = PrimKey(chunk, h, dx[2], dx[3], sw[0], sw[1], o);
+    int64_t in_image = dx[1] * dx[2] * dx[3], prim_image = h * std::get<2>(key) * std::get<3>(key);
+    int64_t conv_image = ho * wo * o, out_image = (ho / 2) * (wo / 2) * o;
+    int64_t wsize = sw[0] * sw[1] * sw[2] * o;
+    ConvFwd& f = FwdPrimitive(key);
+    ConvBwdW& bw = BwdWPrimitive(key);
+    ConvDescs d = MakeConvDescs(key);
+    dnnl::stream stream(Engine());
+    dnnl::memory wu(d.w_user_bf16, Engine(), w.untyped_data());
+    dnnl::memory wp(f.weights, Engine());
+    f.to_prim.execute(stream, wu, wp);
+    std::vector<uint16_t> buf(chunk * conv_image), grad(chunk * conv_image), in(chunk * prim_image);
+    std::vector<float> part(wsize), dbs(chunk * o);
+    dnnl::memory dst(d.dst_bf16, Engine(), buf.data());
+    dnnl::memory ddst(d.dst_bf16, Engine(), grad.data());
+    dnnl::memory s(d.src, Engine(), in.data());
+    dnnl::memory dwp(bw.diff_weights, Engine());
+    dnnl::memory dwu(d.w_user_f32, Engine(), part.data());
+    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+    const float* g = dy.typed_data();
+    const float* bias = b.typed_data();
+    float* out_w = dw->typed_data();
+    float* out_b = db->typed_data();
+    std::fill(out_w, out_w + wsize, 0.0f);
+    std::fill(out_b, out_b + o, 0.0f);
+    for (int64_t start = 0; start < n; start += chunk) {
+      int64_t m = std::min(chunk, n - start);
+      const uint16_t* xs = src + start * in_image;
+      if (m < chunk) {  // last, short chunk: zero input and zero gradient
+        std::fill(in.begin(), in.end(), 0);
+        std::fill(grad.begin(), grad.end(), 0);
+      }
+      if (widen)
+        WidenColumns(xs, m, h, dx[2], sw[1], in.data());
+      else
+        std::memcpy(in.data(), xs, m * in_image * sizeof(uint16_t));
+      f.prim.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, dst}});
+      stream.wait();
+      std::fill(dbs.begin(), dbs.end(), 0.0f);
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < m; ++i)
+        PoolReluBiasGrad(buf.data() + i * conv_image, bias, g + (start + i) * out_image,
+                         grad.data() + i * conv_image, dbs.data() + i * o, ho, wo, o);
+      bw.prim.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_DIFF_DST, ddst},
+                               {DNNL_ARG_DIFF_WEIGHTS, dwp}});
+      bw.to_user.execute(stream, dwp, dwu);
+      stream.wait();
+      for (int64_t k = 0; k < wsize; ++k) out_w[k] += part[k];
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t k = 0; k < o; ++k) out_b[k] += dbs[i * o + k];
+    }
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, e.what());
+  }
+  return ffi::Error::Success();
+}
+
+// ---- the pooling block alone, for a convolution output kept from the forward pass:
+// y f32[N, Ho/2, Wo/2, O] = maxpool2x2(relu(conv + b)) from conv bf16[N, Ho, Wo, O], and
+// its gradient (dconv bf16, db f32) as ConvReluPoolBwdBf16's, without forming conv again.
+
+template <typename Dims>
+bool PoolShapes(const Dims& c, const Dims& y, int64_t bias) {
+  return c.size() == 4 && y.size() == 4 && c[1] % 2 == 0 && c[2] % 2 == 0 && y[0] == c[0] &&
+         y[1] == c[1] / 2 && y[2] == c[2] / 2 && y[3] == c[3] && bias == c[3];
+}
+
+ffi::Error PoolReluBiasBf16(ffi::Buffer<ffi::BF16> conv, ffi::Buffer<ffi::F32> b,
+                            ffi::ResultBuffer<ffi::F32> y) {
+  auto sc = conv.dimensions(), sy = y->dimensions();
+  if (!PoolShapes(sc, sy, b.element_count()))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pool operand shapes do not match");
+  int64_t n = sc[0], ho = sc[1], wo = sc[2], o = sc[3];
+  const uint16_t* c = static_cast<const uint16_t*>(conv.untyped_data());
+  float* out = y->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    PoolReluBias(c + i * ho * wo * o, b.typed_data(), out + i * (ho / 2) * (wo / 2) * o, ho,
+                 wo, o);
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolReluBiasBwdBf16(ffi::Buffer<ffi::BF16> conv, ffi::Buffer<ffi::F32> b,
+                               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::BF16> dconv,
+                               ffi::ResultBuffer<ffi::F32> db) {
+  auto sc = conv.dimensions(), sy = dy.dimensions(), sd = dconv->dimensions();
+  if (!PoolShapes(sc, sy, b.element_count()) || db->element_count() != sc[3] ||
+      sd.size() != 4 || sd[0] != sc[0] || sd[1] != sc[1] || sd[2] != sc[2] || sd[3] != sc[3])
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pool gradient shapes do not match");
+  int64_t n = sc[0], ho = sc[1], wo = sc[2], o = sc[3];
+  int64_t conv_image = ho * wo * o, out_image = (ho / 2) * (wo / 2) * o;
+  const uint16_t* c = static_cast<const uint16_t*>(conv.untyped_data());
+  uint16_t* dc = static_cast<uint16_t*>(dconv->untyped_data());
+  std::vector<float> dbs(n * o, 0.0f);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    PoolReluBiasGrad(c + i * conv_image, b.typed_data(), dy.typed_data() + i * out_image,
+                     dc + i * conv_image, dbs.data() + i * o, ho, wo, o);
+  float* out_b = db->typed_data();
+  std::fill(out_b, out_b + o, 0.0f);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t k = 0; k < o; ++k) out_b[k] += dbs[i * o + k];
   return ffi::Error::Success();
 }
 
@@ -441,11 +656,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvBwdWeightsBf16, ConvBwdWeightsBf1
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvBwdDataBf16, ConvBwdDataBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvReluPoolBf16, ConvReluPoolBf16,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnConvReluPoolBwdBf16, ConvReluPoolBwdBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxPoolReluBiasBf16, PoolReluBiasBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxPoolReluBiasBwdBf16, PoolReluBiasBwdBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SiamjaxOnednnDenseF32WeightsBf16, DenseF32WeightsBf16,
