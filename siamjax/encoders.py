@@ -90,7 +90,8 @@ _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 class _ConvBias(nn.Module):
-  """``nn.Conv(..., padding="VALID")`` as :func:`siamjax.cpu_kernels.bf16_conv2d` plus a bias.
+  """``nn.Conv(..., padding="VALID", dtype=float32, conv_general_dilated=...)`` with
+  :func:`_add_bias`'s bias gradient.
 
   The parameters are nn.Conv's (``kernel`` ``[kh, kw, C, O]``, then ``bias`` ``[O]``, with
   the same initialisers), so the parameter tree and its values are those of that layer.
@@ -100,6 +101,7 @@ class _ConvBias(nn.Module):
   kernel_size: tuple[int, int]
   kernel_init: Callable
   bias_init: Callable
+  conv_general_dilated: Callable
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -107,7 +109,9 @@ class _ConvBias(nn.Module):
     shape = (*self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    return _add_bias(cpu_kernels.bf16_conv2d(x, kernel), bias.astype(jnp.float32))
+    y = self.conv_general_dilated(x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1),
+                                  "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _add_bias(y, bias.astype(jnp.float32))
 
 
 class _ConvReluPool(nn.Module):
@@ -228,14 +232,16 @@ class Koch(nn.Module):
     conv = functools.partial(
         nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
         dtype=work, param_dtype=self.param_dtype)
-    big = {"conv_general_dilated": functools.partial(
-        fourier.conv_general_dilated, products="bf16", transforms="bf16")
-           if onednn else fourier.conv_general_dilated} if self.conv_impl() == "dft" else {}
-    if onednn and self.conv_impl() == "direct":  # conv2 .. conv4 on oneDNN
-      conv = functools.partial(_ConvBias, kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
-                               param_dtype=self.param_dtype)
+    big = {"conv_general_dilated": fourier.conv_general_dilated} if (
+        self.conv_impl() == "dft" and not onednn) else {}
+    if onednn:  # conv2 .. conv4 as oneDNN convolutions or bf16 DFT products
+      conv = functools.partial(
+          _ConvBias, kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
+          param_dtype=self.param_dtype, conv_general_dilated=functools.partial(
+              fourier.conv_general_dilated, products="bf16", transforms="bf16")
+          if self.conv_impl() == "dft" else cpu_kernels.conv_general_dilated)
     x = x.astype(work)
-    if onednn:  # conv1, ReLU and pooling as one oneDNN call in inference
+    if onednn:  # conv1, ReLU and pooling as one oneDNN block
       x = _ConvReluPool(64, (10, 10), normal_init(0.0, 1e-2), bias,
                         param_dtype=self.param_dtype, name="conv1")(x)  # 96 -> 48
     else:
