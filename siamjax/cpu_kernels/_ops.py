@@ -195,7 +195,7 @@ def _conv_bwd(res, dy):
 
 
 def _conv_grads(x, w, dy):
-  """The convolution's input and weight gradients from ``dy``, rounded to bf16."""
+  """The convolution's input and weight gradients from ``dy`` rounded to bf16."""
   xb = x.astype(jnp.bfloat16)
   if matmul_route() == "onednn-bf16":
     out = jax.ShapeDtypeStruct(w.shape, jnp.float32)
