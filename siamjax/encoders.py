@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from siamjax import _checks
 from siamjax._pooling import max_pool2
@@ -229,17 +230,20 @@ class Koch(nn.Module):
     bias = normal_init(0.5, 1e-2)
     onednn = self._onednn()
     work = jnp.float32 if onednn else self.dtype  # onednn: bf16 products only
-    conv = functools.partial(
-        nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
-        dtype=work, param_dtype=self.param_dtype)
-    big = {"conv_general_dilated": fourier.conv_general_dilated} if (
-        self.conv_impl() == "dft" and not onednn) else {}
-    if onednn:  # conv2 .. conv4 as oneDNN convolutions or bf16 DFT products
+    if jnp.dtype(work) == jnp.float32:  # each bias gradient as one product (_add_bias)
+      conv = functools.partial(_ConvBias, kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
+                               param_dtype=self.param_dtype,
+                               conv_general_dilated=lax.conv_general_dilated)
+    else:
       conv = functools.partial(
-          _ConvBias, kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
-          param_dtype=self.param_dtype, conv_general_dilated=functools.partial(
-              fourier.conv_general_dilated, products="bf16", transforms="bf16")
-          if self.conv_impl() == "dft" else cpu_kernels.conv_general_dilated)
+          nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
+          dtype=work, param_dtype=self.param_dtype)
+    if self.conv_impl() == "dft":  # conv2 .. conv4 (on oneDNN: bf16 transforms and products)
+      big = {"conv_general_dilated": functools.partial(
+          fourier.conv_general_dilated, products="bf16", transforms="bf16")
+             if onednn else fourier.conv_general_dilated}
+    else:
+      big = {"conv_general_dilated": cpu_kernels.conv_general_dilated} if onednn else {}
     x = x.astype(work)
     if onednn:  # conv1, ReLU and pooling as one oneDNN block
       x = _ConvReluPool(64, (10, 10), normal_init(0.0, 1e-2), bias,
@@ -250,9 +254,9 @@ class Koch(nn.Module):
       block = functools.partial(_ConvReluPool, kernel_init=normal_init(0.0, 1e-2),
                                 bias_init=bias, param_dtype=self.param_dtype)
     else:
-      block = lambda *a, **kw: lambda x: max_pool2(nn.relu(conv(*a, **kw)(x)))  # noqa: E731
-    x = block(128, (7, 7), name="conv2", **big)(x)  # 42 -> 21
-    x = block(128, (4, 4), name="conv3", **big)(x)  # 18 -> 9
+      block = lambda *a, **kw: lambda x: max_pool2(nn.relu(conv(*a, **big, **kw)(x)))  # noqa: E731
+    x = block(128, (7, 7), name="conv2")(x)  # 42 -> 21
+    x = block(128, (4, 4), name="conv3")(x)  # 18 -> 9
     x = nn.relu(conv(256, (4, 4), name="conv4", **big)(x))  # 6x6x256 = 9216
     x = x.reshape(x.shape[0], -1)
     fast = {"dot_general": cpu_kernels.dense_dot_general} if onednn else {}
