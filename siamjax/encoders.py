@@ -27,7 +27,6 @@ from siamjax import _checks
 from siamjax._pooling import max_pool2
 from siamjax import cpu_kernels
 from siamjax import fourier
-from siamjax import machine
 
 __all__ = ["Koch", "MLP", "SmallCNN", "TextCNN", "ConvNet4", "normal_init"]
 
@@ -206,7 +205,7 @@ class Koch(nn.Module):
     if jnp.dtype(self.dtype) == jnp.float32:
       return "dft"
     if self._onednn():
-      return "direct" if "amx_bf16" in machine.cpu_isa() else "dft"
+      return "direct" if cpu_kernels.onednn_amx() else "dft"
     return "direct"
 
   def _onednn(self) -> bool:

@@ -151,9 +151,9 @@ def test_koch_conv_auto_resolves_by_backend_and_dtype():
   assert encoders.Koch().conv_impl() == "dft"
   # bf16: the DFT path only where its products run on the oneDNN bf16 kernel, and not on
   # CPUs with AMX, where oneDNN's direct convolutions are faster.
-  from siamjax import cpu_kernels, machine
+  from siamjax import cpu_kernels
   onednn = cpu_kernels.matmul_route() == "onednn-bf16"
-  bf16 = "dft" if onednn and "amx_bf16" not in machine.cpu_isa() else "direct"
+  bf16 = "dft" if onednn and not cpu_kernels.onednn_amx() else "direct"
   assert encoders.Koch(dtype=jnp.bfloat16).conv_impl() == bf16
   assert encoders.Koch(conv="direct").conv_impl() == "direct"
   with pytest.raises(ValueError, match="conv must be"):

@@ -37,11 +37,12 @@ the same functions run as XLA products and convolutions, and nothing is built on
 backend.
 """
 
-from siamjax.cpu_kernels._library import build, library_path, matmul_route, route_info
+from siamjax.cpu_kernels._library import (build, library_path, matmul_route, onednn_amx,
+                                          route_info)
 from siamjax.cpu_kernels._ops import (bf16_conv2d, bf16_conv_relu_pool, bf16_matmul,
                                       bf16_transform, conv_general_dilated,
                                       dense_dot_general)
 
-__all__ = ["matmul_route", "route_info", "bf16_matmul", "bf16_transform", "dense_dot_general",
+__all__ = ["matmul_route", "route_info", "onednn_amx", "bf16_matmul", "bf16_transform", "dense_dot_general",
            "bf16_conv2d", "bf16_conv_relu_pool", "conv_general_dilated", "build",
            "library_path"]

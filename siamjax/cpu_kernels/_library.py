@@ -220,20 +220,37 @@ def _say_why(reason: str, fix: str) -> None:
         f"route: {fix}; SIAMJAX_ONEDNN=0 silences this.", file=sys.stderr, flush=True)
 
 
+# oneDNN's dnnl_cpu_isa_avx512_core_amx; its ISA values are bit masks that include the
+# older ISAs' bits, so a newer AMX ISA has all of these.
+_ISA_AMX = 0xFEF
+
+
+def onednn_amx() -> bool:
+  """Whether oneDNN's kernels run on AMX here: the route is ``"onednn-bf16"`` and oneDNN
+  dispatches to AMX (the CPU has it and the operating system lets programs use it).
+
+  >>> onednn_amx() in (True, False)
+  True
+  """
+  lib = _load()
+  isa = getattr(lib, "siamjax_onednn_isa", None) if lib is not None else None
+  return isa is not None and (int(isa()) & _ISA_AMX) == _ISA_AMX
+
+
 def route_info() -> dict:
   """What :func:`matmul_route` decided here and why, as a JSON-able dict.
 
   Keys: ``route``, ``library`` (the kernel's path on the oneDNN route, else ``None``),
   ``reason`` (why the route is ``"xla"``, else ``None``), ``error`` (the full load or
-  build error, else ``None``), ``cpu_bf16`` (the CPU has AVX512-BF16 or AMX) and
-  ``backend``.
+  build error, else ``None``), ``cpu_bf16`` (the CPU has AVX512-BF16 or AMX), ``amx``
+  (:func:`onednn_amx`) and ``backend``.
 
   >>> sorted(route_info())
-  ['backend', 'cpu_bf16', 'error', 'library', 'reason', 'route']
+  ['amx', 'backend', 'cpu_bf16', 'error', 'library', 'reason', 'route']
   """
   route = matmul_route()
   return {"route": route, "library": _state.get("path"), "reason": _state.get("reason"),
-          "error": _state.get("error"), "cpu_bf16": _cpu_has_bf16(),
+          "error": _state.get("error"), "cpu_bf16": _cpu_has_bf16(), "amx": onednn_amx(),
           "backend": jax.default_backend()}
 
 
@@ -273,6 +290,7 @@ def _main(argv=None) -> int:
   print(info["route"])
   if info["library"]:
     print(f"kernel: {info['library']}")
+    print(f"AMX: {'yes' if info['amx'] else 'no'}")
   if info["reason"]:
     print(f"why not oneDNN: {info['reason']}")
   if info["error"]:
