@@ -72,7 +72,8 @@ def _add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
   """``y + b`` over the last axis, whose bias gradient is one product with a ones vector.
 
   XLA:CPU splits the plain bias gradient (a sum over every position of a
-  ``[B, H, W, O]`` gradient) into a slow windowed reduction.
+  ``[B, H, W, O]`` gradient) into a slow windowed reduction. The product is in full
+  float32 precision (no TF32 or bf16 passes).
   """
   return y + b.astype(y.dtype).reshape((1,) * (y.ndim - 1) + b.shape)
 
@@ -83,7 +84,8 @@ def _add_bias_fwd(y, b):
 
 def _add_bias_bwd(res, dy):
   rows = dy.reshape(-1, dy.shape[-1])
-  return dy, (jnp.ones((rows.shape[0],), rows.dtype) @ rows).astype(res.dtype)
+  db = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows, precision=lax.Precision.HIGHEST)
+  return dy, db.astype(res.dtype)
 
 
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
@@ -229,7 +231,7 @@ class Koch(nn.Module):
     bias = normal_init(0.5, 1e-2)
     onednn = self._onednn()
     work = jnp.float32 if onednn else self.dtype  # onednn: bf16 products only
-    if jnp.dtype(work) == jnp.float32:  # each bias gradient as one product (_add_bias)
+    if jnp.dtype(work) == jnp.float32 and jax.default_backend() == "cpu":  # see _add_bias
       conv = functools.partial(_ConvBias, kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
                                param_dtype=self.param_dtype,
                                conv_general_dilated=lax.conv_general_dilated)
