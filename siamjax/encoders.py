@@ -79,64 +79,57 @@ def _add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _add_bias_fwd(y, b):
-  return _add_bias(y, b), jnp.zeros((0,), b.dtype)
+  return _add_bias(y, b), b
 
 
-def _add_bias_bwd(res, dy):
+def _add_bias_bwd(b, dy):
   rows = dy.reshape(-1, dy.shape[-1])
   db = jnp.dot(jnp.ones((rows.shape[0],), rows.dtype), rows, precision=lax.Precision.HIGHEST)
-  return dy, db.astype(res.dtype)
+  return dy, db.astype(b.dtype)
 
 
 _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
-class _ConvBias(nn.Module):
-  """``nn.Conv(..., padding="VALID", dtype=float32, conv_general_dilated=...)`` with
-  :func:`_add_bias`'s bias gradient.
-
-  The parameters are nn.Conv's (``kernel`` ``[kh, kw, C, O]``, then ``bias`` ``[O]``, with
-  the same initialisers), so the parameter tree and its values are those of that layer.
-  """
+class _ConvParams(nn.Module):
+  """nn.Conv's parameters: ``kernel`` ``[kh, kw, C, O]``, then ``bias`` ``[O]``, made in
+  that order with the same initialisers, so the parameter tree and its values are those
+  of ``nn.Conv(features, kernel_size, ...)``; subclasses say what to compute with them."""
 
   features: int
   kernel_size: tuple[int, int]
   kernel_init: Callable
   bias_init: Callable
-  conv_general_dilated: Callable
   param_dtype: Dtype = jnp.float32
+
+  def kernel_and_bias(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
+    return kernel, self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+
+
+class _ConvBias(_ConvParams):
+  """``nn.Conv(..., padding="VALID", dtype=float32, conv_general_dilated=...)`` with
+  :func:`_add_bias`'s bias gradient."""
+
+  conv_general_dilated: Callable = lax.conv_general_dilated
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = (*self.kernel_size, x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    kernel, bias = self.kernel_and_bias(x)
     y = self.conv_general_dilated(x.astype(jnp.float32), kernel.astype(jnp.float32), (1, 1),
                                   "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return _add_bias(y, bias.astype(jnp.float32))
 
 
-class _ConvReluPool(nn.Module):
-  """``max_pool2(relu(nn.Conv(..., padding="VALID")(x)))`` with the oneDNN bf16 block.
-
-  The parameters (``kernel`` ``[kh, kw, C, O]``, ``bias`` ``[O]``) are nn.Conv's, made in
-  the same order with the same initialisers, so the parameter tree and its values are
-  those of the unfused layer; :func:`siamjax.cpu_kernels.bf16_conv_relu_pool` computes it
-  (fused on oneDNN, forward and gradient).
-  """
-
-  features: int
-  kernel_size: tuple[int, int]
-  kernel_init: Callable
-  bias_init: Callable
-  param_dtype: Dtype = jnp.float32
+class _ConvReluPool(_ConvParams):
+  """``max_pool2(relu(nn.Conv(..., padding="VALID")(x)))`` with the oneDNN bf16 block,
+  :func:`siamjax.cpu_kernels.bf16_conv_relu_pool` (fused on oneDNN, forward and
+  gradient)."""
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = (*self.kernel_size, x.shape[-1], self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    return cpu_kernels.bf16_conv_relu_pool(x, kernel, bias)
+    return cpu_kernels.bf16_conv_relu_pool(x, *self.kernel_and_bias(x))
 
 
 class Koch(nn.Module):
@@ -233,8 +226,7 @@ class Koch(nn.Module):
     work = jnp.float32 if onednn else self.dtype  # onednn: bf16 products only
     if jnp.dtype(work) == jnp.float32 and jax.default_backend() == "cpu":  # see _add_bias
       conv = functools.partial(_ConvBias, kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
-                               param_dtype=self.param_dtype,
-                               conv_general_dilated=lax.conv_general_dilated)
+                               param_dtype=self.param_dtype)
     else:
       conv = functools.partial(
           nn.Conv, padding="VALID", kernel_init=normal_init(0.0, 1e-2), bias_init=bias,
