@@ -351,6 +351,49 @@ __attribute__((target("avx512f,avx512bw"))) void PoolReluBias(
   }
 }
 
+// conv(x, w) of x bf16[N, H, W, C] and w bf16[KH, KW, C, O], formed `kChunk` images at a
+// time into `buf` (bf16[chunk, Ho, Wo, O]) by Form(start), which returns the chunk's image
+// count; a short last chunk is zero-padded. `src` is the chunk's (widened) input.
+struct ConvChunks {
+  ConvChunks(const uint16_t* x, const void* w, int64_t n, int64_t h, int64_t wd, int64_t c,
+             int64_t kh, int64_t kw, int64_t o)
+      : x(x), n(n), h(h), wd(wd), kw(kw), widen(c == 1 && kw > 1), chunk(std::min(n, kChunk)),
+        in_image(h * wd * c), key(PrimKey(chunk, h, wd, c, kh, kw, o)),
+        d(MakeConvDescs(key)), f(FwdPrimitive(key)), stream(Engine()),
+        wp(f.weights, Engine()),
+        in(chunk * h * std::get<2>(key) * std::get<3>(key)),
+        buf(chunk * (h - kh + 1) * (wd - kw + 1) * o),
+        src(d.src, Engine(), in.data()), dst(d.dst_bf16, Engine(), buf.data()) {
+    dnnl::memory wu(d.w_user_bf16, Engine(), const_cast<void*>(w));
+    f.to_prim.execute(stream, wu, wp);
+  }
+
+  int64_t Form(int64_t start) {
+    int64_t m = std::min(chunk, n - start);
+    const uint16_t* xs = x + start * in_image;
+    if (m < chunk) std::fill(in.begin(), in.end(), 0);
+    if (widen)
+      WidenColumns(xs, m, h, wd, kw, in.data());
+    else
+      std::memcpy(in.data(), xs, m * in_image * sizeof(uint16_t));
+    f.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, dst}});
+    stream.wait();
+    return m;
+  }
+
+  const uint16_t* x;
+  int64_t n, h, wd, kw;
+  bool widen;
+  int64_t chunk, in_image;
+  ConvKey key;
+  ConvDescs d;
+  ConvFwd& f;
+  dnnl::stream stream;
+  dnnl::memory wp;
+  std::vector<uint16_t> in, buf;
+  dnnl::memory src, dst;
+};
+
 ffi::Error ConvReluPoolBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                             ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y) {
   auto dx = x.dimensions(), dw = w.dimensions(), dy = y->dimensions();
@@ -362,37 +405,16 @@ ffi::Error ConvReluPoolBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "conv_relu_pool operand shapes do not match");
   try {
-    int64_t n = dx[0], h = dx[1], o = dw[3];
-    bool widen = dx[3] == 1 && dw[1] > 1;
-    int64_t chunk = std::min(n, kChunk);
-    ConvKey key = PrimKey(chunk, h, dx[2], dx[3], dw[0], dw[1], o);
-    int64_t in_image = dx[1] * dx[2] * dx[3], prim_image = h * std::get<2>(key) * std::get<3>(key);
-    int64_t conv_image = ho * wo * o, out_image = (ho / 2) * (wo / 2) * o;
-    ConvFwd& f = FwdPrimitive(key);
-    ConvDescs d = MakeConvDescs(key);
-    dnnl::stream stream(Engine());
-    dnnl::memory wu(d.w_user_bf16, Engine(), w.untyped_data());
-    dnnl::memory wp(f.weights, Engine());
-    f.to_prim.execute(stream, wu, wp);
-    std::vector<uint16_t> buf(chunk * conv_image), in(chunk * prim_image);
-    dnnl::memory dst(d.dst_bf16, Engine(), buf.data());
-    dnnl::memory s(d.src, Engine(), in.data());
-    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+    int64_t conv_image = ho * wo * dw[3], out_image = (ho / 2) * (wo / 2) * dw[3];
+    ConvChunks cc(static_cast<const uint16_t*>(x.untyped_data()), w.untyped_data(), dx[0],
+                  dx[1], dx[2], dx[3], dw[0], dw[1], dw[3]);
     float* out = y->typed_data();
-    const float* bias = b.typed_data();
-    for (int64_t start = 0; start < n; start += chunk) {
-      int64_t m = std::min(chunk, n - start);
-      const uint16_t* xs = src + start * in_image;
-      if (m < chunk) std::fill(in.begin(), in.end(), 0);  // last, short chunk: zero-pad
-      if (widen)
-        WidenColumns(xs, m, h, dx[2], dw[1], in.data());
-      else
-        std::memcpy(in.data(), xs, m * in_image * sizeof(uint16_t));
-      f.prim.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, dst}});
-      stream.wait();
+    for (int64_t start = 0; start < dx[0]; start += cc.chunk) {
+      int64_t m = cc.Form(start);
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < m; ++i)
-        PoolReluBias(buf.data() + i * conv_image, bias, out + (start + i) * out_image, ho, wo, o);
+        PoolReluBias(cc.buf.data() + i * conv_image, b.typed_data(),
+                     out + (start + i) * out_image, ho, wo, dw[3]);
     }
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, e.what());
@@ -455,56 +477,33 @@ ffi::Error ConvReluPoolBwdBf16(ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> 
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "conv_relu_pool gradient operand shapes do not match");
   try {
-    int64_t n = dx[0], h = dx[1], o = sw[3];
-    bool widen = dx[3] == 1 && sw[1] > 1;
-    int64_t chunk = std::min(n, kChunk);
-    ConvKey key = PrimKey(chunk, h, dx[2], dx[3], sw[0], sw[1], o);
-    int64_t in_image = dx[1] * dx[2] * dx[3], prim_image = h * std::get<2>(key) * std::get<3>(key);
-    int64_t conv_image = ho * wo * o, out_image = (ho / 2) * (wo / 2) * o;
+    int64_t o = sw[3], conv_image = ho * wo * o, out_image = (ho / 2) * (wo / 2) * o;
     int64_t wsize = sw[0] * sw[1] * sw[2] * o;
-    ConvFwd& f = FwdPrimitive(key);
-    ConvBwdW& bw = BwdWPrimitive(key);
-    ConvDescs d = MakeConvDescs(key);
-    dnnl::stream stream(Engine());
-    dnnl::memory wu(d.w_user_bf16, Engine(), w.untyped_data());
-    dnnl::memory wp(f.weights, Engine());
-    f.to_prim.execute(stream, wu, wp);
-    std::vector<uint16_t> buf(chunk * conv_image), grad(chunk * conv_image), in(chunk * prim_image);
-    std::vector<float> part(wsize), dbs(chunk * o);
-    dnnl::memory dst(d.dst_bf16, Engine(), buf.data());
-    dnnl::memory ddst(d.dst_bf16, Engine(), grad.data());
-    dnnl::memory s(d.src, Engine(), in.data());
+    ConvChunks cc(static_cast<const uint16_t*>(x.untyped_data()), w.untyped_data(), dx[0],
+                  dx[1], dx[2], dx[3], sw[0], sw[1], o);
+    ConvBwdW& bw = BwdWPrimitive(cc.key);
+    std::vector<uint16_t> grad(cc.buf.size());
+    std::vector<float> part(wsize), dbs(cc.chunk * o);
+    dnnl::memory ddst(cc.d.dst_bf16, Engine(), grad.data());
     dnnl::memory dwp(bw.diff_weights, Engine());
-    dnnl::memory dwu(d.w_user_f32, Engine(), part.data());
-    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
-    const float* g = dy.typed_data();
-    const float* bias = b.typed_data();
+    dnnl::memory dwu(cc.d.w_user_f32, Engine(), part.data());
     float* out_w = dw->typed_data();
     float* out_b = db->typed_data();
     std::fill(out_w, out_w + wsize, 0.0f);
     std::fill(out_b, out_b + o, 0.0f);
-    for (int64_t start = 0; start < n; start += chunk) {
-      int64_t m = std::min(chunk, n - start);
-      const uint16_t* xs = src + start * in_image;
-      if (m < chunk) {  // last, short chunk: zero input and zero gradient
-        std::fill(in.begin(), in.end(), 0);
-        std::fill(grad.begin(), grad.end(), 0);
-      }
-      if (widen)
-        WidenColumns(xs, m, h, dx[2], sw[1], in.data());
-      else
-        std::memcpy(in.data(), xs, m * in_image * sizeof(uint16_t));
-      f.prim.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, wp}, {DNNL_ARG_DST, dst}});
-      stream.wait();
+    for (int64_t start = 0; start < dx[0]; start += cc.chunk) {
+      int64_t m = cc.Form(start);
+      if (m < cc.chunk) std::fill(grad.begin(), grad.end(), 0);  // short chunk: zero tail
       std::fill(dbs.begin(), dbs.end(), 0.0f);
 #pragma omp parallel for schedule(static)
       for (int64_t i = 0; i < m; ++i)
-        PoolReluBiasGrad(buf.data() + i * conv_image, bias, g + (start + i) * out_image,
+        PoolReluBiasGrad(cc.buf.data() + i * conv_image, b.typed_data(),
+                         dy.typed_data() + (start + i) * out_image,
                          grad.data() + i * conv_image, dbs.data() + i * o, ho, wo, o);
-      bw.prim.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_DIFF_DST, ddst},
-                               {DNNL_ARG_DIFF_WEIGHTS, dwp}});
-      bw.to_user.execute(stream, dwp, dwu);
-      stream.wait();
+      bw.prim.execute(cc.stream, {{DNNL_ARG_SRC, cc.src}, {DNNL_ARG_DIFF_DST, ddst},
+                                  {DNNL_ARG_DIFF_WEIGHTS, dwp}});
+      bw.to_user.execute(cc.stream, dwp, dwu);
+      cc.stream.wait();
       for (int64_t k = 0; k < wsize; ++k) out_w[k] += part[k];
       for (int64_t i = 0; i < m; ++i)
         for (int64_t k = 0; k < o; ++k) out_b[k] += dbs[i * o + k];
